@@ -1,0 +1,26 @@
+"""maskrcnn_coco: torchvision Mask R-CNN on COCO-format data, with every loss component visible."""
+
+from maskrcnn_coco.engine import evaluate, fit, train_one_epoch
+from maskrcnn_coco.optim import get_parameter_groups
+from maskrcnn_coco.tracking import (
+    CompositeTracker,
+    CSVTracker,
+    ExperimentTracker,
+    NullTracker,
+    TensorBoardTracker,
+    log_training_metrics,
+)
+
+__all__ = [
+    "train_one_epoch",
+    "evaluate",
+    "fit",
+    "get_parameter_groups",
+    "ExperimentTracker",
+    "TensorBoardTracker",
+    "CSVTracker",
+    "NullTracker",
+    "CompositeTracker",
+    "log_training_metrics",
+]
+__version__ = "0.1.0"

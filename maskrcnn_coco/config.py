@@ -1,0 +1,235 @@
+"""Typed structured configs, registered with Hydra's ConfigStore.
+
+Every YAML file in ``conf/`` starts from one of these schemas (``defaults: [<schema>, _self_]``), so a
+misspelt key or a value of the wrong type fails when the config is composed, with Hydra's message
+naming the key, before any data or model is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+LOSS_COMPONENTS: tuple[str, ...] = (
+    "loss_classifier",
+    "loss_box_reg",
+    "loss_mask",
+    "loss_objectness",
+    "loss_rpn_box_reg",
+)
+
+
+# --------------------------------------------------------------------------------------- data
+@dataclass
+class AugmentConfig:
+    """Box- and mask-aware training augmentation (torchvision.transforms.v2)."""
+
+    hflip_prob: float = 0.5
+    vflip_prob: float = 0.0
+    photometric: bool = False
+    # Random zoom-out then crop back ("scale jitter"), as (min_scale, max_scale); null disables it.
+    scale_range: Optional[List[float]] = None
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    batch_size: int = 4
+    val_batch_size: Optional[int] = None  # null: same as batch_size
+    num_workers: int = 0
+    # Images with no (non-crowd) annotation: dropped from training (torchvision's reference recipe),
+    # always kept for validation so COCO metrics cover the whole split.
+    drop_empty_train_images: bool = True
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Use only the first N images of a split (quick experiments); null uses all.
+    max_train_images: Optional[int] = None
+    max_val_images: Optional[int] = None
+
+
+@dataclass
+class CocoDataConfig(DataConfig):
+    name: str = "coco"
+    root: str = MISSING
+    train_images: str = "${.root}/train2017"
+    val_images: str = "${.root}/val2017"
+    train_annotations: str = "${.root}/annotations/instances_train2017.json"
+    val_annotations: str = "${.root}/annotations/instances_val2017.json"
+
+
+@dataclass
+class ShapesDataConfig(DataConfig):
+    name: str = "shapes"
+    num_train: int = 400
+    num_val: int = 80
+    image_size: int = 128
+    seed: int = 0
+    min_objects: int = 1
+    max_objects: int = 4
+    # Generated once per parameter set under <cache_dir>/<hash>/, reused afterwards.
+    cache_dir: str = "${oc.env:MASKRCNN_COCO_CACHE,'~/.cache/maskrcnn_coco'}/shapes"
+
+
+# -------------------------------------------------------------------------------------- model
+@dataclass
+class ModelConfig:
+    # small | maskrcnn_r50_fpn | maskrcnn_r50_fpn_v2
+    arch: str = MISSING
+    # A torchvision weights name (e.g. DEFAULT, COCO_V1) or a local file (state dict or checkpoint).
+    weights: Optional[str] = None
+    # Backbone-only weights: a torchvision name (e.g. DEFAULT, IMAGENET1K_V1) or a local file.
+    backbone_weights: Optional[str] = None
+    # ResNet stages left trainable (0-5); null: torchvision's choice (3 with weights, else 5).
+    trainable_backbone_layers: Optional[int] = None
+    min_size: int = 800
+    max_size: int = 1333
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_train: int = 2000
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_test: int = 1000
+    rpn_batch_size_per_image: int = 256
+    box_batch_size_per_image: int = 512
+    box_detections_per_img: int = 100
+    box_score_thresh: float = 0.05
+
+
+@dataclass
+class SmallModelConfig(ModelConfig):
+    """A CPU-sized Mask R-CNN: ResNet body, narrow FPN, light heads, trainable BatchNorm."""
+
+    arch: str = "small"
+    backbone: str = "resnet18"
+    returned_layers: List[int] = field(default_factory=lambda: [2, 3, 4])
+    fpn_channels: int = 64
+    # One anchor size per FPN level (returned layers + the max-pool level).
+    anchor_sizes: List[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    aspect_ratios: List[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    box_head_dim: int = 256
+    mask_head_layers: List[int] = field(default_factory=lambda: [64, 64])
+    mask_predictor_dim: int = 64
+    # batchnorm (trainable, from scratch) | frozen (torchvision's FrozenBatchNorm2d, for pretrained)
+    norm: str = "batchnorm"
+
+
+# ---------------------------------------------------------------------------------- optimizer
+@dataclass
+class ParamGroupConfig:
+    """Parameters whose name starts with one of ``prefixes`` (at a ``.`` boundary)."""
+
+    prefixes: List[str] = MISSING
+    lr_mult: float = 1.0
+    weight_decay: Optional[float] = None  # null: optimizer.weight_decay
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 0.02
+    # Multiplier of lr for the box and mask heads (the `heads` group).
+    head_lr_multiplier: float = 1.0
+    weight_decay: float = 1e-4
+    # Norm-layer weights and all biases get no weight decay (detectron2's recipe).
+    no_weight_decay_norm_bias: bool = True
+    clip_grad_norm: Optional[float] = None
+    groups: Dict[str, ParamGroupConfig] = field(
+        default_factory=lambda: {
+            "backbone": ParamGroupConfig(prefixes=["backbone"], lr_mult=1.0),
+            "rpn": ParamGroupConfig(prefixes=["rpn"], lr_mult=1.0),
+            "heads": ParamGroupConfig(prefixes=["roi_heads"], lr_mult="${optimizer.head_lr_multiplier}"),  # type: ignore[arg-type]
+        }
+    )
+    # A torch.optim class as a Hydra partial, completed in code with params and lr.
+    factory: Dict[str, Any] = field(
+        default_factory=lambda: {"_target_": "torch.optim.SGD", "_partial_": True, "momentum": 0.9}
+    )
+
+
+@dataclass
+class SchedulerConfig:
+    # constant | multistep | cosine (after the linear warmup)
+    name: str = "multistep"
+    warmup_iters: int = 100
+    warmup_factor: float = 0.001
+    # multistep: epochs (fractions allowed) at which lr is multiplied by gamma.
+    milestones: List[float] = field(default_factory=list)
+    gamma: float = 0.1
+    # cosine: final lr as a fraction of the base lr.
+    min_lr_factor: float = 0.0
+
+
+# ------------------------------------------------------------------------------ other groups
+@dataclass
+class TrackerConfig:
+    """Tracker backends: each a Hydra partial called with ``log_dir=<run folder>``."""
+
+    backends: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LossWeightsConfig:
+    loss_classifier: float = 1.0
+    loss_box_reg: float = 1.0
+    loss_mask: float = 1.0
+    loss_objectness: float = 1.0
+    loss_rpn_box_reg: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    weights: LossWeightsConfig = field(default_factory=LossWeightsConfig)
+
+
+@dataclass
+class EvalConfig:
+    every_n_epochs: int = 1
+    val_loss: bool = True
+    mask_threshold: float = 0.5
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_epochs: int = 1  # epoch_NNN.pth; last.pth is written every epoch regardless
+
+
+@dataclass
+class ObjectiveConfig:
+    """What the entry point returns to a Hydra sweeper."""
+
+    metric: str = "mAP/segm_AP"
+    mode: str = "final"  # final | best (max over epochs)
+
+
+@dataclass
+class Config:
+    data: DataConfig = MISSING
+    model: ModelConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    tracker: TrackerConfig = MISSING
+    loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    epochs: int = 10
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = False  # mixed precision on CUDA
+    # Resume from a checkpoint (e.g. runs/maskrcnn/<run>/checkpoints/last.pth).
+    resume: Optional[str] = None
+    # Iterations between progress-bar loss updates (each one is a device sync).
+    print_freq: int = 20
+    progress: bool = True
+    runs_dir: str = "runs"
+
+
+def register_configs() -> None:
+    """Register the schemas that the YAML files in ``conf/`` extend."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    cs.store(group="data", name="shapes_schema", node=ShapesDataConfig)
+    cs.store(group="data", name="coco_schema", node=CocoDataConfig)
+    cs.store(group="model", name="small_schema", node=SmallModelConfig)
+    cs.store(group="model", name="torchvision_schema", node=ModelConfig)
+    cs.store(group="optimizer", name="optimizer_schema", node=OptimizerConfig)
+    cs.store(group="tracker", name="tracker_schema", node=TrackerConfig)

@@ -1,0 +1,158 @@
+"""Compose a training run from a resolved config: data, model, optimizer, schedule, trackers.
+
+``build_components`` is shared by training and the loss probe, so both see the same data pipeline,
+model builder, weight loading and loss weights.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from maskrcnn_coco.coco_data import CategoryMapping, DataBundle, build_data
+from maskrcnn_coco.engine import fit
+from maskrcnn_coco.errors import ConfigError
+from maskrcnn_coco.losses import loss_weights_from_config
+from maskrcnn_coco.models import build_model, read_state_dict
+from maskrcnn_coco.optim import build_lr_scheduler, build_optimizer
+from maskrcnn_coco.tracking import CompositeTracker, ExperimentTracker, NullTracker
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; an explicit cuda without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but CUDA is not available here: use device=cpu or device=auto")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def config_to_dict(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def build_tracker(cfg: Any, run_dir: Path) -> ExperimentTracker:
+    """One tracker per ``cfg.backends`` entry (each a Hydra partial taking ``log_dir``), fanned out."""
+    trackers = [instantiate(spec)(log_dir=run_dir) for spec in cfg.backends.values() if spec is not None]
+    if not trackers:
+        return NullTracker()
+    return trackers[0] if len(trackers) == 1 else CompositeTracker(trackers)
+
+
+@dataclass
+class Components:
+    data: DataBundle
+    model: nn.Module
+    device: torch.device
+    loss_weights: dict[str, float]
+
+    @property
+    def mapping(self) -> CategoryMapping:
+        return self.data.mapping
+
+
+def build_components(cfg: DictConfig, progress: bool = True) -> Components:
+    """Seed, then build data loaders and the model (weights loaded) on the configured device."""
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    data = build_data(cfg.data, seed=cfg.seed, progress=progress)
+    model = build_model(cfg.model, data.mapping.num_classes).to(device)
+    return Components(data=data, model=model, device=device, loss_weights=loss_weights_from_config(cfg.loss.weights))
+
+
+def objective_value(history: list[Mapping[str, Any]], metric: str, mode: str) -> float:
+    """The sweep metric: a ``mAP/<type>_<name>`` or ``loss/...`` tag, final or best over epochs."""
+    values = []
+    for record in history:
+        if metric.startswith("mAP/"):
+            iou_type, _, name = metric[4:].partition("_")
+            value = ((record.get("metrics") or {}).get(iou_type) or {}).get(name)
+        elif metric == "loss/val":
+            value = record.get("val_total")
+        elif metric == "loss/train_total":
+            value = record.get("train_total")
+        else:
+            raise ConfigError(f"objective.metric={metric!r}: use mAP/<bbox|segm>_<AP|AP50|...>, loss/val or loss/train_total")
+        if value is not None:
+            values.append(float(value))
+    if not values:
+        return float("nan")
+    if mode == "final":
+        return values[-1]
+    if mode == "best":
+        finite = [v for v in values if math.isfinite(v)]
+        best = min if metric.startswith("loss/") else max
+        return best(finite) if finite else float("nan")
+    raise ConfigError(f"objective.mode={mode!r}: use final or best")
+
+
+def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
+    """Train as configured, writing into ``run_dir``; return the objective for sweepers."""
+    run_dir = Path(run_dir)
+    objective_value([], cfg.objective.metric, cfg.objective.mode)  # reject a bad objective before training
+    parts = build_components(cfg, progress=cfg.progress)
+    model, data, device = parts.model, parts.data, parts.device
+    optimizer = build_optimizer(cfg.optimizer, model)
+    scheduler = build_lr_scheduler(cfg.scheduler, optimizer, len(data.train_loader), cfg.epochs)
+    scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
+
+    start_epoch, history = 1, []
+    if cfg.resume:
+        start_epoch, history = resume_from(cfg.resume, model, optimizer, scheduler, scaler, data.mapping)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    print(
+        f"Run folder: {run_dir}\nDevice: {device} | data: {cfg.data.name} "
+        f"({len(data.train_loader.dataset)} train / {len(data.val_loader.dataset)} val images, "
+        f"{data.mapping.num_classes - 1} classes) | model: {cfg.model.arch} ({n_params / 1e6:.1f}M parameters)",
+        flush=True,
+    )
+    tracker = build_tracker(cfg.tracker, run_dir)
+    try:
+        tracker.log_hyperparams(config_to_dict(cfg))
+        history = fit(
+            model, optimizer, data.train_loader, data.val_loader,
+            epochs=cfg.epochs, device=device, run_dir=run_dir, mapping=data.mapping, tracker=tracker,
+            loss_weights=parts.loss_weights, lr_scheduler=scheduler, scaler=scaler,
+            clip_grad_norm=cfg.optimizer.clip_grad_norm, start_epoch=start_epoch,
+            eval_every=cfg.eval.every_n_epochs, compute_val_loss=cfg.eval.val_loss,
+            checkpoint_every=cfg.checkpoint.every_n_epochs, mask_threshold=cfg.eval.mask_threshold,
+            print_freq=cfg.print_freq, progress=cfg.progress,
+            checkpoint_extra={"config": config_to_dict(cfg)}, history=history,
+        )
+    finally:
+        tracker.close()
+    return objective_value(history, cfg.objective.metric, cfg.objective.mode)
+
+
+def resume_from(path: str, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any, mapping: CategoryMapping) -> tuple[int, list]:
+    """Load a ``fit`` checkpoint into the run's objects; return (next epoch, history so far)."""
+    read_state_dict(path)  # checks the file exists and holds a model state, with a clear error
+    ckpt = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
+    if ckpt.get("num_classes") not in (None, mapping.num_classes):
+        raise ConfigError(f"resume={path} was trained for {ckpt['num_classes']} classes, the data has {mapping.num_classes}")
+    model.load_state_dict(ckpt["model"])
+    for obj, key in ((optimizer, "optimizer"), (scheduler, "lr_scheduler"), (scaler, "scaler")):
+        if obj is not None and ckpt.get(key) is not None:
+            obj.load_state_dict(ckpt[key])
+    print(f"Resumed from {path} (epoch {ckpt.get('epoch', 0)})")
+    return int(ckpt.get("epoch", 0)) + 1, list(ckpt.get("history") or [])

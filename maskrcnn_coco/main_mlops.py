@@ -1,0 +1,37 @@
+"""Train Mask R-CNN: ``python maskrcnn_coco/main_mlops.py [hydra overrides]``.
+
+Composes ``conf/config.yaml`` (typed by ``maskrcnn_coco.config``), trains into the Hydra run folder
+(``runs/maskrcnn/<timestamp>/`` or ``runs/maskrcnn/multirun/<timestamp>/<job>/``) and returns the
+objective (``objective.metric``, final segm AP by default) for Hydra's sweepers.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from maskrcnn_coco.config import register_configs
+from maskrcnn_coco.errors import UserError
+from maskrcnn_coco.experiment import run_training
+
+log = logging.getLogger("maskrcnn_coco")
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    try:
+        return run_training(cfg, HydraConfig.get().runtime.output_dir)
+    except UserError as err:
+        # Bad input: the message says what to fix; a stack trace would only hide it.
+        log.error("%s", err)
+        print(f"Error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
