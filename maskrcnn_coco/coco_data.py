@@ -145,7 +145,8 @@ class PrepareTargets:
             }
             return image, target
         labels = torch.tensor([self.mapping.to_label(c) for c in target["labels"].tolist()], dtype=torch.int64)
-        return image, {**target, "labels": labels}
+        # COCO files may hold integer boxes; the model's box arithmetic needs floats.
+        return image, {**target, "boxes": target["boxes"].to(torch.float32), "labels": labels}
 
 
 def _plain_tensors(image: Any, target: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:

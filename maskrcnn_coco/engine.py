@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -433,12 +434,14 @@ def fit(
     try:
         for epoch in range(start_epoch, epochs + 1):
             grad_norms.reset()
+            t0 = time.perf_counter()
             train_loss = train_one_epoch(
                 model, optimizer, train_loader, device, epoch,
                 loss_weights=loss_weights, lr_scheduler=lr_scheduler, scaler=scaler,
                 clip_grad_norm=clip_grad_norm, grad_norms=grad_norms,
                 print_freq=print_freq, progress=progress,
             )
+            t1 = time.perf_counter()
             val_loss: dict[str, float] | None = None
             metrics: dict[str, dict[str, float]] | None = None
             if val_loader is not None and (epoch % eval_every == 0 or epoch == epochs):
@@ -457,6 +460,7 @@ def fit(
                 "metrics": metrics,
                 "lr": lrs,
                 "grad_norm": grad_norms.compute(),
+                "time": {"train_s": t1 - t0, "eval_s": time.perf_counter() - t1},
             }
             history.append(record)
 
@@ -467,7 +471,10 @@ def fit(
             print(format_epoch_summary(epoch, epochs, train_loss, val_loss, metrics, _display_path(saved or last), loss_weights), flush=True)
             log_training_metrics(
                 tracker, epoch, train_loss, val_loss, metrics, lrs, loss_weights=loss_weights,
-                extra={f"grad_norm/{k}": v for k, v in record["grad_norm"].items()},
+                extra={
+                    **{f"grad_norm/{k}": v for k, v in record["grad_norm"].items()},
+                    **{f"time/{k}": v for k, v in record["time"].items()},
+                },
             )
             (run_dir / "metrics.json").write_text(json.dumps(_finite_or_none(history), indent=2))
     except KeyboardInterrupt:

@@ -105,10 +105,28 @@ def objective_value(history: list[Mapping[str, Any]], metric: str, mode: str) ->
     raise ConfigError(f"objective.mode={mode!r}: use final or best")
 
 
+def _missing_keys(node: DictConfig, prefix: str = ""):
+    """Keys left at ``???``, found without resolving interpolations (which would raise first)."""
+    for key in node.keys():
+        if OmegaConf.is_missing(node, key):
+            yield f"{prefix}{key}"
+        elif not OmegaConf.is_interpolation(node, key) and isinstance(node[key], DictConfig):
+            yield from _missing_keys(node[key], f"{prefix}{key}.")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Fail before any work on values only known at run time: missing keys, bad choices."""
+    missing = list(_missing_keys(cfg))
+    if missing:
+        hint = " (e.g. data.root=/data/coco)" if "data.root" in missing else ""
+        raise ConfigError(f"Missing required config value: {', '.join(missing)}{hint}")
+    objective_value([], cfg.objective.metric, cfg.objective.mode)
+
+
 def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
     """Train as configured, writing into ``run_dir``; return the objective for sweepers."""
     run_dir = Path(run_dir)
-    objective_value([], cfg.objective.metric, cfg.objective.mode)  # reject a bad objective before training
+    check_config(cfg)
     parts = build_components(cfg, progress=cfg.progress)
     model, data, device = parts.model, parts.data, parts.device
     optimizer = build_optimizer(cfg.optimizer, model)

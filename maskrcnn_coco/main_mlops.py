@@ -28,7 +28,7 @@ def main(cfg: DictConfig) -> float:
         return run_training(cfg, HydraConfig.get().runtime.output_dir)
     except UserError as err:
         # Bad input: the message says what to fix; a stack trace would only hide it.
-        log.error("%s", err)
+        log.debug("Stopped on bad input", exc_info=True)
         print(f"Error: {err}", file=sys.stderr)
         sys.exit(2)
 

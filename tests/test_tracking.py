@@ -1,0 +1,114 @@
+import csv
+import math
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from maskrcnn_coco.tracking import (
+    CompositeTracker,
+    CSVTracker,
+    ExperimentTracker,
+    NullTracker,
+    TensorBoardTracker,
+    flatten_params,
+    log_training_metrics,
+)
+
+COMPONENTS = {"loss_classifier": 0.5, "loss_box_reg": 0.25, "loss_mask": 1.0, "loss_objectness": 0.125, "loss_rpn_box_reg": 0.0625}
+METRICS = {"bbox": {"AP": 0.5, "AP50": 0.75, "AP75": 0.5, "APs": 0.25, "APm": 0.5, "APl": float("nan")},
+           "segm": {"AP": 0.4, "AP50": 0.7, "AP75": 0.3, "APs": 0.2, "APm": 0.4, "APl": float("nan")}}
+
+
+def read_scalars(log_dir):
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}, acc
+
+
+class ListTracker:
+    def __init__(self):
+        self.scalars, self.params, self.closed = [], None, False
+
+    def log_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def log_hyperparams(self, params):
+        self.params = params
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+def test_trackers_satisfy_the_protocol(tmp_path):
+    for tracker in (TensorBoardTracker(tmp_path), CSVTracker(tmp_path), NullTracker(), CompositeTracker([]), ListTracker()):
+        assert isinstance(tracker, ExperimentTracker)
+
+
+def test_dict_losses_are_logged_per_component_with_weighted_total(tmp_path):
+    tb = TensorBoardTracker(tmp_path)
+    log_training_metrics(tb, 3, COMPONENTS, COMPONENTS, METRICS, {"backbone": 0.01, "heads": 0.1},
+                         loss_weights={"loss_mask": 2.0}, extra={"grad_norm/heads": 1.5})
+    tb.close()
+    scalars, _ = read_scalars(tmp_path)
+    expected_total = sum(COMPONENTS.values()) + 1.0  # loss_mask counted twice
+    assert scalars["loss/train_total"] == [(3, pytest.approx(expected_total))]
+    assert scalars["loss/val"] == [(3, pytest.approx(expected_total))]
+    for name, value in COMPONENTS.items():
+        assert scalars[f"loss/train_{name}"] == [(3, pytest.approx(value))]
+        assert scalars[f"loss/val_{name}"] == [(3, pytest.approx(value))]
+    assert scalars["mAP/bbox_AP50"] == [(3, pytest.approx(0.75))]
+    assert scalars["mAP/segm_AP"] == [(3, pytest.approx(0.4))]
+    assert "mAP/segm_APl" not in scalars  # undefined (NaN) values are skipped
+    assert scalars["lr"] == [(3, pytest.approx(0.01))]
+    assert scalars["lr/heads"] == [(3, pytest.approx(0.1))]
+    assert scalars["grad_norm/heads"] == [(3, pytest.approx(1.5))]
+    assert "loss/train" not in scalars
+
+
+def test_float_losses_are_backward_compatible(tmp_path):
+    tb = TensorBoardTracker(tmp_path)
+    log_training_metrics(tb, 1, 0.9, 1.1, None, 0.02)
+    log_training_metrics(tb, 2, 0.8, None, {}, None)
+    tb.close()
+    scalars, _ = read_scalars(tmp_path)
+    assert scalars["loss/train"] == [(1, pytest.approx(0.9)), (2, pytest.approx(0.8))]
+    assert scalars["loss/val"] == [(1, pytest.approx(1.1))]
+    assert scalars["lr"] == [(1, pytest.approx(0.02))]
+    assert not any(tag.startswith("loss/train_") for tag in scalars)
+
+
+def test_hyperparams_go_into_the_runs_own_event_file(tmp_path):
+    tb = TensorBoardTracker(tmp_path)
+    tb.log_hyperparams({"optimizer": {"lr": 0.02, "groups": {"heads": {"prefixes": ["roi_heads"]}}}, "epochs": 3, "resume": None})
+    tb.log_scalar("loss/val", 1.0, 1)
+    tb.close()
+    assert [p for p in tmp_path.iterdir() if p.is_dir()] == []  # no stray sub-run
+    _, acc = read_scalars(tmp_path)
+    content = acc.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["optimizer.lr"].number_value == pytest.approx(0.02)
+    assert start.hparams["epochs"].number_value == 3
+    assert start.hparams["optimizer.groups.heads.prefixes"].string_value == "['roi_heads']"
+    assert start.hparams["resume"].string_value == "None"
+
+
+def test_composite_fans_out_and_csv_reads_back(tmp_path):
+    a, b = ListTracker(), CSVTracker(tmp_path)
+    both = CompositeTracker([a, b])
+    both.log_hyperparams({"seed": 1})
+    log_training_metrics(both, 1, {"loss_mask": 0.5}, None, None, 0.1)
+    both.close()
+    assert a.closed and a.params == {"seed": 1}
+    assert ("loss/train_loss_mask", 0.5, 1) in a.scalars
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert {(r["tag"], float(r["value"]), int(r["step"])) for r in rows} == {(t, v, s) for t, v, s in a.scalars}
+    assert (tmp_path / "hparams.json").read_text().strip().startswith("{")
+
+
+def test_flatten_params():
+    assert flatten_params({"a": {"b": 1, "c": [1, 2]}, "d": None}) == {"a.b": 1, "a.c": "[1, 2]", "d": "None"}
+    assert math.isclose(flatten_params({"x": 0.5})["x"], 0.5)
