@@ -62,7 +62,7 @@ class CocoDataConfig(DataConfig):
 @dataclass
 class ShapesDataConfig(DataConfig):
     name: str = "shapes"
-    num_train: int = 400
+    num_train: int = 1000
     num_val: int = 80
     image_size: int = 128
     seed: int = 0
@@ -139,10 +139,9 @@ class OptimizerConfig:
             "heads": ParamGroupConfig(prefixes=["roi_heads"], lr_mult="${optimizer.head_lr_multiplier}"),  # type: ignore[arg-type]
         }
     )
-    # A torch.optim class as a Hydra partial, completed in code with params and lr.
-    factory: Dict[str, Any] = field(
-        default_factory=lambda: {"_target_": "torch.optim.SGD", "_partial_": True, "momentum": 0.9}
-    )
+    # A torch.optim class as a Hydra partial, completed in code with params and lr. Empty here so
+    # that the keys of one optimizer file (SGD's momentum) never leak into another (AdamW).
+    factory: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -17,9 +17,11 @@ from omegaconf import DictConfig
 from maskrcnn_coco.config import register_configs
 from maskrcnn_coco.errors import UserError
 from maskrcnn_coco.experiment import run_training
+from maskrcnn_coco.sweep import register_resolvers
 
 log = logging.getLogger("maskrcnn_coco")
 register_configs()
+register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

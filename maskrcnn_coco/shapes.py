@@ -36,7 +36,7 @@ MIN_VISIBLE_FRACTION = 0.5
 
 @dataclass(frozen=True)
 class ShapesParams:
-    num_train: int = 400
+    num_train: int = 1000
     num_val: int = 80
     image_size: int = 128
     seed: int = 0

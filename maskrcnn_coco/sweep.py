@@ -1,0 +1,212 @@
+"""Sweep summaries: when a Hydra multirun ends, one table and one plot comparing its jobs.
+
+``SweepSummaryCallback.on_multirun_end`` reads each job folder's ``metrics.json`` (written by
+``fit`` every epoch) and ``.hydra/overrides.yaml``, and writes into the sweep folder:
+
+* ``sweep_summary.csv`` and ``sweep_summary.md``: one row per job (overrides, final train
+  components, final val loss, bbox/segm AP and AP50, best epoch by the objective metric);
+* ``sweep_summary.png``: one panel per loss component (plus val loss and segm AP), one line per job.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from maskrcnn_coco.config import LOSS_COMPONENTS
+
+SUMMARY_COLUMNS = (
+    "job",
+    "overrides",
+    "epochs",
+    *(f"train_{k}" for k in LOSS_COMPONENTS),
+    "train_total",
+    "val_loss",
+    "bbox_AP",
+    "bbox_AP50",
+    "segm_AP",
+    "segm_AP50",
+    "best_epoch",
+    "best_value",
+)
+
+
+MAX_DIRNAME = 120
+
+
+def swept_keys(argv: Sequence[str], sweeper_params: Mapping[str, Any] | None) -> set[str]:
+    """Keys a multirun varies: sweep-syntax overrides on the command line plus the sweeper's params."""
+    keys = set(sweeper_params or {})
+    candidates = [a for a in argv if "=" in a and not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(candidates)
+    except Exception:  # an unparsable argument fails Hydra itself; naming folders must not
+        parsed = []
+    keys.update(o.key_or_group for o in parsed if o.is_sweep_override())
+    return keys
+
+
+def job_dirname(task_overrides: Sequence[str], sweeper_params: Mapping[str, Any] | None = None) -> str:
+    """``<key>=<value>,...`` of the swept keys only, safe as a folder name.
+
+    Hydra's ``override_dirname`` lists every override, which grows past the file-name limit
+    when a sweep also fixes many other keys; the swept values are what tells the jobs apart.
+    """
+    keys = swept_keys(sys.argv[1:], sweeper_params)
+    parts = [o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") in keys]
+    name = re.sub(r"[/\\\s]", "_", ",".join(parts)) or "job"
+    if len(name) > MAX_DIRNAME:
+        name = f"{name[:MAX_DIRNAME - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return name
+
+
+def register_resolvers() -> None:
+    """``${job_dirname:${hydra.overrides.task},${hydra.sweeper.params}}`` for ``hydra.sweep.subdir``."""
+    if not OmegaConf.has_resolver("job_dirname"):
+        OmegaConf.register_new_resolver(
+            "job_dirname",
+            lambda overrides, params=None: job_dirname(
+                list(overrides), OmegaConf.to_container(params) if isinstance(params, DictConfig) else params
+            ),
+        )
+
+
+def _metric(record: Mapping[str, Any], metric: str) -> float | None:
+    if metric.startswith("mAP/"):
+        iou_type, _, name = metric[4:].partition("_")
+        value = ((record.get("metrics") or {}).get(iou_type) or {}).get(name)
+    elif metric == "loss/val":
+        value = record.get("val_total")
+    else:
+        value = record.get("train_total")
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def collect_jobs(sweep_dir: Path, metric: str = "mAP/segm_AP") -> list[dict[str, Any]]:
+    """One row per job folder of ``sweep_dir`` that has a ``metrics.json``, in job order."""
+    rows = []
+    for metrics_file in sorted(sweep_dir.glob("*/metrics.json"), key=lambda p: _job_order(p.parent.name)):
+        job_dir = metrics_file.parent
+        history = json.loads(metrics_file.read_text())
+        if not history:
+            continue
+        overrides_file = job_dir / ".hydra" / "overrides.yaml"
+        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+        last = history[-1]
+        scored = [(r["epoch"], _metric(r, metric)) for r in history]
+        scored = [(e, v) for e, v in scored if v is not None]
+        lower_is_better = metric.startswith("loss/")
+        best = (min if lower_is_better else max)(scored, key=lambda ev: ev[1]) if scored else (None, None)
+        final_metrics = next((r["metrics"] for r in reversed(history) if r.get("metrics")), {}) or {}
+        row: dict[str, Any] = {
+            "job": job_dir.name,
+            "overrides": " ".join(overrides),
+            "epochs": last["epoch"],
+            **{f"train_{k}": last["train_loss"].get(k) for k in LOSS_COMPONENTS},
+            "train_total": last.get("train_total"),
+            "val_loss": next((r["val_total"] for r in reversed(history) if r.get("val_total") is not None), None),
+            "bbox_AP": (final_metrics.get("bbox") or {}).get("AP"),
+            "bbox_AP50": (final_metrics.get("bbox") or {}).get("AP50"),
+            "segm_AP": (final_metrics.get("segm") or {}).get("AP"),
+            "segm_AP50": (final_metrics.get("segm") or {}).get("AP50"),
+            "best_epoch": best[0],
+            "best_value": best[1],
+            "history": history,
+        }
+        rows.append(row)
+    return rows
+
+
+def _job_order(name: str) -> tuple[int, str]:
+    head = name.split("_", 1)[0]
+    return (int(head), name) if head.isdigit() else (10**9, name)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def summary_markdown(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
+    cols = [c for c in SUMMARY_COLUMNS if c != "job"]
+    header = ["job", *cols[:-2], "best_epoch", f"best {metric}"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(c)) for c in ("job", *cols)) + " |")
+    return "\n".join(lines)
+
+
+def plot_sweep(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """Loss components (and val loss, segm AP) over epochs, one line per job."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [*(("train", k) for k in LOSS_COMPONENTS), ("val", "loss/val"), ("metric", "mAP/segm_AP")]
+    fig, axes = plt.subplots(2, 4, figsize=(18, 8), squeeze=False)
+    flat = axes.flatten()
+    for ax, (kind, name) in zip(flat, panels):
+        for row in rows:
+            history = row["history"]
+            if kind == "train":
+                points = [(r["epoch"], r["train_loss"].get(name)) for r in history]
+            else:
+                points = [(r["epoch"], _metric(r, name)) for r in history]
+            points = [(e, v) for e, v in points if v is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, label=row["overrides"] or row["job"])
+        ax.set_title(name if kind != "train" else f"train {name}")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    for ax in flat[len(panels):]:
+        ax.axis("off")
+    handles, labels = flat[0].get_legend_handles_labels()
+    if handles:
+        flat[-1].legend(handles, labels, loc="center", fontsize=8, title="job overrides")
+    fig.suptitle(f"Sweep: {path.parent.name} ({len(rows)} jobs)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_sweep_summary(sweep_dir: str | Path, metric: str = "mAP/segm_AP") -> str:
+    """Write ``sweep_summary.{csv,md,png}`` into ``sweep_dir``; return the markdown table."""
+    sweep_dir = Path(sweep_dir)
+    rows = collect_jobs(sweep_dir, metric)
+    if not rows:
+        return ""
+    with (sweep_dir / "sweep_summary.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    table = summary_markdown(rows, metric)
+    (sweep_dir / "sweep_summary.md").write_text(f"# Sweep {sweep_dir.name}\n\n{table}\n")
+    plot_sweep(rows, sweep_dir / "sweep_summary.png")
+    return table
+
+
+class SweepSummaryCallback(Callback):
+    """Hydra callback (``hydra.callbacks`` in ``conf/config.yaml``): summarise a finished multirun."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        metric = config.get("objective", {}).get("metric", "mAP/segm_AP")
+        table = write_sweep_summary(sweep_dir, metric)
+        if table:
+            print(f"\nSweep summary ({sweep_dir}/sweep_summary.{{csv,md,png}}):\n{table}", flush=True)
