@@ -269,11 +269,13 @@ def _backbone_state_dict(spec: str, enum: Any, arch: str) -> Mapping[str, torch.
 
 
 def _load_backbone_body(body: nn.Module, state: Mapping[str, torch.Tensor], spec: str) -> None:
+    # The classifier (fc) is never part of a detection backbone, whether or not the body has one yet.
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     result = body.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    missing = [k for k in result.missing_keys if not k.startswith("fc.")]
+    if missing or result.unexpected_keys:
         raise WeightsError(
-            f"Backbone weights {spec} do not match the backbone: missing {result.missing_keys[:5]}, "
+            f"Backbone weights {spec} do not match the backbone: missing {missing[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}"
         )
 

@@ -28,6 +28,7 @@ from maskrcnn_coco.config import LOSS_COMPONENTS
 
 SUMMARY_COLUMNS = (
     "job",
+    "varied",
     "overrides",
     "epochs",
     *(f"train_{k}" for k in LOSS_COMPONENTS),
@@ -111,6 +112,7 @@ def collect_jobs(sweep_dir: Path, metric: str = "mAP/segm_AP") -> list[dict[str,
         final_metrics = next((r["metrics"] for r in reversed(history) if r.get("metrics")), {}) or {}
         row: dict[str, Any] = {
             "job": job_dir.name,
+            "override_list": list(overrides),
             "overrides": " ".join(overrides),
             "epochs": last["epoch"],
             **{f"train_{k}": last["train_loss"].get(k) for k in LOSS_COMPONENTS},
@@ -125,6 +127,10 @@ def collect_jobs(sweep_dir: Path, metric: str = "mAP/segm_AP") -> list[dict[str,
             "history": history,
         }
         rows.append(row)
+    # What tells the jobs apart: the overrides not shared by every job.
+    common = set.intersection(*(set(r["override_list"]) for r in rows)) if len(rows) > 1 else set()
+    for row in rows:
+        row["varied"] = " ".join(o for o in row["override_list"] if o not in common) or row["job"]
     return rows
 
 
@@ -142,8 +148,9 @@ def _fmt(value: Any) -> str:
 
 
 def summary_markdown(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
-    cols = [c for c in SUMMARY_COLUMNS if c != "job"]
-    header = ["job", *cols[:-2], "best_epoch", f"best {metric}"]
+    """The table printed to the console: varied overrides only (the CSV also has all of them)."""
+    cols = [c for c in SUMMARY_COLUMNS if c not in ("job", "overrides")]
+    header = ["job", *cols[:-1], f"best {metric}"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in rows:
         lines.append("| " + " | ".join(_fmt(row.get(c)) for c in ("job", *cols)) + " |")
@@ -156,6 +163,7 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels = [*(("train", k) for k in LOSS_COMPONENTS), ("val", "loss/val"), ("metric", "mAP/segm_AP")]
     fig, axes = plt.subplots(2, 4, figsize=(18, 8), squeeze=False)
@@ -169,15 +177,16 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
                 points = [(r["epoch"], _metric(r, name)) for r in history]
             points = [(e, v) for e, v in points if v is not None]
             if points:
-                ax.plot(*zip(*points), marker="o", markersize=3, label=row["overrides"] or row["job"])
+                ax.plot(*zip(*points), marker="o", markersize=3, label=row["varied"])
         ax.set_title(name if kind != "train" else f"train {name}")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     for ax in flat[len(panels):]:
         ax.axis("off")
     handles, labels = flat[0].get_legend_handles_labels()
     if handles:
-        flat[-1].legend(handles, labels, loc="center", fontsize=8, title="job overrides")
+        flat[-1].legend(handles, labels, loc="center", fontsize=9, title="job (varied overrides)")
     fig.suptitle(f"Sweep: {path.parent.name} ({len(rows)} jobs)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
