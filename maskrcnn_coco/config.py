@@ -8,10 +8,14 @@ naming the key, before any data or model is built.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+# The repository's conf/ folder (the package is installed in editable mode from the repository).
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 LOSS_COMPONENTS: tuple[str, ...] = (
     "loss_classifier",
@@ -109,6 +113,9 @@ class SmallModelConfig(ModelConfig):
     box_head_dim: int = 256
     mask_head_layers: List[int] = field(default_factory=lambda: [64, 64])
     mask_predictor_dim: int = 64
+    # Bilinear samples per RoIAlign bin side (torchvision: 2). 1 makes RoIAlign's backward, the
+    # costliest op of a CPU iteration here, 4x cheaper.
+    roi_sampling_ratio: int = 2
     # batchnorm (trainable, from scratch) | frozen (torchvision's FrozenBatchNorm2d, for pretrained)
     norm: str = "batchnorm"
 

@@ -22,7 +22,7 @@ from maskrcnn_coco.coco_data import CategoryMapping, DataBundle, build_data
 from maskrcnn_coco.engine import fit
 from maskrcnn_coco.errors import ConfigError
 from maskrcnn_coco.losses import loss_weights_from_config
-from maskrcnn_coco.models import build_model, read_state_dict
+from maskrcnn_coco.models import WeightsError, build_model, is_local_path, read_state_dict
 from maskrcnn_coco.optim import build_lr_scheduler, build_optimizer
 from maskrcnn_coco.tracking import CompositeTracker, ExperimentTracker, NullTracker
 
@@ -121,6 +121,10 @@ def check_config(cfg: DictConfig) -> None:
         hint = " (e.g. data.root=/data/coco)" if "data.root" in missing else ""
         raise ConfigError(f"Missing required config value: {', '.join(missing)}{hint}")
     objective_value([], cfg.objective.metric, cfg.objective.mode)
+    for key in ("model.weights", "model.backbone_weights", "resume"):
+        value = OmegaConf.select(cfg, key)
+        if value and is_local_path(value) and not Path(value).expanduser().is_file():
+            raise WeightsError(f"Weights file not found: {value} ({key})")
 
 
 def run_training(cfg: DictConfig, run_dir: str | Path) -> float:

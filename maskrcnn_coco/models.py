@@ -60,7 +60,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> MaskRCNN:
     else:
         known = ", ".join(["small", *TORCHVISION_ARCHS])
         raise ConfigError(f"Unknown model.arch={cfg.arch!r}; choose one of: {known}")
-    if cfg.weights is not None and _is_local(cfg.weights):
+    if cfg.weights is not None and is_local_path(cfg.weights):
         load_model_weights(model, cfg.weights, num_classes)
     return model
 
@@ -104,10 +104,10 @@ def _build_small(cfg: SmallModelConfig, num_classes: int) -> MaskRCNN:
         backbone,
         num_classes=None,
         rpn_anchor_generator=anchors,
-        box_roi_pool=MultiScaleRoIAlign(featmaps, output_size=7, sampling_ratio=2),
+        box_roi_pool=MultiScaleRoIAlign(featmaps, output_size=7, sampling_ratio=cfg.roi_sampling_ratio),
         box_head=TwoMLPHead(cfg.fpn_channels * 7 * 7, cfg.box_head_dim),
         box_predictor=FastRCNNPredictor(cfg.box_head_dim, num_classes),
-        mask_roi_pool=MultiScaleRoIAlign(featmaps, output_size=14, sampling_ratio=2),
+        mask_roi_pool=MultiScaleRoIAlign(featmaps, output_size=14, sampling_ratio=cfg.roi_sampling_ratio),
         mask_head=MaskRCNNHeads(cfg.fpn_channels, mask_dims, dilation=1),
         mask_predictor=MaskRCNNPredictor(mask_dims[-1], cfg.mask_predictor_dim, num_classes),
         **_common_kwargs(cfg),
@@ -132,8 +132,8 @@ def _common_kwargs(cfg: ModelConfig) -> dict[str, Any]:
 # -------------------------------------------------------------------------- torchvision R-50
 def _build_torchvision(cfg: ModelConfig, num_classes: int) -> MaskRCNN:
     builder, weights_enum, backbone_enum = TORCHVISION_ARCHS[cfg.arch]
-    named = cfg.weights is not None and not _is_local(cfg.weights)
-    named_backbone = not named and cfg.backbone_weights is not None and not _is_local(cfg.backbone_weights)
+    named = cfg.weights is not None and not is_local_path(cfg.weights)
+    named_backbone = not named and cfg.backbone_weights is not None and not is_local_path(cfg.backbone_weights)
     kwargs = _common_kwargs(cfg)
     if named:
         weights = _enum_member(weights_enum, cfg.weights, "model.weights")
@@ -171,7 +171,8 @@ def _build_torchvision(cfg: ModelConfig, num_classes: int) -> MaskRCNN:
 
 
 # --------------------------------------------------------------------------------- weights
-def _is_local(spec: str) -> bool:
+def is_local_path(spec: str) -> bool:
+    """A weights spec that names a file rather than a torchvision weights enum member."""
     return any(sep in spec for sep in ("/", "\\")) or spec.endswith((".pth", ".pt", ".bin")) or Path(spec).exists()
 
 
@@ -258,7 +259,7 @@ def replace_predictors(model: MaskRCNN, num_classes: int, source: str) -> None:
 
 
 def _backbone_state_dict(spec: str, enum: Any, arch: str) -> Mapping[str, torch.Tensor]:
-    if _is_local(spec):
+    if is_local_path(spec):
         state = read_state_dict(spec)
         for prefix in ("backbone.body.", "body.", "module."):
             if any(k.startswith(prefix) for k in state):

@@ -1,0 +1,200 @@
+"""The loss probe: exact components, per-level sums, untouched model, diagnoses, files and errors."""
+
+import csv
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, TINY_MODEL_OVERRIDES, TINY_OVERRIDES, square_ann, write_coco_dataset
+from maskrcnn_coco.config import LOSS_COMPONENTS
+from maskrcnn_coco.engine import move_to_device
+from maskrcnn_coco.probe import check_per_level_sums, probe_batch, run_probe
+from maskrcnn_coco.probe_cli import main
+
+PROBE_ARGS = [a for a in TINY_OVERRIDES if a != "progress=false"] + ["--no-progress"]
+
+
+def first_batch(loader):
+    images, targets = next(iter(loader))
+    return move_to_device(images, targets, torch.device("cpu"))
+
+
+def test_raw_components_equal_the_models_own_losses(tiny_model, tiny_data):
+    images, targets = first_batch(tiny_data.train_loader)
+    record = probe_batch(tiny_model, images, targets, seed=7)
+    torch.manual_seed(7)
+    tiny_model.train()
+    with torch.no_grad():
+        expected = tiny_model(images, targets)
+    for k in LOSS_COMPONENTS:
+        assert record["loss_components"][k] == float(expected[k]), k
+    assert record["loss_components"]["total"] == pytest.approx(sum(float(v) for v in expected.values()))
+
+
+def test_per_level_contributions_sum_to_each_component(tiny_model, tiny_data):
+    records = run_probe(tiny_model, tiny_data.train_loader, "cpu", num_batches=3, progress=False)
+    assert len(records) == 3
+    for record in records:
+        assert check_per_level_sums(record) == []
+        for k in LOSS_COMPONENTS:
+            levels = record["per_level_losses"][k]
+            assert set(levels) == {"0", "1", "pool"}
+            assert sum(levels.values()) == pytest.approx(record["loss_components"][k], abs=1e-5, rel=1e-5)
+        # The RoI heads pool from levels 0 and 1 only; the RPN uses all three.
+        assert record["per_level_losses"]["loss_mask"]["pool"] == 0.0
+        stats = record["batch_stats"]
+        assert sum(s["gt_objects"] for s in stats["per_level_stats"]) == stats["total_objects"] > 0
+        assert sum(s["positive_anchors"] for s in stats["per_level_stats"]) == record["sampling"]["rpn_positive_anchors"]
+        assert record["normalization_factors"]["loss_objectness"] == record["sampling"]["rpn_sampled_anchors"]
+        assert record["normalization_factors"]["loss_mask"] == record["sampling"]["roi_positive_proposals"]
+
+
+def test_model_is_bit_identical_after_a_probe(tiny_model, tiny_data):
+    tiny_model.eval()
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    run_probe(tiny_model, tiny_data.train_loader, "cpu", num_batches=2, progress=False)
+    after = tiny_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not tiny_model.training and not any(m.training for m in tiny_model.modules())
+
+
+def test_constant_predictions_and_dominance_are_diagnosed(tiny_model, tiny_data):
+    images, targets = first_batch(tiny_data.train_loader)
+    heavy = probe_batch(tiny_model, images, targets, loss_weights={"loss_objectness": 1000.0})
+    dominant = [w for w in heavy["warnings"] if w["code"] == "dominant_component"]
+    assert dominant and dominant[0]["component"] == "loss_objectness"
+    assert "loss.weights.loss_objectness" in dominant[0]["message"] and "anchor sizes" in dominant[0]["message"]
+    assert heavy["weighted_components"]["loss_objectness"] == pytest.approx(1000 * heavy["loss_components"]["loss_objectness"])
+
+    with torch.no_grad():
+        for p in tiny_model.roi_heads.box_predictor.parameters():
+            p.zero_()
+    record = probe_batch(tiny_model, images, targets)
+    codes = {w["code"] for w in record["warnings"]}
+    assert "constant_predictions" in codes
+    # A zeroed 4-class classifier gives exactly ln(4).
+    assert record["loss_components"]["loss_classifier"] == pytest.approx(math.log(4), rel=1e-5)
+
+
+@pytest.mark.parametrize("box, problem", [([5.0, 5.0, 5.0, 20.0], "non-positive width/height"), ([5.0, float("nan"), 20.0, 20.0], "NaN/Inf")])
+def test_invalid_boxes_reaching_the_model_are_named_not_fatal(tiny_model, tiny_data, box, problem):
+    """A custom loader may hand the model boxes our pipeline would have dropped."""
+    images, targets = first_batch(tiny_data.train_loader)
+    targets[1]["boxes"][0] = torch.tensor(box)
+    record = probe_batch(tiny_model, images, targets)
+    flagged = [w for w in record["warnings"] if w["code"] in ("invalid_ground_truth", "non_finite")]
+    assert flagged and targets[1]["image_id"] in flagged[0]["image_ids"]
+    assert f"image {targets[1]['image_id']} box 0" in flagged[0]["message"] and problem in flagged[0]["message"]
+
+
+def nan_dataset(tmp_path):
+    cats = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
+    images = [{"id": i, "file_name": f"{i}.png", "height": 64, "width": 64} for i in (11, 12)]
+    anns = [
+        square_ann(1, 11, 1, 8, 8, 20),
+        square_ann(2, 11, 2, 36, 30, 16),
+        {**square_ann(3, 12, 1, 10, 12, 24), "bbox": [10.0, float("nan"), 24.0, 24.0]},  # planted NaN
+        square_ann(4, 12, 2, 40, 40, 14),
+    ]
+    img_dir, ann_file = write_coco_dataset(tmp_path, cats, images, anns)
+    return [f"data.train_images={img_dir}", f"data.val_images={img_dir}",
+            f"data.train_annotations={ann_file}", f"data.val_annotations={ann_file}"]
+
+
+def test_planted_nan_box_gives_a_warning_naming_the_image(tmp_path, capsys):
+    data = ["data=coco", f"data.root={tmp_path}", "data.batch_size=2", "data.num_workers=0", *nan_dataset(tmp_path)]
+    out_dir = tmp_path / "probe"
+    code = main(["--num-batches", "1", "--output-dir", str(out_dir), "--no-progress", *data, *TINY_MODEL_OVERRIDES,
+                 "model.min_size=64", "model.max_size=64"])
+    assert code == 0, capsys.readouterr().err
+    (record,) = json.loads((out_dir / "loss_components.json").read_text())
+    assert sorted(record["image_ids"]) == [11, 12]
+    nan_warnings = [w for w in record["warnings"] if w["code"] == "invalid_annotation"]
+    assert [w["image_ids"] for w in nan_warnings] == [[12]]
+    assert "image 12 annotation 3" in nan_warnings[0]["message"] and "NaN" in nan_warnings[0]["message"]
+    assert all(math.isfinite(record["loss_components"][k]) for k in LOSS_COMPONENTS)
+    assert "image 12 annotation 3" in capsys.readouterr().out
+
+
+def test_files_are_identical_for_the_same_seed_and_carry_the_run(tmp_path, capsys):
+    outputs = []
+    for name in ("a", "b"):
+        code = main(["--num-batches", "2", "--seed", "3", "--output-dir", str(tmp_path / name), "--verbose", *PROBE_ARGS])
+        assert code == 0
+        outputs.append(tmp_path / name)
+    out = capsys.readouterr().out
+    assert "per-level loss" in out and "Mean over 2 batches" in out
+    for fname in ("loss_components.json", "loss_components.csv"):
+        assert (outputs[0] / fname).read_bytes() == (outputs[1] / fname).read_bytes()
+    assert (outputs[0] / "loss_components.png").read_bytes()[:4] == b"\x89PNG"
+
+    records = json.loads((outputs[0] / "loss_components.json").read_text())
+    assert isinstance(records, list) and [r["batch_idx"] for r in records] == [0, 1]
+    for key in ("batch_stats", "loss_components", "scaling_coefficients", "weighted_components",
+                "normalization_factors", "per_level_losses", "warnings", "image_ids", "config_overrides", "weights"):
+        assert key in records[0], key
+    assert "seed=3" in records[0]["config_overrides"] and records[0]["seed"] == 3
+    level = records[0]["batch_stats"]["per_level_stats"][0]
+    assert set(level) >= {"level", "grid", "anchors", "gt_objects", "object_density", "positive_anchors"}
+
+    rows = list(csv.DictReader((outputs[0] / "loss_components.csv").open()))
+    assert len(rows) == 2
+    header = list(rows[0])
+    assert header[:9] == ["batch_idx", "batch_size", "total_objects", "total_loss", *LOSS_COMPONENTS]
+    assert header[9:14] == [f"{k}_weight" for k in LOSS_COMPONENTS]
+    assert header[14:19] == [f"{k}_weighted" for k in LOSS_COMPONENTS]
+    assert float(rows[0]["total_loss"]) == pytest.approx(records[0]["weighted_components"]["total"])
+    assert "seed=3" in rows[0]["config_overrides"]
+
+    # A different seed changes the data order and the sampling.
+    assert main(["--num-batches", "1", "--seed", "4", "--output-dir", str(tmp_path / "c"), *PROBE_ARGS]) == 0
+    other = json.loads((tmp_path / "c" / "loss_components.json").read_text())
+    assert other[0]["loss_components"] != records[0]["loss_components"]
+
+
+def test_weights_and_compare(tmp_path, tiny_data, capsys):
+    from conftest import tiny_model_cfg
+    from maskrcnn_coco.models import build_model
+
+    model = build_model(tiny_model_cfg(), 4)
+    with torch.no_grad():
+        for p in model.roi_heads.box_predictor.parameters():
+            p.zero_()
+    torch.save({"model": model.state_dict(), "epoch": 1}, tmp_path / "zeroed.pth")
+    assert main(["--num-batches", "2", "--output-dir", str(tmp_path / "random"), *PROBE_ARGS]) == 0
+    assert main(["--num-batches", "2", "--weights", str(tmp_path / "zeroed.pth"), "--output-dir", str(tmp_path / "loaded"), *PROBE_ARGS]) == 0
+    loaded = json.loads((tmp_path / "loaded" / "loss_components.json").read_text())
+    assert loaded[0]["weights"] == str(tmp_path / "zeroed.pth")
+    assert loaded[0]["loss_components"]["loss_classifier"] == pytest.approx(math.log(4), rel=1e-5)
+    capsys.readouterr()
+
+    assert main(["--compare", str(tmp_path / "random"), str(tmp_path / "loaded" / "loss_components.csv")]) == 0
+    table = capsys.readouterr().out
+    lines = {line.split()[0]: line.split() for line in table.splitlines() if line.startswith("loss_")}
+    assert set(lines) == set(LOSS_COMPONENTS)
+    random_cls = json.loads((tmp_path / "random" / "loss_components.json").read_text())
+    mean_a = sum(r["loss_components"]["loss_classifier"] for r in random_cls) / 2
+    assert float(lines["loss_classifier"][1]) == pytest.approx(mean_a, abs=1e-4)
+    assert float(lines["loss_classifier"][2]) == pytest.approx(math.log(4), abs=1e-4)
+    assert float(lines["loss_classifier"][3]) == pytest.approx(math.log(4) / mean_a, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config", "no_such_config"], "Error: Config 'no_such_config' not found in"),
+        (["--weights", "/nonexistent/weights.pth"], "Error: Weights file not found: /nonexistent/weights.pth"),
+        (["data=coco", "data.root=/nonexistent/coco"], "Error: Annotation file not found: /nonexistent/coco/annotations/instances_train2017.json"),
+        (["--compare", "/nonexistent/a", "/nonexistent/b"], "Error: No probe output at /nonexistent/a"),
+    ],
+)
+def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path, args, message):
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "probe_losses.py"), "--num-batches", "1", "--no-progress", *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(message), proc.stderr
