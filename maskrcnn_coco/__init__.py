@@ -12,15 +12,15 @@ from maskrcnn_coco.tracking import (
 )
 
 __all__ = [
-    "train_one_epoch",
+    "CSVTracker",
+    "CompositeTracker",
+    "ExperimentTracker",
+    "NullTracker",
+    "TensorBoardTracker",
     "evaluate",
     "fit",
     "get_parameter_groups",
-    "ExperimentTracker",
-    "TensorBoardTracker",
-    "CSVTracker",
-    "NullTracker",
-    "CompositeTracker",
     "log_training_metrics",
+    "train_one_epoch",
 ]
 __version__ = "0.1.0"

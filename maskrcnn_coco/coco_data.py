@@ -20,9 +20,10 @@ import io
 import logging
 import math
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from pycocotools.coco import COCO
@@ -73,7 +74,7 @@ class CategoryMapping:
         return {"coco_ids": list(self.coco_ids), "names": list(self.names)}
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, list]) -> "CategoryMapping":
+    def from_state_dict(cls, state: dict[str, list]) -> CategoryMapping:
         return cls([{"id": i, "name": n} for i, n in zip(state["coco_ids"], state["names"])])
 
 

@@ -122,15 +122,6 @@ class SmallModelConfig(ModelConfig):
 
 # ---------------------------------------------------------------------------------- optimizer
 @dataclass
-class ParamGroupConfig:
-    """Parameters whose name starts with one of ``prefixes`` (at a ``.`` boundary)."""
-
-    prefixes: List[str] = MISSING
-    lr_mult: float = 1.0
-    weight_decay: Optional[float] = None  # null: optimizer.weight_decay
-
-
-@dataclass
 class OptimizerConfig:
     lr: float = 0.02
     # Multiplier of lr for the box and mask heads (the `heads` group).
@@ -139,11 +130,14 @@ class OptimizerConfig:
     # Norm-layer weights and all biases get no weight decay (detectron2's recipe).
     no_weight_decay_norm_bias: bool = True
     clip_grad_norm: Optional[float] = None
-    groups: Dict[str, ParamGroupConfig] = field(
+    # name -> {prefixes: [module-name prefixes], lr_mult: float, weight_decay: float|null}. Untyped
+    # here so that a new group can be added from the command line
+    # ('+optimizer.groups.mask_head={prefixes:[...],lr_mult:30}'); get_parameter_groups checks the keys.
+    groups: Dict[str, Any] = field(
         default_factory=lambda: {
-            "backbone": ParamGroupConfig(prefixes=["backbone"], lr_mult=1.0),
-            "rpn": ParamGroupConfig(prefixes=["rpn"], lr_mult=1.0),
-            "heads": ParamGroupConfig(prefixes=["roi_heads"], lr_mult="${optimizer.head_lr_multiplier}"),  # type: ignore[arg-type]
+            "backbone": {"prefixes": ["backbone"], "lr_mult": 1.0},
+            "rpn": {"prefixes": ["rpn"], "lr_mult": 1.0},
+            "heads": {"prefixes": ["roi_heads"], "lr_mult": "${optimizer.head_lr_multiplier}"},
         }
     )
     # A torch.optim class as a Hydra partial, completed in code with params and lr. Empty here so

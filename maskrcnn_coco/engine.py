@@ -12,8 +12,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,7 +72,7 @@ class GradNormMeter:
         self.count = 0
 
     @classmethod
-    def from_optimizer(cls, optimizer: torch.optim.Optimizer) -> "GradNormMeter":
+    def from_optimizer(cls, optimizer: torch.optim.Optimizer) -> GradNormMeter:
         """Groups by the ``group`` (else ``name``) key of each param group, e.g. from ``get_parameter_groups``."""
         groups: dict[str, list[torch.nn.Parameter]] = {}
         for i, pg in enumerate(optimizer.param_groups):
@@ -251,13 +252,13 @@ def coco_metrics(
     for iou_type in iou_types:
         usable = [r for r in results if iou_type == "bbox" or "segmentation" in r]
         if not usable:
-            metrics[iou_type] = {name: 0.0 for name in METRIC_NAMES}
+            metrics[iou_type] = dict.fromkeys(METRIC_NAMES, 0.0)
             continue
         sink = io.StringIO()
         with contextlib.redirect_stdout(sink):
             coco_dt = coco_gt.loadRes([dict(r) for r in usable])
             ev = COCOeval(coco_gt, coco_dt, iouType=iou_type)
-            ev.params.imgIds = sorted(set(int(i) for i in image_ids))
+            ev.params.imgIds = sorted({int(i) for i in image_ids})
             ev.evaluate()
             ev.accumulate()
             ev.summarize()

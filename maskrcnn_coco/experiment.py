@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,7 +108,7 @@ def objective_value(history: list[Mapping[str, Any]], metric: str, mode: str) ->
 
 def _missing_keys(node: DictConfig, prefix: str = ""):
     """Keys left at ``???``, found without resolving interpolations (which would raise first)."""
-    for key in node.keys():
+    for key in node:
         if OmegaConf.is_missing(node, key):
             yield f"{prefix}{key}"
         elif not OmegaConf.is_interpolation(node, key) and isinstance(node[key], DictConfig):

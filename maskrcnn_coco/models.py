@@ -8,8 +8,9 @@ by fresh ones (the standard fine-tuning recipe) and a message says so.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 import torchvision

@@ -55,6 +55,29 @@ def _check_prefixes(groups: Mapping[str, Mapping[str, Any]]) -> None:
                 )
 
 
+GROUP_KEYS = {"prefixes", "lr_mult", "weight_decay"}
+
+
+def _checked_spec(name: str, spec: Any) -> dict[str, Any]:
+    if not isinstance(spec, Mapping):
+        raise ParamGroupError(f"Parameter group {name!r} must be a mapping with keys {sorted(GROUP_KEYS)}, got {spec!r}")
+    unknown = set(spec) - GROUP_KEYS
+    if unknown:
+        raise ParamGroupError(f"Parameter group {name!r} has unknown key(s) {sorted(unknown)}; allowed: {sorted(GROUP_KEYS)}")
+    prefixes = spec.get("prefixes")
+    if isinstance(prefixes, str):
+        prefixes = [prefixes]
+    if not prefixes or not all(isinstance(p, str) and p for p in prefixes):
+        raise ParamGroupError(f"Parameter group {name!r} needs a non-empty list of module-name prefixes, got {prefixes!r}")
+    try:
+        lr_mult = float(spec.get("lr_mult", 1.0))
+        wd = spec.get("weight_decay")
+        wd = None if wd is None else float(wd)
+    except (TypeError, ValueError):
+        raise ParamGroupError(f"Parameter group {name!r}: lr_mult and weight_decay must be numbers, got {dict(spec)}") from None
+    return {"prefixes": list(prefixes), "lr_mult": lr_mult, "weight_decay": wd}
+
+
 def _no_decay_names(model: nn.Module) -> set[str]:
     names = set()
     for mod_name, module in model.named_modules():
@@ -84,10 +107,7 @@ def get_parameter_groups(
     """
     if isinstance(groups, DictConfig):
         groups = OmegaConf.to_container(groups, resolve=True)  # type: ignore[assignment]
-    specs = {name: dict(spec) for name, spec in (groups or default_groups(head_lr_multiplier)).items()}
-    for name, spec in specs.items():
-        if not spec.get("prefixes"):
-            raise ParamGroupError(f"Parameter group {name!r} has no prefixes")
+    specs = {name: _checked_spec(name, spec) for name, spec in (groups or default_groups(head_lr_multiplier)).items()}
     _check_prefixes(specs)
 
     no_decay = _no_decay_names(model) if no_weight_decay_norm_bias else set()
@@ -107,9 +127,8 @@ def get_parameter_groups(
 
     result = []
     for name, spec in specs.items():
-        mult = float(spec.get("lr_mult", 1.0))
-        wd = spec.get("weight_decay")
-        wd = weight_decay if wd is None else float(wd)
+        mult = spec["lr_mult"]
+        wd = weight_decay if spec["weight_decay"] is None else spec["weight_decay"]
         for is_no_decay in (False, True):
             params = buckets.get((name, is_no_decay))
             if not params:
@@ -208,7 +227,7 @@ def build_lr_scheduler(cfg: Any, optimizer: torch.optim.Optimizer, iters_per_epo
         total_iters=iters_per_epoch * epochs,
         warmup_iters=cfg.warmup_iters,
         warmup_factor=cfg.warmup_factor,
-        milestones=sorted(int(round(m * iters_per_epoch)) for m in cfg.milestones),
+        milestones=sorted(round(m * iters_per_epoch) for m in cfg.milestones),
         gamma=cfg.gamma,
         min_lr_factor=cfg.min_lr_factor,
     )

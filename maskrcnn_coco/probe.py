@@ -14,8 +14,9 @@ from __future__ import annotations
 import contextlib
 import math
 import statistics
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -214,7 +215,7 @@ def _box_terms(model: nn.Module, rec: _Recorded, names: list[str]) -> dict[str, 
 
 
 def _mask_terms(model: nn.Module, rec: _Recorded, names: list[str]) -> dict[str, Any]:
-    zero = {n: 0.0 for n in names}
+    zero = dict.fromkeys(names, 0.0)
     if rec.maskrcnn_inputs is None:
         return {"loss_mask": zero, "positive": 0, "resolution": 0}
     mask_logits, proposals, gt_masks, gt_labels, matched = rec.maskrcnn_inputs
@@ -372,7 +373,7 @@ def _failed_record(batch_idx: int, images: Sequence[torch.Tensor], targets: Sequ
                    weights: Mapping[str, float], failure: str, coco: Any) -> dict[str, Any]:
     """The record of a batch whose forward raised: NaN components and the reason."""
     image_ids = [t.get("image_id") for t in targets]
-    nan = {k: math.nan for k in LOSS_COMPONENTS}
+    nan = dict.fromkeys(LOSS_COMPONENTS, math.nan)
     record = {
         "batch_idx": batch_idx,
         "image_ids": image_ids,
@@ -381,7 +382,7 @@ def _failed_record(batch_idx: int, images: Sequence[torch.Tensor], targets: Sequ
         "loss_components": {**nan, "total": math.nan},
         "scaling_coefficients": dict(weights),
         "weighted_components": {**nan, "total": math.nan},
-        "normalization_factors": {k: 0 for k in LOSS_COMPONENTS},
+        "normalization_factors": dict.fromkeys(LOSS_COMPONENTS, 0),
         "sampling": {},
         "per_level_losses": {k: {} for k in LOSS_COMPONENTS},
         "error": failure,

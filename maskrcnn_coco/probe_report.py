@@ -6,8 +6,9 @@ import csv
 import json
 import math
 import statistics
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from maskrcnn_coco.config import LOSS_COMPONENTS
 
@@ -148,8 +149,10 @@ def format_batch(record: Mapping[str, Any], verbose: bool = False) -> str:
     raw, w, wc = record["loss_components"], record["scaling_coefficients"], record["weighted_components"]
     total = wc["total"]
     lines = [
-        f"Batch {record['batch_idx']}: {stats['batch_size']} images, {stats['total_objects']} objects, "
-        f"{stats['num_levels']} FPN levels | image ids {record['image_ids']}",
+        (
+            f"Batch {record['batch_idx']}: {stats['batch_size']} images, {stats['total_objects']} objects, "
+            f"{stats['num_levels']} FPN levels | image ids {record['image_ids']}"
+        ),
         f"  {'component':<18} {'raw':>9} {'weight':>7} {'weighted':>9} {'share':>7}  normalised by",
     ]
     for k in LOSS_COMPONENTS:

@@ -149,7 +149,7 @@ def draw_image(rng: np.random.Generator, params: ShapesParams) -> tuple[np.ndarr
                 continue
             occluded = [m & ~mask for m in masks]
             if all(o.sum() >= MIN_VISIBLE_FRACTION * m.sum() for o, m in zip(occluded, masks)):
-                masks = occluded + [mask]
+                masks = [*occluded, mask]
                 categories.append(category)
                 colour = _colour_against(rng, image[mask.astype(bool)].mean(axis=0))
                 texture = rng.normal(0.0, 8.0, size=(size, size, 1))

@@ -16,11 +16,13 @@ import json
 import math
 import re
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
@@ -52,7 +54,7 @@ def swept_keys(argv: Sequence[str], sweeper_params: Mapping[str, Any] | None) ->
     candidates = [a for a in argv if "=" in a and not a.startswith("-")]
     try:
         parsed = OverridesParser.create().parse_overrides(candidates)
-    except Exception:  # an unparsable argument fails Hydra itself; naming folders must not
+    except OverrideParseException:  # Hydra itself reports a bad argument; naming folders must not
         parsed = []
     keys.update(o.key_or_group for o in parsed if o.is_sweep_override())
     return keys

@@ -13,8 +13,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from maskrcnn_coco.losses import weighted_total
 
@@ -73,7 +74,7 @@ class TensorBoardTracker:
         flat = flatten_params(params)
         # Written into this run's own event file: SummaryWriter.add_hparams would open a stray
         # sub-run. The metric names link the HParams tab to scalars logged under the same tags.
-        for summary in hparams(flat, {m: 0.0 for m in HPARAM_METRICS}):
+        for summary in hparams(flat, dict.fromkeys(HPARAM_METRICS, 0.0)):
             self.writer.file_writer.add_summary(summary)
         self.writer.add_text("config", "```\n" + json.dumps(params, indent=2, default=str) + "\n```")
         self.writer.flush()
@@ -161,7 +162,7 @@ class CompositeTracker:
         for t in self.trackers:
             try:
                 t.close()
-            except Exception as err:  # close the others even if one fails
+            except Exception as err:  # noqa: BLE001 - close the others even if one fails
                 errors.append(err)
         if errors:
             raise errors[0]

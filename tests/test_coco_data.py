@@ -1,12 +1,20 @@
 import logging
 import math
+import re
 
 import pytest
 import torch
+from conftest import square_ann, write_coco_dataset
 from omegaconf import OmegaConf
 
-from conftest import square_ann, write_coco_dataset
-from maskrcnn_coco.coco_data import CategoryMapping, DataError, build_coco_dataset, build_data, find_invalid_annotations, load_coco
+from maskrcnn_coco.coco_data import (
+    CategoryMapping,
+    DataError,
+    build_coco_dataset,
+    build_data,
+    find_invalid_annotations,
+    load_coco,
+)
 from maskrcnn_coco.config import AugmentConfig, CocoDataConfig
 
 CATS = [{"id": 90, "name": "toothbrush"}, {"id": 3, "name": "car"}, {"id": 7, "name": "train"}]
@@ -82,7 +90,7 @@ def test_horizontal_flip_moves_boxes_and_masks_together(tmp_path):
     ds = build_coco_dataset(img_dir, ann_file, train=True, augment=AugmentConfig(hflip_prob=1.0), drop_empty=True)
     _, target = ds[0]
     assert torch.allclose(target["boxes"][0], torch.tensor([64 - 14.0, 4, 64 - 4, 14]))
-    ys, xs = torch.nonzero(target["masks"][0], as_tuple=True)
+    _, xs = torch.nonzero(target["masks"][0], as_tuple=True)
     assert (int(xs.min()), int(xs.max()) + 1) == (50, 60)
 
 
@@ -99,5 +107,5 @@ def test_coco_config_paths_and_errors(tmp_path):
     default = OmegaConf.structured(CocoDataConfig(root="/nowhere/coco"))
     assert default.train_annotations == "/nowhere/coco/annotations/instances_train2017.json"
     assert default.val_images == "/nowhere/coco/val2017"
-    with pytest.raises(DataError, match="Annotation file not found: /nowhere/coco/annotations/instances_train2017.json"):
+    with pytest.raises(DataError, match=re.escape("Annotation file not found: /nowhere/coco/annotations/instances_train2017.json")):
         build_data(default, progress=False)

@@ -1,9 +1,9 @@
 import pytest
+from conftest import REPO
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from conftest import REPO
 from maskrcnn_coco.config import LOSS_COMPONENTS, CocoDataConfig, ShapesDataConfig, SmallModelConfig, register_configs
 
 

@@ -5,9 +5,9 @@ import re
 
 import pytest
 import torch
+from conftest import TINY_MODEL_OVERRIDES, TINY_OVERRIDES, run_entry
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import TINY_MODEL_OVERRIDES, TINY_OVERRIDES, run_entry
 from maskrcnn_coco.config import LOSS_COMPONENTS
 
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
+from conftest import tiny_model_cfg
 from omegaconf import OmegaConf
 from torchvision.ops import FrozenBatchNorm2d
 
-from conftest import tiny_model_cfg
 from maskrcnn_coco.config import ModelConfig
 from maskrcnn_coco.errors import ConfigError
 from maskrcnn_coco.models import WeightsError, build_model, read_state_dict
@@ -32,7 +32,7 @@ def test_small_model_trains_and_predicts_for_the_datasets_classes():
 def test_bad_small_model_configs_are_named():
     with pytest.raises(ConfigError, match="anchor_sizes has 2 sizes but the FPN has 3 levels"):
         build_model(tiny_model_cfg(anchor_sizes=[16, 32]), 3)
-    with pytest.raises(ConfigError, match="Unknown model.arch='resnet'"):
+    with pytest.raises(ConfigError, match=r"Unknown model\.arch='resnet'"):
         build_model(OmegaConf.structured(ModelConfig(arch="resnet")), 3)
 
 
@@ -102,7 +102,7 @@ def test_named_weights_without_network_give_a_clear_error(monkeypatch):
         raise URLError("no route to host")
 
     monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", offline)
-    with pytest.raises(WeightsError, match="Could not fetch maskrcnn_r50_fpn weights 'DEFAULT'.*pass its path instead"):
+    with pytest.raises(WeightsError, match=r"Could not fetch maskrcnn_r50_fpn weights 'DEFAULT'.*pass its path instead"):
         build_model(r50_cfg(weights="DEFAULT"), 3)
     with pytest.raises(WeightsError, match="'COCO_V9' is neither a local file nor a MaskRCNN_ResNet50_FPN_Weights name"):
         build_model(r50_cfg(weights="COCO_V9"), 3)

@@ -2,10 +2,10 @@ import math
 
 import pytest
 import torch
+from conftest import REPO, tiny_model_cfg
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import REPO, tiny_model_cfg
 from maskrcnn_coco.config import SchedulerConfig, register_configs
 from maskrcnn_coco.models import build_model
 from maskrcnn_coco.optim import (
@@ -141,3 +141,32 @@ def test_optimizers_from_config(model, choice, cls, capsys):
     if choice == "sgd":
         assert opt.param_groups[0]["momentum"] == 0.9
     assert "Parameter groups:" in capsys.readouterr().out
+
+
+def test_readme_group_overrides(model, capsys):
+    """The README's examples: a separate mask-head group, and the RPN moved into the heads."""
+    cfg = compose_config([
+        "optimizer.head_lr_multiplier=10",
+        "optimizer.groups.heads.prefixes=[roi_heads.box_head,roi_heads.box_predictor]",
+        "+optimizer.groups.mask_head={prefixes:[roi_heads.mask_head,roi_heads.mask_predictor],lr_mult:30}",
+    ])
+    lrs = {pg["name"]: pg["lr"] for pg in build_optimizer(cfg.optimizer, model).param_groups}
+    base = cfg.optimizer.lr
+    assert lrs["mask_head"] == pytest.approx(30 * base) and lrs["heads"] == pytest.approx(10 * base)
+    assert lrs["rpn"] == pytest.approx(base)
+
+    cfg = compose_config(["optimizer.groups.heads.prefixes=[roi_heads,rpn]", "~optimizer.groups.rpn",
+                          "optimizer.head_lr_multiplier=3"])
+    opt = build_optimizer(cfg.optimizer, model)
+    assert {pg["group"] for pg in opt.param_groups} == {"backbone", "heads"}
+    rpn_ids = {id(p) for n, p in model.named_parameters() if n.startswith("rpn.")}
+    heads = [pg for pg in opt.param_groups if pg["group"] == "heads"]
+    assert rpn_ids <= {id(p) for pg in heads for p in pg["params"]}
+    assert heads[0]["lr"] == pytest.approx(3 * cfg.optimizer.lr)
+
+
+def test_group_specs_are_checked(model):
+    with pytest.raises(ParamGroupError, match=r"group 'heads' has unknown key\(s\) \['lr_mul'\]"):
+        get_parameter_groups(model, lr=0.1, groups={"heads": {"prefixes": ["roi_heads"], "lr_mul": 3}})
+    with pytest.raises(ParamGroupError, match="needs a non-empty list of module-name prefixes"):
+        get_parameter_groups(model, lr=0.1, groups={"heads": {"lr_mult": 3}})

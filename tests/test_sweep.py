@@ -3,9 +3,9 @@
 import csv
 
 import pytest
+from conftest import TINY_OVERRIDES, run_entry
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import TINY_OVERRIDES, run_entry
 from maskrcnn_coco.experiment import objective_value
 
 
