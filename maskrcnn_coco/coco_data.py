@@ -297,7 +297,7 @@ def build_datasets(cfg: DataConfig, splits: Sequence[str] = ("train", "val"), pr
     return out
 
 
-def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, num_workers: int, seed: int) -> DataLoader:
+def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, num_workers: int, seed: int, pin_memory: bool = False) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -306,16 +306,18 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, num_workers
         collate_fn=collate,
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
         drop_last=False,
     )
 
 
-def build_data(cfg: DataConfig, seed: int = 0, progress: bool = True) -> DataBundle:
-    """Train and val loaders for ``cfg`` (``data=shapes`` or ``data=coco``)."""
+def build_data(cfg: DataConfig, seed: int = 0, progress: bool = True, pin_memory: bool = False) -> DataBundle:
+    """Train and val loaders for ``cfg`` (``data=shapes`` or ``data=coco``); pin memory for CUDA."""
     datasets = build_datasets(cfg, progress=progress)
     val_bs = cfg.val_batch_size or cfg.batch_size
+    loader = {"num_workers": cfg.num_workers, "seed": seed, "pin_memory": pin_memory}
     return DataBundle(
-        train_loader=make_loader(datasets["train"], cfg.batch_size, shuffle=True, num_workers=cfg.num_workers, seed=seed),
-        val_loader=make_loader(datasets["val"], val_bs, shuffle=False, num_workers=cfg.num_workers, seed=seed),
+        train_loader=make_loader(datasets["train"], cfg.batch_size, shuffle=True, **loader),
+        val_loader=make_loader(datasets["val"], val_bs, shuffle=False, **loader),
         mapping=datasets["train"].mapping,
     )

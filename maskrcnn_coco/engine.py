@@ -7,7 +7,6 @@ the end of an epoch, so a GPU is never synchronised per iteration.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import math
 import os
@@ -16,21 +15,18 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from maskrcnn_coco.coco_data import CategoryMapping
+from maskrcnn_coco.coco_eval import coco_metrics, predictions_to_coco
 from maskrcnn_coco.config import LOSS_COMPONENTS
 from maskrcnn_coco.losses import weighted_total
 from maskrcnn_coco.tracking import ExperimentTracker, NullTracker, log_training_metrics
 
-METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 SHORT_NAMES = {
     "loss_classifier": "cls",
     "loss_box_reg": "box",
@@ -128,6 +124,9 @@ def train_one_epoch(
     weights = _weight_vector(loss_weights, device)
     sums = torch.zeros(len(LOSS_COMPONENTS), device=device)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    # Iteration index kept on the device: torch.tensor(it, device=...) would copy from the host
+    # every iteration, which stalls the host behind the GPU stream.
+    it_device = torch.zeros((), dtype=torch.long, device=device)
     bad_losses = torch.zeros(len(LOSS_COMPONENTS), device=device)
     recent_ids: dict[int, list[Any]] = {}
     n_batches = 0
@@ -163,18 +162,19 @@ def train_one_epoch(
         n_batches += 1
         # Remember the first non-finite iteration without a host sync.
         bad = ~torch.isfinite(total.detach()) & (first_bad < 0)
-        first_bad = torch.where(bad, torch.tensor(it, device=device), first_bad)
+        first_bad = torch.where(bad, it_device, first_bad)
         bad_losses = torch.where(bad, detached, bad_losses)
+        it_device += 1
         recent_ids[it] = [t.get("image_id") for t in targets]
 
         if (it + 1) % print_freq == 0:
             _check_finite(first_bad, bad_losses, recent_ids, epoch)  # host sync point
             recent_ids.clear()
             if progress:
-                means = (sums / n_batches).tolist()
-                postfix = {SHORT_NAMES[k]: f"{v:.3f}" for k, v in zip(LOSS_COMPONENTS, means)}
-                postfix["total"] = f"{float((sums / n_batches * weights).sum()):.3f}"
-                bar.set_postfix(postfix, refresh=False)
+                means = sums / n_batches
+                *values, total_mean = torch.cat([means, (means * weights).sum()[None]]).tolist()
+                postfix = {SHORT_NAMES[k]: f"{v:.3f}" for k, v in zip(LOSS_COMPONENTS, values)}
+                bar.set_postfix({**postfix, "total": f"{total_mean:.3f}"}, refresh=False)
     bar.close()
     if n_batches == 0:
         raise ValueError("train_one_epoch got an empty data loader")
@@ -211,65 +211,6 @@ def loss_mode(model: nn.Module):
             m.training = mode
 
 
-def predictions_to_coco(
-    outputs: Sequence[Mapping[str, torch.Tensor]],
-    image_ids: Sequence[int],
-    mapping: CategoryMapping,
-    mask_threshold: float = 0.5,
-) -> list[dict[str, Any]]:
-    """Model detections -> COCO result dicts (xywh boxes, COCO category ids, RLE masks)."""
-    results: list[dict[str, Any]] = []
-    for out, image_id in zip(outputs, image_ids):
-        boxes = out["boxes"].detach().float().cpu()
-        if boxes.numel() == 0:
-            continue
-        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-        scores = out["scores"].detach().float().cpu().tolist()
-        labels = out["labels"].detach().cpu().tolist()
-        rles = None
-        if "masks" in out:
-            masks = out["masks"].detach()
-            masks = (masks[:, 0] if masks.dim() == 4 else masks) > mask_threshold
-            arr = np.asfortranarray(masks.permute(1, 2, 0).cpu().numpy().astype(np.uint8))
-            rles = mask_utils.encode(arr)
-        for i, (box, score, label) in enumerate(zip(xywh, scores, labels)):
-            res = {"image_id": int(image_id), "category_id": mapping.to_coco_id(label), "bbox": box, "score": score}
-            if rles is not None:
-                rle = rles[i]
-                res["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
-            results.append(res)
-    return results
-
-
-def coco_metrics(
-    coco_gt: COCO, results: Sequence[Mapping[str, Any]], image_ids: Sequence[int], iou_types: Sequence[str] = ("bbox", "segm"), verbose: bool = False
-) -> dict[str, dict[str, float]]:
-    """COCOeval's AP, AP50, AP75, APs, APm, APl per IoU type over ``image_ids``.
-
-    Values COCO leaves undefined (-1, e.g. APl when no object is large) are returned as NaN.
-    """
-    metrics: dict[str, dict[str, float]] = {}
-    for iou_type in iou_types:
-        usable = [r for r in results if iou_type == "bbox" or "segmentation" in r]
-        if not usable:
-            metrics[iou_type] = dict.fromkeys(METRIC_NAMES, 0.0)
-            continue
-        sink = io.StringIO()
-        with contextlib.redirect_stdout(sink):
-            coco_dt = coco_gt.loadRes([dict(r) for r in usable])
-            ev = COCOeval(coco_gt, coco_dt, iouType=iou_type)
-            ev.params.imgIds = sorted({int(i) for i in image_ids})
-            ev.evaluate()
-            ev.accumulate()
-            ev.summarize()
-        if verbose:
-            print(f"COCOeval {iou_type}:\n{sink.getvalue()}")
-        metrics[iou_type] = {
-            name: (float(v) if v >= 0 else float("nan")) for name, v in zip(METRIC_NAMES, ev.stats[:6])
-        }
-    return metrics
-
-
 def evaluate(
     model: nn.Module,
     data_loader: DataLoader,
@@ -277,7 +218,6 @@ def evaluate(
     *,
     mapping: CategoryMapping,
     coco_gt: COCO | None = None,
-    loss_weights: Mapping[str, float] | None = None,
     compute_losses: bool = True,
     compute_metrics: bool = True,
     mask_threshold: float = 0.5,
@@ -289,10 +229,8 @@ def evaluate(
     For the losses the model runs in training mode under ``torch.no_grad()`` with every BatchNorm
     in eval mode; the RPN and RoI samplers draw from a forked RNG seeded with ``seed``, so the
     value is reproducible and the caller's RNG stream is untouched. The model's parameters,
-    buffers and train/eval modes are the same afterwards. ``loss_weights`` is accepted for
-    symmetry with ``train_one_epoch``: the returned components are raw.
+    buffers and train/eval modes are the same afterwards. The components are raw (unweighted).
     """
-    del loss_weights  # totals are computed by the caller from the raw components
     device = torch.device(device)
     coco_gt = coco_gt if coco_gt is not None else getattr(data_loader.dataset, "coco", None)
     sums = torch.zeros(len(LOSS_COMPONENTS), device=device)

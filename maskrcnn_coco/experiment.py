@@ -75,7 +75,7 @@ def build_components(cfg: DictConfig, progress: bool = True) -> Components:
     """Seed, then build data loaders and the model (weights loaded) on the configured device."""
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    data = build_data(cfg.data, seed=cfg.seed, progress=progress)
+    data = build_data(cfg.data, seed=cfg.seed, progress=progress, pin_memory=device.type == "cuda")
     model = build_model(cfg.model, data.mapping.num_classes).to(device)
     return Components(data=data, model=model, device=device, loss_weights=loss_weights_from_config(cfg.loss.weights))
 
