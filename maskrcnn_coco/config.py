@@ -108,7 +108,7 @@ class SmallModelConfig(ModelConfig):
     returned_layers: List[int] = field(default_factory=lambda: [2, 3, 4])
     fpn_channels: int = 64
     # One anchor size per FPN level (returned layers + the max-pool level).
-    anchor_sizes: List[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    anchor_sizes: List[int] = field(default_factory=lambda: [24, 48, 96, 192])
     aspect_ratios: List[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     box_head_dim: int = 256
     mask_head_layers: List[int] = field(default_factory=lambda: [64, 64])

@@ -36,12 +36,14 @@ MIN_VISIBLE_FRACTION = 0.5
 
 @dataclass(frozen=True)
 class ShapesParams:
-    num_train: int = 1000
-    num_val: int = 80
-    image_size: int = 128
-    seed: int = 0
-    min_objects: int = 1
-    max_objects: int = 4
+    """What identifies a generated set (defaults live in ``config.ShapesDataConfig``)."""
+
+    num_train: int
+    num_val: int
+    image_size: int
+    seed: int
+    min_objects: int
+    max_objects: int
 
     def key(self) -> str:
         payload = json.dumps({**asdict(self), "version": GENERATOR_VERSION}, sort_keys=True)

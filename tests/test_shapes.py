@@ -76,4 +76,4 @@ def test_all_classes_and_overlaps_occur(tmp_path):
 
 def test_bad_parameters_fail_clearly(tmp_path):
     with pytest.raises(ConfigError, match="min_objects"):
-        ensure_shapes_dataset(ShapesParams(min_objects=3, max_objects=2), tmp_path, progress=False)
+        ensure_shapes_dataset(ShapesParams(4, 1, 64, 0, min_objects=3, max_objects=2), tmp_path, progress=False)
