@@ -4,7 +4,6 @@ import re
 
 import pytest
 import torch
-from conftest import square_ann, write_coco_dataset
 from omegaconf import OmegaConf
 
 from maskrcnn_coco.coco_data import (
@@ -16,6 +15,8 @@ from maskrcnn_coco.coco_data import (
     load_coco,
 )
 from maskrcnn_coco.config import AugmentConfig, CocoDataConfig
+
+from conftest import square_ann, write_coco_dataset
 
 CATS = [{"id": 90, "name": "toothbrush"}, {"id": 3, "name": "car"}, {"id": 7, "name": "train"}]
 NO_AUG = AugmentConfig(hflip_prob=0.0)

@@ -1,10 +1,11 @@
 import pytest
-from conftest import REPO
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from maskrcnn_coco.config import LOSS_COMPONENTS, CocoDataConfig, ShapesDataConfig, SmallModelConfig, register_configs
+
+from conftest import REPO
 
 
 def compose_config(overrides=(), hydra_config=False):

@@ -1,14 +1,16 @@
 """The dev extra's linter, run as part of the suite so CI enforces it (rules pinned in pyproject.toml)."""
 
-import shutil
+import importlib.util
 import subprocess
+import sys
 
 import pytest
+
 from conftest import REPO
 
 
-@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff comes with the dev extra")
+@pytest.mark.skipif(importlib.util.find_spec("ruff") is None, reason="ruff comes with the dev extra")
 def test_ruff_passes():
-    proc = subprocess.run(["ruff", "check", "maskrcnn_coco", "scripts", "tests"], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "maskrcnn_coco", "scripts", "tests"], cwd=REPO,
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -5,10 +5,11 @@ import re
 
 import pytest
 import torch
-from conftest import TINY_MODEL_OVERRIDES, TINY_OVERRIDES, run_entry
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from maskrcnn_coco.config import LOSS_COMPONENTS
+
+from conftest import TINY_MODEL_OVERRIDES, TINY_OVERRIDES, run_entry
 
 
 def only_run_dir(runs_dir):

@@ -1,12 +1,13 @@
 import pytest
 import torch
-from conftest import tiny_model_cfg
 from omegaconf import OmegaConf
 from torchvision.ops import FrozenBatchNorm2d
 
 from maskrcnn_coco.config import ModelConfig
 from maskrcnn_coco.errors import ConfigError
 from maskrcnn_coco.models import WeightsError, build_model, read_state_dict
+
+from conftest import tiny_model_cfg
 
 
 def r50_cfg(**kw):

@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-from conftest import REPO, tiny_model_cfg
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -15,6 +14,8 @@ from maskrcnn_coco.optim import (
     format_parameter_groups,
     get_parameter_groups,
 )
+
+from conftest import REPO, tiny_model_cfg
 
 
 @pytest.fixture

@@ -8,12 +8,13 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, TINY_MODEL_OVERRIDES, TINY_OVERRIDES, square_ann, write_coco_dataset
 
 from maskrcnn_coco.config import LOSS_COMPONENTS
 from maskrcnn_coco.engine import move_to_device
 from maskrcnn_coco.probe import check_per_level_sums, probe_batch, run_probe
 from maskrcnn_coco.probe_cli import main
+
+from conftest import REPO, TINY_MODEL_OVERRIDES, TINY_OVERRIDES, square_ann, write_coco_dataset
 
 PROBE_ARGS = [a for a in TINY_OVERRIDES if a != "progress=false"] + ["--no-progress"]
 
@@ -157,9 +158,9 @@ def test_files_are_identical_for_the_same_seed_and_carry_the_run(tmp_path, capsy
 
 
 def test_weights_and_compare(tmp_path, tiny_data, capsys):
-    from conftest import tiny_model_cfg
-
     from maskrcnn_coco.models import build_model
+
+    from conftest import tiny_model_cfg
 
     model = build_model(tiny_model_cfg(), 4)
     with torch.no_grad():
@@ -199,3 +200,20 @@ def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path, args, message):
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith(message), proc.stderr
+
+
+def test_experiment_yaml_and_backbone_weights(tmp_path):
+    """--config takes a YAML elsewhere that builds on the training config; groups still come from conf/."""
+    import torchvision
+
+    exp = tmp_path / "my_experiment.yaml"
+    exp.write_text("defaults:\n  - config\n  - _self_\nloss:\n  weights:\n    loss_mask: 3.0\n")
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
+    out = tmp_path / "out"
+    assert main(["--config", str(exp), "--backbone-weights", str(tmp_path / "r18.pth"), "--num-batches", "1",
+                 "--format", "json", "--output-dir", str(out), *PROBE_ARGS]) == 0
+    (record,) = json.loads((out / "loss_components.json").read_text())
+    assert record["scaling_coefficients"]["loss_mask"] == 3.0
+    assert record["weighted_components"]["loss_mask"] == pytest.approx(3.0 * record["loss_components"]["loss_mask"])
+    assert record["backbone_weights"] == str(tmp_path / "r18.pth") and record["config"] == str(exp)
+    assert not (out / "loss_components.csv").exists()

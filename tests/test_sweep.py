@@ -3,10 +3,11 @@
 import csv
 
 import pytest
-from conftest import TINY_OVERRIDES, run_entry
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from maskrcnn_coco.experiment import objective_value
+
+from conftest import TINY_OVERRIDES, run_entry
 
 
 def test_two_job_head_lr_multirun(tmp_path):
