@@ -21,7 +21,7 @@ import logging
 import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -263,13 +263,8 @@ def resolve_paths(cfg: DataConfig, progress: bool = True) -> dict[str, Path]:
             min_objects=cfg.min_objects,
             max_objects=cfg.max_objects,
         )
-        p = ensure_shapes_dataset(params, cfg.cache_dir, progress=progress)
-        return {
-            "train_images": p.train_images,
-            "val_images": p.val_images,
-            "train_annotations": p.train_annotations,
-            "val_annotations": p.val_annotations,
-        }
+        paths = asdict(ensure_shapes_dataset(params, cfg.cache_dir, progress=progress))
+        return {k: v for k, v in paths.items() if k != "root"}
     assert isinstance(cfg, CocoDataConfig) or cfg.name == "coco"
     return {k: Path(os.path.expanduser(str(getattr(cfg, k)))) for k in ("train_images", "val_images", "train_annotations", "val_annotations")}
 

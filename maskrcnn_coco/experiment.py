@@ -23,7 +23,7 @@ from maskrcnn_coco.coco_data import CategoryMapping, DataBundle, build_data
 from maskrcnn_coco.engine import fit
 from maskrcnn_coco.errors import ConfigError
 from maskrcnn_coco.losses import loss_weights_from_config
-from maskrcnn_coco.models import WeightsError, build_model, is_local_path, read_state_dict
+from maskrcnn_coco.models import WeightsError, build_model, is_local_path
 from maskrcnn_coco.optim import build_lr_scheduler, build_optimizer
 from maskrcnn_coco.tracking import CompositeTracker, ExperimentTracker, NullTracker
 
@@ -150,8 +150,9 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
         flush=True,
     )
     tracker = build_tracker(cfg.tracker, run_dir)
+    resolved = config_to_dict(cfg)
     try:
-        tracker.log_hyperparams(config_to_dict(cfg))
+        tracker.log_hyperparams(resolved)
         history = fit(
             model, optimizer, data.train_loader, data.val_loader,
             epochs=cfg.epochs, device=device, run_dir=run_dir, mapping=data.mapping, tracker=tracker,
@@ -160,7 +161,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
             eval_every=cfg.eval.every_n_epochs, compute_val_loss=cfg.eval.val_loss,
             checkpoint_every=cfg.checkpoint.every_n_epochs, mask_threshold=cfg.eval.mask_threshold,
             print_freq=cfg.print_freq, progress=cfg.progress,
-            checkpoint_extra={"config": config_to_dict(cfg)}, history=history,
+            checkpoint_extra={"config": resolved}, history=history,
         )
     finally:
         tracker.close()
@@ -169,8 +170,12 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
 
 def resume_from(path: str, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any, mapping: CategoryMapping) -> tuple[int, list]:
     """Load a ``fit`` checkpoint into the run's objects; return (next epoch, history so far)."""
-    read_state_dict(path)  # checks the file exists and holds a model state, with a clear error
-    ckpt = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle/zip errors carry little context on their own
+        raise WeightsError(f"Could not read checkpoint {path}: {err}") from err
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise WeightsError(f"resume={path} is not a training checkpoint (no 'model' entry); use model.weights=... to start from its weights")
     if ckpt.get("num_classes") not in (None, mapping.num_classes):
         raise ConfigError(f"resume={path} was trained for {ckpt['num_classes']} classes, the data has {mapping.num_classes}")
     model.load_state_dict(ckpt["model"])

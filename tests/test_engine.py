@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from maskrcnn_coco.coco_data import CategoryMapping
 from maskrcnn_coco.config import LOSS_COMPONENTS
 from maskrcnn_coco.engine import evaluate, format_epoch_summary, train_one_epoch
 
@@ -149,3 +150,21 @@ def test_console_block_matches_the_documented_format():
     )
     weighted = format_epoch_summary(1, 1, train, None, None, None, loss_weights={"loss_mask": 2.0})
     assert weighted.splitlines()[2] == "   Total: 1.2124"  # 0.8234 + 0.3890
+
+
+def test_interrupt_saves_a_checkpoint(tmp_path):
+    from maskrcnn_coco.engine import fit
+
+    class Interrupting(list):
+        def __iter__(self):
+            yield from self[:1]
+            raise KeyboardInterrupt
+
+    model = ScriptedLosses()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = Interrupting(scripted_loader([[1.0] * 5, [1.0] * 5]))
+    mapping = CategoryMapping([{"id": 1, "name": "a"}])
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, opt, loader, None, epochs=2, device="cpu", run_dir=tmp_path, mapping=mapping, progress=False)
+    state = torch.load(tmp_path / "checkpoints" / "interrupted.pth", weights_only=True)
+    assert state["epoch"] == 0 and float(state["model"]["w"]) == pytest.approx(1.0 - 0.1 * 5)
