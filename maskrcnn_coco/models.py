@@ -55,6 +55,11 @@ class WeightsError(UserError, RuntimeError):
 def build_model(cfg: ModelConfig, num_classes: int) -> MaskRCNN:
     """Build the Mask R-CNN named by ``cfg.arch`` for ``num_classes`` (background included)."""
     if cfg.arch == "small":
+        if cfg.weights is not None and not is_local_path(cfg.weights):
+            raise ConfigError(
+                f"model.weights={cfg.weights!r}: torchvision has no weights for the small preset; pass a local "
+                "file (e.g. runs/maskrcnn/<run>/checkpoints/last.pth), or model.backbone_weights=DEFAULT for ImageNet ResNet weights"
+            )
         model = _build_small(cfg, num_classes)  # type: ignore[arg-type]
     elif cfg.arch in TORCHVISION_ARCHS:
         model = _build_torchvision(cfg, num_classes)

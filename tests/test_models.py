@@ -33,6 +33,8 @@ def test_small_model_trains_and_predicts_for_the_datasets_classes():
 def test_bad_small_model_configs_are_named():
     with pytest.raises(ConfigError, match="anchor_sizes has 2 sizes but the FPN has 3 levels"):
         build_model(tiny_model_cfg(anchor_sizes=[16, 32]), 3)
+    with pytest.raises(ConfigError, match="torchvision has no weights for the small preset"):
+        build_model(tiny_model_cfg(weights="DEFAULT"), 3)
     with pytest.raises(ConfigError, match=r"Unknown model\.arch='resnet'"):
         build_model(OmegaConf.structured(ModelConfig(arch="resnet")), 3)
 

@@ -217,3 +217,20 @@ def test_experiment_yaml_and_backbone_weights(tmp_path):
     assert record["weighted_components"]["loss_mask"] == pytest.approx(3.0 * record["loss_components"]["loss_mask"])
     assert record["backbone_weights"] == str(tmp_path / "r18.pth") and record["config"] == str(exp)
     assert not (out / "loss_components.csv").exists()
+
+
+@pytest.mark.parametrize("arch", ["maskrcnn_r50_fpn", "maskrcnn_r50_fpn_v2"])
+def test_per_level_sums_on_torchvision_models(tiny_data, arch):
+    from omegaconf import OmegaConf
+
+    from maskrcnn_coco.config import ModelConfig
+    from maskrcnn_coco.models import build_model
+
+    torch.manual_seed(0)
+    cfg = OmegaConf.structured(ModelConfig(arch=arch, min_size=64, max_size=64, rpn_post_nms_top_n_train=100,
+                                           box_batch_size_per_image=64))
+    model = build_model(cfg, tiny_data.mapping.num_classes)
+    (record,) = run_probe(model, tiny_data.train_loader, "cpu", num_batches=1, progress=False)
+    assert check_per_level_sums(record) == []
+    assert [s["level"] for s in record["batch_stats"]["per_level_stats"]] == ["0", "1", "2", "3", "pool"]
+    assert not [w for w in record["warnings"] if w["code"] in ("per_level_mismatch", "constant_predictions")]
