@@ -6,9 +6,7 @@ model builder, weight loading and loss weights.
 
 from __future__ import annotations
 
-import math
 import random
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from torch import nn
 from maskrcnn_coco.coco_data import CategoryMapping, DataBundle, build_data
 from maskrcnn_coco.engine import fit
 from maskrcnn_coco.errors import ConfigError
+from maskrcnn_coco.history import check_objective, objective_value
 from maskrcnn_coco.losses import loss_weights_from_config
 from maskrcnn_coco.models import WeightsError, build_model, is_local_path
 from maskrcnn_coco.optim import build_lr_scheduler, build_optimizer
@@ -80,32 +79,6 @@ def build_components(cfg: DictConfig, progress: bool = True) -> Components:
     return Components(data=data, model=model, device=device, loss_weights=loss_weights_from_config(cfg.loss.weights))
 
 
-def objective_value(history: list[Mapping[str, Any]], metric: str, mode: str) -> float:
-    """The sweep metric: a ``mAP/<type>_<name>`` or ``loss/...`` tag, final or best over epochs."""
-    values = []
-    for record in history:
-        if metric.startswith("mAP/"):
-            iou_type, _, name = metric[4:].partition("_")
-            value = ((record.get("metrics") or {}).get(iou_type) or {}).get(name)
-        elif metric == "loss/val":
-            value = record.get("val_total")
-        elif metric == "loss/train_total":
-            value = record.get("train_total")
-        else:
-            raise ConfigError(f"objective.metric={metric!r}: use mAP/<bbox|segm>_<AP|AP50|...>, loss/val or loss/train_total")
-        if value is not None:
-            values.append(float(value))
-    if not values:
-        return float("nan")
-    if mode == "final":
-        return values[-1]
-    if mode == "best":
-        finite = [v for v in values if math.isfinite(v)]
-        best = min if metric.startswith("loss/") else max
-        return best(finite) if finite else float("nan")
-    raise ConfigError(f"objective.mode={mode!r}: use final or best")
-
-
 def _missing_keys(node: DictConfig, prefix: str = ""):
     """Keys left at ``???``, found without resolving interpolations (which would raise first)."""
     for key in node:
@@ -121,7 +94,7 @@ def check_config(cfg: DictConfig) -> None:
     if missing:
         hint = " (e.g. data.root=/data/coco)" if "data.root" in missing else ""
         raise ConfigError(f"Missing required config value: {', '.join(missing)}{hint}")
-    objective_value([], cfg.objective.metric, cfg.objective.mode)
+    check_objective(cfg.objective.metric, cfg.objective.mode)
     for key in ("model.weights", "model.backbone_weights", "resume"):
         value = OmegaConf.select(cfg, key)
         if value and is_local_path(value) and not Path(value).expanduser().is_file():

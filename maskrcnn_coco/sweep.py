@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import math
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -27,6 +26,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from maskrcnn_coco.config import LOSS_COMPONENTS
+from maskrcnn_coco.history import best_epoch, record_metric
 
 SUMMARY_COLUMNS = (
     "job",
@@ -85,17 +85,6 @@ def register_resolvers() -> None:
         )
 
 
-def _metric(record: Mapping[str, Any], metric: str) -> float | None:
-    if metric.startswith("mAP/"):
-        iou_type, _, name = metric[4:].partition("_")
-        value = ((record.get("metrics") or {}).get(iou_type) or {}).get(name)
-    elif metric == "loss/val":
-        value = record.get("val_total")
-    else:
-        value = record.get("train_total")
-    return None if value is None or not math.isfinite(value) else float(value)
-
-
 def collect_jobs(sweep_dir: Path, metric: str = "mAP/segm_AP") -> list[dict[str, Any]]:
     """One row per job folder of ``sweep_dir`` that has a ``metrics.json``, in job order."""
     rows = []
@@ -107,10 +96,7 @@ def collect_jobs(sweep_dir: Path, metric: str = "mAP/segm_AP") -> list[dict[str,
         overrides_file = job_dir / ".hydra" / "overrides.yaml"
         overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
         last = history[-1]
-        scored = [(r["epoch"], _metric(r, metric)) for r in history]
-        scored = [(e, v) for e, v in scored if v is not None]
-        lower_is_better = metric.startswith("loss/")
-        best = (min if lower_is_better else max)(scored, key=lambda ev: ev[1]) if scored else (None, None)
+        best = best_epoch(history, metric)
         final_metrics = next((r["metrics"] for r in reversed(history) if r.get("metrics")), {}) or {}
         row: dict[str, Any] = {
             "job": job_dir.name,
@@ -176,7 +162,7 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
             if kind == "train":
                 points = [(r["epoch"], r["train_loss"].get(name)) for r in history]
             else:
-                points = [(r["epoch"], _metric(r, name)) for r in history]
+                points = [(r["epoch"], record_metric(r, name)) for r in history]
             points = [(e, v) for e, v in points if v is not None]
             if points:
                 ax.plot(*zip(*points), marker="o", markersize=3, label=row["varied"])

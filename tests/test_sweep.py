@@ -5,7 +5,7 @@ import csv
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from maskrcnn_coco.experiment import objective_value
+from maskrcnn_coco.history import objective_value
 
 from conftest import TINY_OVERRIDES, run_entry
 
@@ -62,3 +62,13 @@ def test_job_dirname_names_only_the_swept_keys(monkeypatch):
     monkeypatch.setattr("sys.argv", ["main_mlops.py", "-m", *[f"key{i}=a,b" for i in range(40)]])
     name = job_dirname(long)
     assert len(name) <= MAX_DIRNAME and "/" not in name and name.startswith("key0=value_0,key1=")
+
+
+def test_bad_objective_is_rejected_before_training():
+    from maskrcnn_coco.errors import ConfigError
+    from maskrcnn_coco.history import check_objective
+
+    with pytest.raises(ConfigError, match=r"objective\.metric='mAP/segm'"):
+        check_objective("mAP/segm", "final")
+    with pytest.raises(ConfigError, match=r"objective\.mode='last'"):
+        check_objective("mAP/segm_AP", "last")
