@@ -166,6 +166,18 @@ def _pooler_levels(pooler: Any, boxes: Sequence[torch.Tensor], names: Sequence[s
     return levels
 
 
+def _sum_by_level(values: torch.Tensor, levels: torch.Tensor, names: Sequence[str], denom: int) -> dict[str, float]:
+    """Per-sample losses summed per level and divided by the loss's own normaliser ``denom``."""
+    levels = levels.to(values.device)
+    keep = levels >= 0
+    sums = torch.zeros(len(names), dtype=values.dtype, device=values.device).index_add_(0, levels[keep], values[keep])
+    return dict(zip(names, (sums / denom).tolist()))
+
+
+def _count_by_level(levels: torch.Tensor, names: Sequence[str]) -> dict[str, int]:
+    return dict(zip(names, torch.bincount(levels[levels >= 0], minlength=len(names)).tolist()))
+
+
 def _rpn_terms(model: nn.Module, rec: _Recorded, names: list[str]) -> dict[str, Any]:
     objectness, deltas, labels, reg_targets = rec.rpn_inputs
     pos_masks, neg_masks = rec.rpn_samples
@@ -181,15 +193,13 @@ def _rpn_terms(model: nn.Module, rec: _Recorded, names: list[str]) -> dict[str, 
     bce = F.binary_cross_entropy_with_logits(objectness.flatten()[sampled], labels_all[sampled], reduction="none")
     l1 = F.smooth_l1_loss(deltas[pos], reg_all[pos], beta=1 / 9, reduction="none").sum(dim=1)
     lv_sampled, lv_pos = level_of_anchor[sampled.cpu()], level_of_anchor[pos.cpu()]
-    obj = {n: float(bce[(lv_sampled == i).to(bce.device)].sum() / n_sampled) for i, n in enumerate(names)}
-    box = {n: float(l1[(lv_pos == i).to(l1.device)].sum() / n_sampled) for i, n in enumerate(names)}
     return {
-        "loss_objectness": obj,
-        "loss_rpn_box_reg": box,
+        "loss_objectness": _sum_by_level(bce, lv_sampled, names, n_sampled),
+        "loss_rpn_box_reg": _sum_by_level(l1, lv_pos, names, n_sampled),
         "sampled": n_sampled,
         "positive": pos.numel(),
-        "positive_per_level": {n: int((lv_pos == i).sum()) for i, n in enumerate(names)},
-        "sampled_per_level": {n: int((lv_sampled == i).sum()) for i, n in enumerate(names)},
+        "positive_per_level": _count_by_level(lv_pos, names),
+        "sampled_per_level": _count_by_level(lv_sampled, names),
         "anchors_per_image": dict(zip(names, per_level)),
         "objectness_std": float(objectness.float().std()) if objectness.numel() > 1 else 0.0,
     }
@@ -206,8 +216,8 @@ def _box_terms(model: nn.Module, rec: _Recorded, names: list[str]) -> dict[str, 
     l1 = F.smooth_l1_loss(regression[pos, labels_all[pos]], reg_all[pos], beta=1 / 9, reduction="none").sum(dim=1)
     levels = _pooler_levels(model.roi_heads.box_roi_pool, rec.box_proposals, names)
     return {
-        "loss_classifier": {nm: float(ce[(levels == i).to(ce.device)].sum() / n) for i, nm in enumerate(names)},
-        "loss_box_reg": {nm: float(l1[(levels[pos.cpu()] == i).to(l1.device)].sum() / n) for i, nm in enumerate(names)},
+        "loss_classifier": _sum_by_level(ce, levels, names, n),
+        "loss_box_reg": _sum_by_level(l1, levels[pos.cpu()], names, n),
         "sampled": n,
         "positive": pos.numel(),
         "class_logits_std": float(class_logits.float().std(dim=0).max()) if n > 1 else 0.0,
@@ -231,7 +241,7 @@ def _mask_terms(model: nn.Module, rec: _Recorded, names: list[str]) -> dict[str,
     levels = _pooler_levels(model.roi_heads.mask_roi_pool, proposals, names)
     denom = n_pos * m * m
     return {
-        "loss_mask": {nm: float(per_roi[(levels == i).to(per_roi.device)].sum() / denom) for i, nm in enumerate(names)},
+        "loss_mask": _sum_by_level(per_roi, levels, names, denom),
         "positive": n_pos,
         "resolution": m,
     }
@@ -315,12 +325,12 @@ def probe_batch(
     batch_size = len(images)
     gt_boxes = [t["boxes"] for t in rec.targets]
     total_objects = int(sum(len(b) for b in gt_boxes))
-    gt_levels = _pooler_levels(model.roi_heads.box_roi_pool, gt_boxes, names) if total_objects else torch.zeros(0, dtype=torch.long)
+    gt_per_level = _count_by_level(_pooler_levels(model.roi_heads.box_roi_pool, gt_boxes, names), names)
     pooled = set(model.roi_heads.box_roi_pool.featmap_names)
     per_level_stats = []
-    for i, name in enumerate(names):
+    for name in names:
         h, w = rec.feature_shapes[name]
-        objects = int((gt_levels == i).sum())
+        objects = gt_per_level[name]
         per_level_stats.append({
             "level": name,
             "stride": round(rec.batch_shape[0] / h) if h else None,

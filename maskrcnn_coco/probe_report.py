@@ -25,7 +25,7 @@ UNITS = {
 
 
 def _clean(obj: Any) -> Any:
-    """JSON has no NaN/Inf: keep them readable as strings."""
+    """JSON has no NaN/Inf: keep them as strings ("nan", "inf"), which ``float()`` reads back."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return str(obj)
     if isinstance(obj, Mapping):
@@ -33,11 +33,6 @@ def _clean(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_clean(v) for v in obj]
     return obj
-
-
-def _num(value: Any) -> float:
-    """Numbers as written by ``_clean`` or the CSV writer ("nan" and "inf" parse as floats)."""
-    return float(value)
 
 
 def csv_row(record: Mapping[str, Any], run: Mapping[str, Any]) -> dict[str, Any]:
@@ -110,12 +105,12 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
         for key, value in row.items():
             if "@" in key and key.split("@")[0] in per_level:
                 comp, level = key.split("@", 1)
-                per_level[comp][level] = _num(value)
-        weighted_total_value = _num(row["total_loss"])
+                per_level[comp][level] = float(value)
+        weighted_total_value = float(row["total_loss"])
         records.append({
             "batch_idx": int(row["batch_idx"]),
-            "loss_components": {k: _num(row[k]) for k in LOSS_COMPONENTS},
-            "weighted_components": {**{k: _num(row[f"{k}_weighted"]) for k in LOSS_COMPONENTS}, "total": weighted_total_value},
+            "loss_components": {k: float(row[k]) for k in LOSS_COMPONENTS},
+            "weighted_components": {**{k: float(row[f"{k}_weighted"]) for k in LOSS_COMPONENTS}, "total": weighted_total_value},
             "per_level_losses": per_level,
         })
     return records
@@ -125,9 +120,9 @@ def component_means(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """Mean over batches of each raw component, plus the weighted total."""
     means = {}
     for k in LOSS_COMPONENTS:
-        values = [_num(r["loss_components"][k]) for r in records]
+        values = [float(r["loss_components"][k]) for r in records]
         means[k] = statistics.fmean(values) if values else math.nan
-    totals = [_num(r["weighted_components"]["total"]) for r in records]
+    totals = [float(r["weighted_components"]["total"]) for r in records]
     means["total (weighted)"] = statistics.fmean(totals) if totals else math.nan
     return means
 
@@ -138,7 +133,7 @@ def level_means(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, flo
         levels: dict[str, list[float]] = {}
         for r in records:
             for level, value in r["per_level_losses"][k].items():
-                levels.setdefault(level, []).append(_num(value))
+                levels.setdefault(level, []).append(float(value))
         out[k] = {level: statistics.fmean(v) for level, v in levels.items()}
     return out
 
@@ -231,7 +226,7 @@ def plot_probe(records: Sequence[Mapping[str, Any]], path: Path) -> Path:
     x = np.arange(len(records))
     bottom = np.zeros(len(records))
     for k in LOSS_COMPONENTS:
-        values = np.array([_num(r["weighted_components"][k]) for r in records])
+        values = np.array([float(r["weighted_components"][k]) for r in records])
         values = np.where(np.isfinite(values), values, 0.0)
         left.bar(x, values, bottom=bottom, label=k)
         bottom += values
