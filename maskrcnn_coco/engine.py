@@ -59,6 +59,12 @@ def _stack_losses(loss_dict: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack([loss_dict[k] for k in LOSS_COMPONENTS])
 
 
+def group_name(param_group: Mapping[str, Any], index: int) -> str:
+    """The logical group of an optimizer param group: ``group`` (set by get_parameter_groups,
+    shared by ``heads`` and ``heads_no_wd``), else ``name``, else its index."""
+    return str(param_group.get("group", param_group.get("name", index)))
+
+
 class GradNormMeter:
     """Epoch mean of the gradient L2 norm of each named parameter group, kept on the device."""
 
@@ -72,7 +78,7 @@ class GradNormMeter:
         """Groups by the ``group`` (else ``name``) key of each param group, e.g. from ``get_parameter_groups``."""
         groups: dict[str, list[torch.nn.Parameter]] = {}
         for i, pg in enumerate(optimizer.param_groups):
-            groups.setdefault(str(pg.get("group", pg.get("name", i))), []).extend(pg["params"])
+            groups.setdefault(group_name(pg, i), []).extend(pg["params"])
         return cls(groups)
 
     def update(self) -> None:
@@ -306,7 +312,7 @@ def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """Current lr per named group (``group``/``name`` keys; else the group index)."""
     lrs: dict[str, float] = {}
     for i, pg in enumerate(optimizer.param_groups):
-        lrs.setdefault(str(pg.get("group", pg.get("name", i))), float(pg["lr"]))
+        lrs.setdefault(group_name(pg, i), float(pg["lr"]))
     return lrs
 
 

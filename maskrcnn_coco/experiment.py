@@ -22,7 +22,7 @@ from maskrcnn_coco.engine import fit
 from maskrcnn_coco.errors import ConfigError
 from maskrcnn_coco.history import check_objective, objective_value
 from maskrcnn_coco.losses import loss_weights_from_config
-from maskrcnn_coco.models import WeightsError, build_model, is_local_path
+from maskrcnn_coco.models import WeightsError, build_model, is_local_path, load_weights_file
 from maskrcnn_coco.optim import build_lr_scheduler, build_optimizer
 from maskrcnn_coco.tracking import CompositeTracker, ExperimentTracker, NullTracker
 
@@ -143,10 +143,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
 
 def resume_from(path: str, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any, mapping: CategoryMapping) -> tuple[int, list]:
     """Load a ``fit`` checkpoint into the run's objects; return (next epoch, history so far)."""
-    try:
-        ckpt = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle/zip errors carry little context on their own
-        raise WeightsError(f"Could not read checkpoint {path}: {err}") from err
+    ckpt = load_weights_file(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise WeightsError(f"resume={path} is not a training checkpoint (no 'model' entry); use model.weights=... to start from its weights")
     if ckpt.get("num_classes") not in (None, mapping.num_classes):

@@ -204,15 +204,20 @@ def _download(fn: Callable[[], Any], what: str) -> Any:
         ) from err
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from our checkpoints, torchvision files, or ``{"state_dict": ...}`` files."""
+def load_weights_file(path: str | Path) -> Any:
+    """``torch.load`` (tensors and plain data only) with errors that name the file."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsError(f"Weights file not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle / zip errors carry little context on their own
         raise WeightsError(f"Could not read weights file {path}: {err}") from err
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from our checkpoints, torchvision files, or ``{"state_dict": ...}`` files."""
+    obj = load_weights_file(path)
     for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
