@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -298,13 +299,20 @@ def format_epoch_summary(
     return "\n".join(lines)
 
 
-def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> Path:
-    """Write atomically (temp file + rename) so a crash never leaves a truncated checkpoint."""
+def save_checkpoint(path: str | Path, state: Mapping[str, Any], copies: Sequence[str | Path] = ()) -> Path:
+    """Write atomically (temp file + rename) so a crash never leaves a truncated checkpoint.
+
+    ``copies`` get the same bytes by file copy: the state is serialised once.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(dict(state), tmp)
     os.replace(tmp, path)
+    for copy in map(Path, copies):
+        tmp = copy.with_name(copy.name + ".tmp")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, copy)
     return path
 
 
@@ -409,11 +417,12 @@ def fit(
             }
             history.append(record)
 
-            saved = None
+            last = ckpt_dir / "last.pth"
             if checkpoint_every > 0 and epoch % checkpoint_every == 0:
-                saved = save_checkpoint(ckpt_dir / f"epoch_{epoch:03d}.pth", state(epoch))
-            last = save_checkpoint(ckpt_dir / "last.pth", state(epoch))
-            print(format_epoch_summary(epoch, epochs, train_loss, val_loss, metrics, _display_path(saved or last), loss_weights), flush=True)
+                saved = save_checkpoint(ckpt_dir / f"epoch_{epoch:03d}.pth", state(epoch), copies=[last])
+            else:
+                saved = save_checkpoint(last, state(epoch))
+            print(format_epoch_summary(epoch, epochs, train_loss, val_loss, metrics, _display_path(saved), loss_weights), flush=True)
             log_training_metrics(
                 tracker, epoch, train_loss, val_loss, metrics, lrs, loss_weights=loss_weights,
                 extra={
