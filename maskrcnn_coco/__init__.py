@@ -1,7 +1,7 @@
 """maskrcnn_coco: torchvision Mask R-CNN on COCO-format data, with every loss component visible."""
 
 from maskrcnn_coco.engine import evaluate, fit, train_one_epoch
-from maskrcnn_coco.optim import get_parameter_groups
+from maskrcnn_coco.solver import get_parameter_groups
 from maskrcnn_coco.tracking import (
     CompositeTracker,
     CSVTracker,

@@ -7,6 +7,7 @@ naming the key, before any data or model is built.
 
 from __future__ import annotations
 
+import importlib.resources
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -14,8 +15,21 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-# The repository's conf/ folder (the package is installed in editable mode from the repository).
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+def config_dir() -> Path:
+    """The shipped ``conf/`` folder: the repository's top-level ``conf/`` in a checkout (editable
+    install), else the copy packaged inside the wheel as ``maskrcnn_coco/conf``."""
+    checkout = Path(__file__).resolve().parents[1] / "conf"
+    if (checkout / "config.yaml").is_file():
+        return checkout
+    packaged = Path(str(importlib.resources.files("maskrcnn_coco") / "conf"))
+    if (packaged / "config.yaml").is_file():
+        return packaged
+    raise FileNotFoundError(f"maskrcnn_coco's conf/ folder is missing (looked in {checkout} and {packaged}); reinstall the package")
+
+
+# What the entry point returns to a sweeper unless objective.metric says otherwise.
+DEFAULT_OBJECTIVE = "mAP/segm_AP"
 
 LOSS_COMPONENTS: tuple[str, ...] = (
     "loss_classifier",
@@ -121,6 +135,16 @@ class SmallModelConfig(ModelConfig):
 
 
 # ---------------------------------------------------------------------------------- optimizer
+def default_param_groups(head_lr_multiplier: Any = 1.0) -> Dict[str, Dict[str, Any]]:
+    """The default parameter groups (the one definition): backbone and rpn at lr, roi_heads at
+    lr * head_lr_multiplier. The config passes the interpolation ``${optimizer.head_lr_multiplier}``."""
+    return {
+        "backbone": {"prefixes": ["backbone"], "lr_mult": 1.0},
+        "rpn": {"prefixes": ["rpn"], "lr_mult": 1.0},
+        "heads": {"prefixes": ["roi_heads"], "lr_mult": head_lr_multiplier},
+    }
+
+
 @dataclass
 class OptimizerConfig:
     lr: float = 0.02
@@ -133,13 +157,7 @@ class OptimizerConfig:
     # name -> {prefixes: [module-name prefixes], lr_mult: float, weight_decay: float|null}. Untyped
     # here so that a new group can be added from the command line
     # ('+optimizer.groups.mask_head={prefixes:[...],lr_mult:30}'); get_parameter_groups checks the keys.
-    groups: Dict[str, Any] = field(
-        default_factory=lambda: {
-            "backbone": {"prefixes": ["backbone"], "lr_mult": 1.0},
-            "rpn": {"prefixes": ["rpn"], "lr_mult": 1.0},
-            "heads": {"prefixes": ["roi_heads"], "lr_mult": "${optimizer.head_lr_multiplier}"},
-        }
-    )
+    groups: Dict[str, Any] = field(default_factory=lambda: default_param_groups("${optimizer.head_lr_multiplier}"))
     # A torch.optim class as a Hydra partial, completed in code with params and lr. Empty here so
     # that the keys of one optimizer file (SGD's momentum) never leak into another (AdamW).
     factory: Dict[str, Any] = field(default_factory=dict)
@@ -196,7 +214,7 @@ class CheckpointConfig:
 class ObjectiveConfig:
     """What the entry point returns to a Hydra sweeper."""
 
-    metric: str = "mAP/segm_AP"
+    metric: str = DEFAULT_OBJECTIVE
     mode: str = "final"  # final | best (max over epochs)
 
 

@@ -1,39 +1,18 @@
-"""Train Mask R-CNN: ``python maskrcnn_coco/main_mlops.py [hydra overrides]``.
+"""Train Mask R-CNN from a checkout: ``python maskrcnn_coco/main_mlops.py [hydra overrides]``.
 
-Composes ``conf/config.yaml`` (typed by ``maskrcnn_coco.config``), trains into the Hydra run folder
-(``runs/maskrcnn/<timestamp>/`` or ``runs/maskrcnn/multirun/<timestamp>/<job>/``) and returns the
-objective (``objective.metric``, final segm AP by default) for Hydra's sweepers.
+The same as ``maskrcnn-train`` (``maskrcnn_coco.cli.train``). Running this file puts its own folder
+first on ``sys.path``, where the package's sub-packages (``data``, ``utils``, ...) would shadow
+top-level modules of those names; the repository root takes its place instead.
 """
 
-from __future__ import annotations
-
-import logging
 import sys
+from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+_here = Path(__file__).resolve().parent
+if sys.path and Path(sys.path[0] or ".").resolve() == _here:
+    sys.path[0] = str(_here.parent)
 
-from maskrcnn_coco.config import register_configs
-from maskrcnn_coco.errors import UserError
-from maskrcnn_coco.experiment import run_training
-from maskrcnn_coco.sweep import register_resolvers
-
-log = logging.getLogger("maskrcnn_coco")
-register_configs()
-register_resolvers()
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> float:
-    try:
-        return run_training(cfg, HydraConfig.get().runtime.output_dir)
-    except UserError as err:
-        # Bad input: the message says what to fix; a stack trace would only hide it.
-        log.debug("Stopped on bad input", exc_info=True)
-        print(f"Error: {err}", file=sys.stderr)
-        sys.exit(2)
-
+from maskrcnn_coco.cli.train import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

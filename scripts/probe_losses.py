@@ -5,7 +5,7 @@ See docs/loss_probe.md.
 
 import sys
 
-from maskrcnn_coco.probe_cli import main
+from maskrcnn_coco.cli.probe import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -111,14 +111,14 @@ def tiny_data_cfg(**overrides):
 
 @pytest.fixture
 def tiny_data():
-    from maskrcnn_coco.coco_data import build_data
+    from maskrcnn_coco.data.coco import build_data
 
     return build_data(tiny_data_cfg(), seed=0, progress=False)
 
 
 @pytest.fixture
 def tiny_model(tiny_data):
-    from maskrcnn_coco.models import build_model
+    from maskrcnn_coco.modeling.build import build_model
 
     torch.manual_seed(0)
     return build_model(tiny_model_cfg(), tiny_data.mapping.num_classes)

@@ -48,4 +48,4 @@ def test_head_lr_sweep_config():
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     assert cfg.hydra.sweeper.params["optimizer.head_lr_multiplier"] == "1,3,10,30"
     assert "multirun" in cfg.hydra.sweep.dir
-    assert cfg.hydra.callbacks.sweep_summary._target_ == "maskrcnn_coco.sweep.SweepSummaryCallback"
+    assert cfg.hydra.callbacks.sweep_summary._target_ == "maskrcnn_coco.analysis.sweep.SweepSummaryCallback"

@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from maskrcnn_coco.coco_data import CategoryMapping
 from maskrcnn_coco.config import LOSS_COMPONENTS
+from maskrcnn_coco.data.coco import CategoryMapping
 from maskrcnn_coco.engine import evaluate, format_epoch_summary, train_one_epoch
+from maskrcnn_coco.tracking.scalars import epoch_scalars
 
 
 class Recorder(nn.Module):
@@ -133,7 +134,8 @@ def test_console_block_matches_the_documented_format():
     train = {"loss_classifier": 0.1456, "loss_box_reg": 0.1234, "loss_mask": 0.3890, "loss_objectness": 0.0567, "loss_rpn_box_reg": 0.1087}
     val = {"loss_classifier": 0.2, "loss_box_reg": 0.2, "loss_mask": 0.3123, "loss_objectness": 0.1, "loss_rpn_box_reg": 0.1}
     metrics = {"bbox": {"AP": 0.6543, "AP50": 0.8901}, "segm": {"AP": 0.2134, "AP50": 0.4567}}
-    text = format_epoch_summary(5, 20, train, val, metrics, "runs/maskrcnn/x/checkpoints/epoch_005.pth")
+    scalars = epoch_scalars({"train_loss": train, "val_loss": val, "metrics": metrics})
+    text = format_epoch_summary(5, 20, scalars, "runs/maskrcnn/x/checkpoints/epoch_005.pth")
     assert text == (
         "Epoch 5/20\n"
         "📊 Training Losses:\n"
@@ -148,7 +150,7 @@ def test_console_block_matches_the_documented_format():
         "🎭 Mask mAP: 0.2134 (AP50: 0.4567)\n"
         "💾 Saved checkpoint: runs/maskrcnn/x/checkpoints/epoch_005.pth"
     )
-    weighted = format_epoch_summary(1, 1, train, None, None, None, loss_weights={"loss_mask": 2.0})
+    weighted = format_epoch_summary(1, 1, epoch_scalars({"train_loss": train, "loss_weights": {"loss_mask": 2.0}}))
     assert weighted.splitlines()[2] == "   Total: 1.2124"  # 0.8234 + 0.3890
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from maskrcnn_coco.analysis.history import read_history
 from maskrcnn_coco.config import LOSS_COMPONENTS
 
 from conftest import TINY_MODEL_OVERRIDES, TINY_OVERRIDES, run_entry
@@ -52,16 +53,23 @@ def test_training_run_logs_every_component(tmp_path):
     state = torch.load(ckpts / "last.pth", map_location="cpu", weights_only=True)
     assert state["epoch"] == 2 and state["num_classes"] == 4
     assert state["categories"]["names"] == ["circle", "square", "triangle"]
-    history = json.loads((run_dir / "metrics.json").read_text())
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2]
+    # The same tags and values as the event file: one vocabulary.
+    assert set(history[-1]) - {"epoch"} == tags
+    assert history[-1]["loss/train_total"] == pytest.approx(totals[2], rel=1e-6)
+    # The run's log file holds the console lines (rank 0 only).
+    log_text = (run_dir / "train.log").read_text()
+    assert "Epoch 2/2" in log_text and "Parameter groups:" in log_text
     assert (run_dir / "metrics.csv").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
 
     # Resume continues at epoch 3 with the history carried over.
     proc = run_entry([*TINY_OVERRIDES, "epochs=3", f"runs_dir={tmp_path / 'resumed'}", f"resume={ckpts / 'last.pth'}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Epoch 3/3" in proc.stdout and "Epoch 1/3" not in proc.stdout and "Resumed from" in proc.stdout
-    resumed = json.loads((only_run_dir(tmp_path / "resumed") / "metrics.json").read_text())
+    resumed = read_history(only_run_dir(tmp_path / "resumed"))
     assert [h["epoch"] for h in resumed] == [1, 2, 3]
+    assert resumed[:2] == history
 
 
 @pytest.mark.parametrize(

@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
+from maskrcnn_coco.cli.probe import main
 from maskrcnn_coco.config import LOSS_COMPONENTS
 from maskrcnn_coco.engine import move_to_device
-from maskrcnn_coco.probe import check_per_level_sums, probe_batch, run_probe
-from maskrcnn_coco.probe_cli import main
+from maskrcnn_coco.probe.core import check_per_level_sums, probe_batch, run_probe
 
 from conftest import REPO, TINY_MODEL_OVERRIDES, TINY_OVERRIDES, square_ann, write_coco_dataset
 
@@ -158,7 +158,7 @@ def test_files_are_identical_for_the_same_seed_and_carry_the_run(tmp_path, capsy
 
 
 def test_weights_and_compare(tmp_path, tiny_data, capsys):
-    from maskrcnn_coco.models import build_model
+    from maskrcnn_coco.modeling.build import build_model
 
     from conftest import tiny_model_cfg
 
@@ -224,7 +224,7 @@ def test_per_level_sums_on_torchvision_models(tiny_data, arch):
     from omegaconf import OmegaConf
 
     from maskrcnn_coco.config import ModelConfig
-    from maskrcnn_coco.models import build_model
+    from maskrcnn_coco.modeling.build import build_model
 
     torch.manual_seed(0)
     cfg = OmegaConf.structured(ModelConfig(arch=arch, min_size=64, max_size=64, rpn_post_nms_top_n_train=100,

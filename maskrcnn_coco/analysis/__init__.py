@@ -1,0 +1,1 @@
+"""Reading finished runs back: the epoch history by tag, the sweep objective and sweep summaries."""

@@ -1,0 +1,194 @@
+"""Sweep summaries: when a Hydra multirun ends, one table and one plot comparing its jobs.
+
+``SweepSummaryCallback.on_multirun_end`` reads each job folder's ``metrics.jsonl`` (written by
+``fit`` every epoch, by scalar tag) and ``.hydra/overrides.yaml``, and writes into the sweep folder:
+
+* ``sweep_summary.csv`` and ``sweep_summary.md``: one row per job (overrides, final train
+  components, final val loss, bbox/segm AP and AP50, best epoch by the objective metric);
+* ``sweep_summary.png``: one panel per loss component (plus val loss and segm AP), one line per job.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from maskrcnn_coco.analysis.history import best_epoch, last_value, read_history, record_metric
+from maskrcnn_coco.tracking.scalars import DEFAULT_OBJECTIVE, LOSS_COMPONENTS, TRAIN_TOTAL, VAL_TOTAL
+
+# Final values shown per job, by scalar tag (the one vocabulary of maskrcnn_coco.tracking.scalars).
+log = logging.getLogger(__name__)
+
+SUMMARY_TAGS = (
+    *(f"loss/train_{k}" for k in LOSS_COMPONENTS),
+    TRAIN_TOTAL,
+    VAL_TOTAL,
+    "mAP/bbox_AP",
+    "mAP/bbox_AP50",
+    "mAP/segm_AP",
+    "mAP/segm_AP50",
+)
+SUMMARY_COLUMNS = ("job", "varied", "overrides", "epochs", *SUMMARY_TAGS, "best_epoch", "best_value")
+
+
+MAX_DIRNAME = 120
+
+
+def swept_keys(argv: Sequence[str], sweeper_params: Mapping[str, Any] | None) -> set[str]:
+    """Keys a multirun varies: sweep-syntax overrides on the command line plus the sweeper's params."""
+    keys = set(sweeper_params or {})
+    candidates = [a for a in argv if "=" in a and not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(candidates)
+    except OverrideParseException:  # Hydra itself reports a bad argument; naming folders must not
+        parsed = []
+    keys.update(o.key_or_group for o in parsed if o.is_sweep_override())
+    return keys
+
+
+def job_dirname(task_overrides: Sequence[str], sweeper_params: Mapping[str, Any] | None = None) -> str:
+    """``<key>=<value>,...`` of the swept keys only, safe as a folder name.
+
+    Hydra's ``override_dirname`` lists every override, which grows past the file-name limit
+    when a sweep also fixes many other keys; the swept values are what tells the jobs apart.
+    """
+    keys = swept_keys(sys.argv[1:], sweeper_params)
+    parts = [o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") in keys]
+    name = re.sub(r"[/\\\s]", "_", ",".join(parts)) or "job"
+    if len(name) > MAX_DIRNAME:
+        name = f"{name[:MAX_DIRNAME - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return name
+
+
+def register_resolvers() -> None:
+    """``${job_dirname:${hydra.overrides.task},${hydra.sweeper.params}}`` for ``hydra.sweep.subdir``."""
+    if not OmegaConf.has_resolver("job_dirname"):
+        OmegaConf.register_new_resolver(
+            "job_dirname",
+            lambda overrides, params=None: job_dirname(
+                list(overrides), OmegaConf.to_container(params) if isinstance(params, DictConfig) else params
+            ),
+        )
+
+
+def collect_jobs(sweep_dir: Path, metric: str = DEFAULT_OBJECTIVE) -> list[dict[str, Any]]:
+    """One row per job folder of ``sweep_dir`` that has an epoch history, in job order."""
+    rows = []
+    job_dirs = [p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    for job_dir in sorted(job_dirs, key=lambda p: _job_order(p.name)):
+        history = read_history(job_dir)
+        if not history:
+            continue
+        overrides_file = job_dir / ".hydra" / "overrides.yaml"
+        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+        best = best_epoch(history, metric)
+        row: dict[str, Any] = {
+            "job": job_dir.name,
+            "override_list": list(overrides),
+            "overrides": " ".join(overrides),
+            "epochs": history[-1]["epoch"],
+            **{tag: last_value(history, tag) for tag in SUMMARY_TAGS},
+            "best_epoch": best[0],
+            "best_value": best[1],
+            "history": history,
+        }
+        rows.append(row)
+    # What tells the jobs apart: the overrides not shared by every job.
+    common = set.intersection(*(set(r["override_list"]) for r in rows)) if len(rows) > 1 else set()
+    for row in rows:
+        row["varied"] = " ".join(o for o in row["override_list"] if o not in common) or row["job"]
+    return rows
+
+
+def _job_order(name: str) -> tuple[int, str]:
+    head = name.split("_", 1)[0]
+    return (int(head), name) if head.isdigit() else (10**9, name)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def summary_markdown(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
+    """The table printed to the console: varied overrides only (the CSV also has all of them)."""
+    cols = [c for c in SUMMARY_COLUMNS if c not in ("job", "overrides")]
+    header = ["job", *cols[:-1], f"best {metric}"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(c)) for c in ("job", *cols)) + " |")
+    return "\n".join(lines)
+
+
+def plot_sweep(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """Loss components (and val loss, segm AP) over epochs, one line per job."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    panels = [*(f"loss/train_{k}" for k in LOSS_COMPONENTS), VAL_TOTAL, DEFAULT_OBJECTIVE]
+    fig, axes = plt.subplots(2, 4, figsize=(18, 8), squeeze=False)
+    flat = axes.flatten()
+    for ax, tag in zip(flat, panels):
+        for row in rows:
+            points = [(r["epoch"], v) for r in row["history"] if (v := record_metric(r, tag)) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, label=row["varied"])
+        ax.set_title(tag)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    for ax in flat[len(panels):]:
+        ax.axis("off")
+    handles, labels = flat[0].get_legend_handles_labels()
+    if handles:
+        flat[-1].legend(handles, labels, loc="center", fontsize=9, title="job (varied overrides)")
+    fig.suptitle(f"Sweep: {path.parent.name} ({len(rows)} jobs)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_sweep_summary(sweep_dir: str | Path, metric: str = DEFAULT_OBJECTIVE) -> str:
+    """Write ``sweep_summary.{csv,md,png}`` into ``sweep_dir``; return the markdown table."""
+    sweep_dir = Path(sweep_dir)
+    rows = collect_jobs(sweep_dir, metric)
+    if not rows:
+        return ""
+    with (sweep_dir / "sweep_summary.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    table = summary_markdown(rows, metric)
+    (sweep_dir / "sweep_summary.md").write_text(f"# Sweep {sweep_dir.name}\n\n{table}\n")
+    plot_sweep(rows, sweep_dir / "sweep_summary.png")
+    return table
+
+
+class SweepSummaryCallback(Callback):
+    """Hydra callback (``hydra.callbacks`` in ``conf/config.yaml``): summarise a finished multirun."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        metric = config.get("objective", {}).get("metric", DEFAULT_OBJECTIVE)
+        table = write_sweep_summary(sweep_dir, metric)
+        if table:
+            log.info("Sweep summary (%s/sweep_summary.{csv,md,png}):\n%s", sweep_dir, table)

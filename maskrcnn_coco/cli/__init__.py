@@ -1,0 +1,1 @@
+"""Command-line entry points: training (``maskrcnn-train``), the loss probe (``maskrcnn-probe``)."""

@@ -1,0 +1,121 @@
+"""Command line of the loss probe (``python scripts/probe_losses.py``).
+
+The config is composed exactly as training composes it (same ``conf/``, schemas and overrides), and
+the data loaders, model builder, weight loading and loss weights are the training ones
+(``experiment.build_components``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+
+from maskrcnn_coco.analysis.sweep import register_resolvers
+from maskrcnn_coco.cli.experiment import build_components, check_config
+from maskrcnn_coco.config import config_dir, register_configs
+from maskrcnn_coco.probe.core import run_probe
+from maskrcnn_coco.probe.report import format_batch, format_comparison, format_summary, load_records, write_reports
+from maskrcnn_coco.utils.errors import ConfigError, UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="probe_losses.py",
+        description="Forward-only loss probe through the exact training pipeline: per component, per FPN "
+        "level, with diagnoses. Extra arguments are Hydra overrides, as in training (e.g. data=coco data.root=...).",
+    )
+    p.add_argument("--num-batches", type=int, default=2, help="batches to probe (default 2)")
+    p.add_argument("--config", default=None, help="a config name in conf/ or a YAML path (default: the training config)")
+    p.add_argument("--output-dir", default="runs/loss_probe", help="where the reports go (default runs/loss_probe/)")
+    p.add_argument("--format", choices=("json", "csv", "both"), default="both", help="report format (default both)")
+    p.add_argument("--verbose", action="store_true", help="print per-level statistics and losses for each batch")
+    p.add_argument("--weights", default=None, help="full model weights: a checkpoint of ours or a torchvision state dict")
+    p.add_argument("--backbone-weights", default=None, help="backbone weights (a ResNet state dict)")
+    p.add_argument("--seed", type=int, default=None, help="seed for data order, init and samplers (default: the config's)")
+    p.add_argument("--split", choices=("train", "val"), default="train", help="which pipeline to probe (default train)")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two probe outputs (folders or files) and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def compose_config(config: str | None, overrides: Sequence[str]) -> DictConfig:
+    """Compose like the training entry point does: ``conf/config.yaml`` or another primary config."""
+    register_configs()
+    register_resolvers()
+    overrides = list(overrides)
+    conf = config_dir()
+    if config is None:
+        folder, name = conf, "config"
+    elif config.endswith((".yaml", ".yml")) or "/" in config:
+        path = Path(config).expanduser().resolve()
+        if not path.is_file():
+            raise ConfigError(f"Config file not found: {config}")
+        folder, name = path.parent, path.stem
+        # The groups (data/, model/, ...) still come from the project's conf/.
+        overrides.append(f"hydra.searchpath=[file://{conf}]")
+    else:
+        if not (conf / f"{config}.yaml").is_file():
+            available = sorted(p.stem for p in conf.glob("*.yaml"))
+            raise ConfigError(f"Config {config!r} not found in {conf} (available: {', '.join(available)}); or pass a YAML path")
+        folder, name = conf, config
+    try:
+        with initialize_config_dir(config_dir=str(folder), version_base="1.3"):
+            return compose(name, overrides=overrides)
+    except HydraException as err:
+        raise ConfigError(f"Could not compose config {name!r} with {overrides}: {err}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    flags = [a for a in extra if a.startswith("-")]
+    if flags:
+        parser.error(f"unrecognized arguments: {' '.join(flags)}")
+    try:
+        if args.compare:
+            a, b = args.compare
+            print(format_comparison(load_records(a), load_records(b), Path(a).name or a, Path(b).name or b, args.verbose))
+            return 0
+        if args.num_batches < 1:
+            raise ConfigError("--num-batches must be at least 1")
+        overrides = list(extra)
+        if args.weights:
+            overrides.append(f"model.weights={args.weights}")
+        if args.backbone_weights:
+            overrides.append(f"model.backbone_weights={args.backbone_weights}")
+        if args.seed is not None:
+            overrides.append(f"seed={args.seed}")
+        cfg = compose_config(args.config, overrides)
+        check_config(cfg)
+        progress = not args.no_progress
+        parts = build_components(cfg, progress=progress)
+        loader = parts.data.train_loader if args.split == "train" else parts.data.val_loader
+        records = run_probe(
+            parts.model, loader, parts.device, num_batches=args.num_batches,
+            loss_weights=parts.loss_weights, seed=cfg.seed, progress=progress,
+        )
+    except (UserError, FileNotFoundError) as err:
+        print(f"Error: {err}", file=sys.stderr)
+        return 2
+
+    for record in records:
+        print(format_batch(record, verbose=args.verbose))
+    print(format_summary(records))
+    run = {
+        "config": args.config or "config",
+        "config_overrides": overrides,
+        "weights": cfg.model.weights,
+        "backbone_weights": cfg.model.backbone_weights,
+        "seed": cfg.seed,
+        "split": args.split,
+        "loss_weights": OmegaConf.to_container(cfg.loss.weights),
+    }
+    written = write_reports(records, run, args.output_dir, args.format)
+    print("Wrote " + ", ".join(str(p) for p in written))
+    return 0

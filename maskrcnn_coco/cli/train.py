@@ -1,0 +1,41 @@
+"""Train Mask R-CNN: ``maskrcnn-train [hydra overrides]`` (also ``python -m maskrcnn_coco`` and
+``python maskrcnn_coco/main_mlops.py`` from a checkout).
+
+Composes the shipped ``conf/config.yaml`` (typed by ``maskrcnn_coco.config``), trains into the Hydra
+run folder (``runs/maskrcnn/<timestamp>/`` or ``runs/maskrcnn/multirun/<timestamp>/<job>/``) and
+returns the objective (``objective.metric``, final segm AP by default) for Hydra's sweepers.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from maskrcnn_coco.analysis.sweep import register_resolvers
+from maskrcnn_coco.cli.experiment import run_training
+from maskrcnn_coco.config import config_dir, register_configs
+from maskrcnn_coco.utils.errors import UserError
+
+log = logging.getLogger("maskrcnn_coco")
+register_configs()
+register_resolvers()
+
+
+# An absolute config_path: the shipped conf/ is found the same way from a checkout or a wheel.
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
+def main(cfg: DictConfig) -> float:
+    try:
+        return run_training(cfg, HydraConfig.get().runtime.output_dir)
+    except UserError as err:
+        # Bad input: the message says what to fix; a stack trace would only hide it.
+        log.debug("Stopped on bad input", exc_info=True)
+        print(f"Error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""The loop as plain functions: ``train_one_epoch`` and ``evaluate`` (``fit`` composes them, in ``fit.py``).
+
+Losses are accumulated on the device and read back only every ``print_freq`` iterations and at
+the end of an epoch, so a GPU is never synchronised per iteration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from pycocotools.coco import COCO
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from maskrcnn_coco.data.coco import CategoryMapping
+from maskrcnn_coco.evaluation.coco_eval import coco_metrics, predictions_to_coco
+from maskrcnn_coco.solver.param_groups import group_name
+from maskrcnn_coco.tracking.scalars import LOSS_COMPONENTS
+from maskrcnn_coco.utils.dist import is_main_process
+
+SHORT_NAMES = {
+    "loss_classifier": "cls",
+    "loss_box_reg": "box",
+    "loss_mask": "mask",
+    "loss_objectness": "obj",
+    "loss_rpn_box_reg": "rpn",
+}
+
+
+def move_to_device(
+    images: Sequence[torch.Tensor], targets: Sequence[Mapping[str, Any]], device: torch.device
+) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    images = [img.to(device, non_blocking=True) for img in images]
+    targets = [
+        {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+        for t in targets
+    ]
+    return images, targets
+
+
+def _weight_vector(loss_weights: Mapping[str, float] | None, device: torch.device) -> torch.Tensor:
+    weights = loss_weights or {}
+    return torch.tensor([float(weights.get(k, 1.0)) for k in LOSS_COMPONENTS], device=device)
+
+
+def _stack_losses(loss_dict: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    missing = [k for k in LOSS_COMPONENTS if k not in loss_dict]
+    if missing:
+        raise KeyError(f"The model returned no {missing}; got {sorted(loss_dict)} (is it a Mask R-CNN in train mode?)")
+    return torch.stack([loss_dict[k] for k in LOSS_COMPONENTS])
+
+
+class GradNormMeter:
+    """Epoch mean of the gradient L2 norm of each named parameter group, kept on the device."""
+
+    def __init__(self, groups: Mapping[str, Sequence[torch.nn.Parameter]]):
+        self.groups = {name: list(params) for name, params in groups.items() if params}
+        self.sums: torch.Tensor | None = None
+        self.count = 0
+
+    @classmethod
+    def from_optimizer(cls, optimizer: torch.optim.Optimizer) -> GradNormMeter:
+        """Groups by the ``group`` (else ``name``) key of each param group, e.g. from ``get_parameter_groups``."""
+        groups: dict[str, list[torch.nn.Parameter]] = {}
+        for i, pg in enumerate(optimizer.param_groups):
+            groups.setdefault(group_name(pg, i), []).extend(pg["params"])
+        return cls(groups)
+
+    def update(self) -> None:
+        norms = []
+        for params in self.groups.values():
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                norms.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+            else:
+                norms.append(torch.zeros((), device=params[0].device))
+        vec = torch.stack(norms).float()
+        self.sums = vec if self.sums is None else self.sums + vec
+        self.count += 1
+
+    def compute(self) -> dict[str, float]:
+        if self.sums is None:
+            return {}
+        means = (self.sums / self.count).tolist()  # the only device sync
+        return dict(zip(self.groups, means))
+
+    def reset(self) -> None:
+        self.sums, self.count = None, 0
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_loader: Iterable,
+    device: torch.device | str,
+    epoch: int,
+    *,
+    loss_weights: Mapping[str, float] | None = None,
+    lr_scheduler: Any | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    clip_grad_norm: float | None = None,
+    grad_norms: GradNormMeter | None = None,
+    print_freq: int = 20,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train for one pass over ``data_loader``; return the epoch mean of each loss component.
+
+    The optimised loss is ``sum(loss_weights[k] * loss_k)``; the returned dict holds the raw
+    (unweighted) components under torchvision's names and no total. ``lr_scheduler`` is stepped
+    every iteration. A non-finite total raises ``FloatingPointError`` naming the iteration, the
+    components and the image ids, at the next read-back (at most ``print_freq`` iterations later).
+    """
+    device = torch.device(device)
+    model.train()
+    weights = _weight_vector(loss_weights, device)
+    sums = torch.zeros(len(LOSS_COMPONENTS), device=device)
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    # Iteration index kept on the device: torch.tensor(it, device=...) would copy from the host
+    # every iteration, which stalls the host behind the GPU stream.
+    it_device = torch.zeros((), dtype=torch.long, device=device)
+    bad_losses = torch.zeros(len(LOSS_COMPONENTS), device=device)
+    recent_ids: dict[int, list[Any]] = {}
+    n_batches = 0
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    progress = progress and is_main_process()
+    bar = tqdm(data_loader, desc=f"Epoch {epoch}", disable=not progress, dynamic_ncols=True, leave=False)
+    for it, (images, targets) in enumerate(bar):
+        images, targets = move_to_device(images, targets, device)
+        with torch.autocast(device.type, enabled=scaler is not None):
+            loss_dict = model(images, targets)
+        components = _stack_losses(loss_dict)
+        total = (components * weights).sum()
+
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(total).backward()
+            scaler.unscale_(optimizer)
+        else:
+            total.backward()
+        if grad_norms is not None:
+            grad_norms.update()
+        if clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        if lr_scheduler is not None:
+            lr_scheduler.step()
+
+        detached = components.detach()
+        sums += detached
+        n_batches += 1
+        # Remember the first non-finite iteration without a host sync.
+        bad = ~torch.isfinite(total.detach()) & (first_bad < 0)
+        first_bad = torch.where(bad, it_device, first_bad)
+        bad_losses = torch.where(bad, detached, bad_losses)
+        it_device += 1
+        recent_ids[it] = [t.get("image_id") for t in targets]
+
+        if (it + 1) % print_freq == 0:
+            _check_finite(first_bad, bad_losses, recent_ids, epoch)  # host sync point
+            recent_ids.clear()
+            if progress:
+                means = sums / n_batches
+                *values, total_mean = torch.cat([means, (means * weights).sum()[None]]).tolist()
+                postfix = {SHORT_NAMES[k]: f"{v:.3f}" for k, v in zip(LOSS_COMPONENTS, values)}
+                bar.set_postfix({**postfix, "total": f"{total_mean:.3f}"}, refresh=False)
+    bar.close()
+    if n_batches == 0:
+        raise ValueError("train_one_epoch got an empty data loader")
+    _check_finite(first_bad, bad_losses, recent_ids, epoch)
+    return dict(zip(LOSS_COMPONENTS, (sums / n_batches).tolist()))
+
+
+def _check_finite(first_bad: torch.Tensor, bad_losses: torch.Tensor, ids: Mapping[int, list[Any]], epoch: int) -> None:
+    it = int(first_bad)
+    if it >= 0:
+        values = dict(zip(LOSS_COMPONENTS, bad_losses.tolist()))
+        culprits = [k for k, v in values.items() if not math.isfinite(v)]
+        raise FloatingPointError(
+            f"Non-finite loss at epoch {epoch}, iteration {it}: {', '.join(culprits) or 'total'} "
+            f"(components {values}); image ids {ids.get(it, '?')}. Check those images' annotations "
+            "(e.g. `python scripts/probe_losses.py`), lower optimizer.lr or set optimizer.clip_grad_norm."
+        )
+
+
+# ------------------------------------------------------------------------------ evaluation
+@contextlib.contextmanager
+def loss_mode(model: nn.Module):
+    """Train mode (torchvision returns losses only then) with every BatchNorm in eval mode, so
+    running statistics do not move; the model's previous modes are restored afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def evaluate(
+    model: nn.Module,
+    data_loader: DataLoader,
+    device: torch.device | str,
+    *,
+    mapping: CategoryMapping,
+    coco_gt: COCO | None = None,
+    compute_losses: bool = True,
+    compute_metrics: bool = True,
+    mask_threshold: float = 0.5,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Validation losses (per component) and COCO metrics for ``bbox`` and ``segm``.
+
+    For the losses the model runs in training mode under ``torch.no_grad()`` with every BatchNorm
+    in eval mode; the RPN and RoI samplers draw from a forked RNG seeded with ``seed``, so the
+    value is reproducible and the caller's RNG stream is untouched. The model's parameters,
+    buffers and train/eval modes are the same afterwards. The components are raw (unweighted).
+    """
+    device = torch.device(device)
+    coco_gt = coco_gt if coco_gt is not None else getattr(data_loader.dataset, "coco", None)
+    sums = torch.zeros(len(LOSS_COMPONENTS), device=device)
+    n_batches = 0
+    results: list[dict[str, Any]] = []
+    image_ids: list[int] = []
+    was_training = {m: m.training for m in model.modules()}
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        try:
+            bar = tqdm(data_loader, desc="Evaluating", disable=not (progress and is_main_process()), leave=False, dynamic_ncols=True)
+            for images, targets in bar:
+                images, targets = move_to_device(images, targets, device)
+                if compute_losses:
+                    with loss_mode(model), torch.no_grad():
+                        sums += _stack_losses(model(images, targets))
+                    n_batches += 1
+                if compute_metrics:
+                    model.eval()
+                    with torch.inference_mode():
+                        outputs = model(images)
+                    ids = [int(t["image_id"]) for t in targets]
+                    image_ids.extend(ids)
+                    results.extend(predictions_to_coco(outputs, ids, mapping, mask_threshold))
+        finally:
+            for m, mode in was_training.items():
+                m.training = mode
+    val_losses = dict(zip(LOSS_COMPONENTS, (sums / max(n_batches, 1)).tolist())) if compute_losses else {}
+    metrics: dict[str, dict[str, float]] = {}
+    if compute_metrics:
+        if coco_gt is None:
+            raise ValueError("evaluate needs coco_gt (or a data_loader.dataset with .coco) for COCO metrics")
+        metrics = coco_metrics(coco_gt, results, image_ids)
+    return val_losses, metrics

@@ -1,0 +1,190 @@
+"""What ``fit`` does with each finished epoch, as small sink objects (detectron2's hooks/writers).
+
+``fit`` trains and evaluates; after every epoch it hands an ``EpochResult`` (the raw record and its
+scalars under the one vocabulary) to each sink in order. A new output is a new sink, never a new
+argument of ``fit``. Sinks with ``main_process_only`` (all that write) run on rank 0 only; ``fit``
+gates them through ``maskrcnn_coco.utils.dist``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from maskrcnn_coco.analysis.history import HISTORY_FILE
+from maskrcnn_coco.data.coco import CategoryMapping
+from maskrcnn_coco.engine.checkpoint import save_checkpoint, training_state
+from maskrcnn_coco.tracking.backends import ExperimentTracker, NullTracker, log_scalars
+from maskrcnn_coco.tracking.scalars import LOSS_COMPONENTS, TRAIN_TOTAL, VAL_TOTAL
+from maskrcnn_coco.utils.dist import is_main_process
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FitState:
+    """What sinks may read (and checkpoint): the objects being trained and the history so far."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any | None
+    scaler: Any | None
+    mapping: CategoryMapping
+    epochs: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class EpochResult:
+    """One finished epoch: ``record`` (components, metrics, lrs, ...) and ``scalars`` (``{tag: value}``).
+
+    Sinks may add artifacts for the sinks after them (the checkpointer sets ``checkpoint``).
+    """
+
+    epoch: int
+    record: dict[str, Any]
+    scalars: dict[str, float]
+    checkpoint: Path | None = None
+
+
+class Sink:
+    """Base class: every hook is a no-op, so a sink overrides only what it needs."""
+
+    main_process_only = True
+
+    def before_fit(self, state: FitState) -> None:
+        pass
+
+    def after_epoch(self, state: FitState, result: EpochResult) -> None:
+        pass
+
+    def on_interrupt(self, state: FitState, epoch: int) -> None:
+        """Training stopped during ``epoch`` (KeyboardInterrupt); weights are mid-epoch."""
+
+    def after_fit(self, state: FitState) -> None:
+        pass
+
+
+def _display_path(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+class Checkpointer(Sink):
+    """``epoch_NNN.pth`` every ``every_n_epochs`` epochs and ``last.pth`` every epoch; ``interrupted.pth`` on Ctrl-C."""
+
+    def __init__(self, directory: str | Path, every_n_epochs: int = 1, extra: Mapping[str, Any] | None = None):
+        self.directory = Path(directory)
+        self.every_n_epochs = every_n_epochs
+        self.extra = dict(extra or {})
+
+    def _state(self, state: FitState, epoch_done: int) -> dict[str, Any]:
+        return training_state(
+            model=state.model, optimizer=state.optimizer, lr_scheduler=state.lr_scheduler, scaler=state.scaler,
+            mapping=state.mapping, epoch=epoch_done, history=state.history, extra=self.extra,
+        )
+
+    def after_epoch(self, state: FitState, result: EpochResult) -> None:
+        last = self.directory / "last.pth"
+        if self.every_n_epochs > 0 and result.epoch % self.every_n_epochs == 0:
+            path = save_checkpoint(self.directory / f"epoch_{result.epoch:03d}.pth", self._state(state, result.epoch), copies=[last])
+        else:
+            path = save_checkpoint(last, self._state(state, result.epoch))
+        result.checkpoint = path
+
+    def on_interrupt(self, state: FitState, epoch: int) -> None:
+        path = save_checkpoint(self.directory / "interrupted.pth", self._state(state, epoch - 1))
+        log.info("Interrupted during epoch %d: saved %s (weights mid-epoch %d).", epoch, _display_path(path), epoch)
+
+
+def format_epoch_summary(epoch: int, epochs: int, scalars: Mapping[str, float], checkpoint: str | Path | None = None) -> str:
+    """The console block printed after each epoch, read from the epoch's scalars (components sorted by name)."""
+    lines = [f"Epoch {epoch}/{epochs}", "📊 Training Losses:"]
+    if TRAIN_TOTAL in scalars:
+        lines.append(f"   Total: {scalars[TRAIN_TOTAL]:.4f}")
+    components = sorted(k for k in LOSS_COMPONENTS if f"loss/train_{k}" in scalars)
+    lines += [f"   {name}: {scalars[f'loss/train_{name}']:.4f}" for name in components]
+    if VAL_TOTAL in scalars:
+        lines.append(f"📈 Validation Loss: {scalars[VAL_TOTAL]:.4f}")
+
+    def fmt(tag: str) -> str:
+        return f"{scalars[tag]:.4f}" if tag in scalars else "n/a"
+
+    for iou_type, label in (("bbox", "📦 Box mAP"), ("segm", "🎭 Mask mAP")):
+        if any(tag.startswith(f"mAP/{iou_type}_") for tag in scalars):
+            lines.append(f"{label}: {fmt(f'mAP/{iou_type}_AP')} (AP50: {fmt(f'mAP/{iou_type}_AP50')})")
+    if checkpoint is not None:
+        lines.append(f"💾 Saved checkpoint: {checkpoint}")
+    return "\n".join(lines)
+
+
+class ConsoleSummary(Sink):
+    """The epoch block, through logging (rank-zero filtered, also in the run's log file)."""
+
+    def after_epoch(self, state: FitState, result: EpochResult) -> None:
+        saved = _display_path(result.checkpoint) if result.checkpoint is not None else None
+        log.info("%s", format_epoch_summary(result.epoch, state.epochs, result.scalars, saved))
+
+
+class TrackerWriter(Sink):
+    """Every epoch scalar to an ``ExperimentTracker`` at ``step=epoch``."""
+
+    def __init__(self, tracker: ExperimentTracker | None):
+        self.tracker = tracker or NullTracker()
+
+    def after_epoch(self, state: FitState, result: EpochResult) -> None:
+        log_scalars(self.tracker, result.scalars, result.epoch)
+
+
+def _finite_or_none(obj: Any) -> Any:
+    """JSON has no NaN: non-finite values become null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    return obj
+
+
+class HistoryWriter(Sink):
+    """``metrics.jsonl`` in the run folder: one JSON object of tags per epoch (rewritten atomically)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / HISTORY_FILE
+
+    def after_epoch(self, state: FitState, result: EpochResult) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(_finite_or_none(r)) + "\n" for r in state.history))
+        os.replace(tmp, self.path)
+
+
+def default_sinks(
+    run_dir: str | Path, tracker: ExperimentTracker | None = None, *, checkpoint_every: int = 1, checkpoint_extra: Mapping[str, Any] | None = None
+) -> list[Sink]:
+    """Checkpoints, the console block, the tracker and ``metrics.jsonl``, in that order."""
+    run_dir = Path(run_dir)
+    return [
+        Checkpointer(run_dir / "checkpoints", every_n_epochs=checkpoint_every, extra=checkpoint_extra),
+        ConsoleSummary(),
+        TrackerWriter(tracker),
+        HistoryWriter(run_dir),
+    ]
+
+
+def call_sinks(sinks: Sequence[Sink], method: str, *args: Any) -> None:
+    """Call ``method`` on each sink, skipping main-process-only sinks on other ranks."""
+    main = is_main_process()
+    for sink in sinks:
+        if main or not sink.main_process_only:
+            getattr(sink, method)(*args)

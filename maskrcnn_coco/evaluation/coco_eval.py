@@ -1,0 +1,79 @@
+"""COCO evaluation: model detections to COCO results, and pycocotools' COCOeval metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from maskrcnn_coco.data.coco import CategoryMapping
+from maskrcnn_coco.tracking.scalars import METRIC_NAMES
+
+log = logging.getLogger(__name__)
+
+
+def predictions_to_coco(
+    outputs: Sequence[Mapping[str, torch.Tensor]],
+    image_ids: Sequence[int],
+    mapping: CategoryMapping,
+    mask_threshold: float = 0.5,
+) -> list[dict[str, Any]]:
+    """Model detections -> COCO result dicts (xywh boxes, COCO category ids, RLE masks)."""
+    results: list[dict[str, Any]] = []
+    for out, image_id in zip(outputs, image_ids):
+        boxes = out["boxes"].detach().float().cpu()
+        if boxes.numel() == 0:
+            continue
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+        scores = out["scores"].detach().float().cpu().tolist()
+        labels = out["labels"].detach().cpu().tolist()
+        rles = None
+        if "masks" in out:
+            masks = out["masks"].detach()
+            masks = (masks[:, 0] if masks.dim() == 4 else masks) > mask_threshold
+            arr = np.asfortranarray(masks.permute(1, 2, 0).cpu().numpy().astype(np.uint8))
+            rles = mask_utils.encode(arr)
+        for i, (box, score, label) in enumerate(zip(xywh, scores, labels)):
+            res = {"image_id": int(image_id), "category_id": mapping.to_coco_id(label), "bbox": box, "score": score}
+            if rles is not None:
+                rle = rles[i]
+                res["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+            results.append(res)
+    return results
+
+
+def coco_metrics(
+    coco_gt: COCO, results: Sequence[Mapping[str, Any]], image_ids: Sequence[int], iou_types: Sequence[str] = ("bbox", "segm"), verbose: bool = False
+) -> dict[str, dict[str, float]]:
+    """COCOeval's AP, AP50, AP75, APs, APm, APl per IoU type over ``image_ids``.
+
+    Values COCO leaves undefined (-1, e.g. APl when no object is large) are returned as NaN.
+    """
+    metrics: dict[str, dict[str, float]] = {}
+    for iou_type in iou_types:
+        usable = [r for r in results if iou_type == "bbox" or "segmentation" in r]
+        if not usable:
+            metrics[iou_type] = dict.fromkeys(METRIC_NAMES, 0.0)
+            continue
+        sink = io.StringIO()
+        with contextlib.redirect_stdout(sink):
+            coco_dt = coco_gt.loadRes([dict(r) for r in usable])
+            ev = COCOeval(coco_gt, coco_dt, iouType=iou_type)
+            ev.params.imgIds = sorted({int(i) for i in image_ids})
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        if verbose:
+            log.info("COCOeval %s:\n%s", iou_type, sink.getvalue())
+        metrics[iou_type] = {
+            name: (float(v) if v >= 0 else float("nan")) for name, v in zip(METRIC_NAMES, ev.stats[:6])
+        }
+    return metrics

@@ -1,0 +1,120 @@
+"""The one scalar vocabulary: an epoch record becomes ``{tag: float}`` here and nowhere else.
+
+Every consumer (trackers, the console block, ``metrics.jsonl``, the sweep summary, the sweep
+objective, anything that reads a run back) uses these tags:
+
+* ``loss/train_total`` (the weighted sum: what was optimised) and ``loss/train_<component>`` (raw);
+  ``loss/train`` when only a float total is known
+* ``loss/val`` (weighted total) and ``loss/val_<component>``
+* ``mAP/<bbox|segm>_<AP|AP50|AP75|APs|APm|APl>`` (finite values only: COCO's undefined ones are left out)
+* ``lr`` (the backbone group's, else the first group's) and ``lr/<group>``
+* ``grad_norm/<group>``, ``time/<name>``
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from maskrcnn_coco.config import DEFAULT_OBJECTIVE, LOSS_COMPONENTS
+from maskrcnn_coco.utils.errors import ConfigError
+
+T = TypeVar("T")
+
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+IOU_TYPES = ("bbox", "segm")
+TRAIN_TOTAL = "loss/train_total"
+VAL_TOTAL = "loss/val"
+OBJECTIVE_MODES = ("final", "best")
+
+__all__ = [
+    "DEFAULT_OBJECTIVE",
+    "LOSS_COMPONENTS",
+    "METRIC_NAMES",
+    "check_objective",
+    "epoch_scalars",
+    "loss_weights_from_config",
+    "weighted_total",
+]
+
+
+def loss_weights_from_config(weights: Any) -> dict[str, float]:
+    """``cfg.loss.weights`` (dataclass or DictConfig) -> ``{component: weight}`` for all five."""
+    return {name: float(getattr(weights, name)) for name in LOSS_COMPONENTS}
+
+
+def weighted_total(components: Mapping[str, T], weights: Mapping[str, float] | None = None) -> T:
+    """Sum of ``weight * component`` (weight 1.0 where ``weights`` has none); works for floats and tensors."""
+    weights = weights or {}
+    total: Any = 0.0
+    for name, value in components.items():
+        total = total + float(weights.get(name, 1.0)) * value
+    return total
+
+
+def _losses(split: str, value: Any, total: float | None, weights: Mapping[str, float] | None) -> dict[str, float]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        return {"loss/train" if split == "train" else VAL_TOTAL: float(value)}
+    if not value:
+        return {}
+    total_tag = TRAIN_TOTAL if split == "train" else VAL_TOTAL
+    tags = {total_tag: float(total if total is not None else weighted_total(value, weights))}
+    tags.update({f"loss/{split}_{name}": float(v) for name, v in value.items()})
+    return tags
+
+
+def epoch_scalars(record: Mapping[str, Any]) -> dict[str, float]:
+    """One epoch's record -> ``{tag: value}`` under the README's naming scheme.
+
+    ``record`` keys (all optional): ``train_loss`` / ``val_loss`` (a dict of raw components, or a
+    float total), ``loss_weights`` (for the weighted totals; 1.0 where absent), ``metrics``
+    (``{"bbox": {"AP": ...}, "segm": {...}}``), ``lr`` (``{group: lr}`` or a float),
+    ``grad_norm`` (``{group: norm}``), ``time`` (``{name: seconds}``). Records written by older
+    versions (``metrics.json``) carry ``train_total``/``val_total`` instead of ``loss_weights``.
+    """
+    weights = record.get("loss_weights")
+    tags: dict[str, float] = {}
+    tags.update(_losses("train", record.get("train_loss"), record.get("train_total"), weights))
+    tags.update(_losses("val", record.get("val_loss"), record.get("val_total"), weights))
+    for iou_type, values in (record.get("metrics") or {}).items():
+        for name, value in (values or {}).items():
+            if value is not None and math.isfinite(value):
+                tags[f"mAP/{iou_type}_{name}"] = float(value)
+    lr = record.get("lr")
+    if isinstance(lr, Mapping):
+        if lr:
+            tags["lr"] = float(lr.get("backbone", next(iter(lr.values()))))
+        tags.update({f"lr/{group}": float(v) for group, v in lr.items()})
+    elif lr is not None:
+        tags["lr"] = float(lr)
+    for prefix in ("grad_norm", "time"):
+        tags.update({f"{prefix}/{name}": float(v) for name, v in (record.get(prefix) or {}).items()})
+    return tags
+
+
+# ------------------------------------------------------------------------- reading tags back
+def check_objective(metric: str, mode: str = "final") -> None:
+    """Reject an objective tag the history cannot answer, before any training."""
+    iou_type, _, name = metric.removeprefix("mAP/").partition("_")
+    is_map = metric.startswith("mAP/") and iou_type in IOU_TYPES and name in METRIC_NAMES
+    if not is_map and metric not in (VAL_TOTAL, TRAIN_TOTAL):
+        raise ConfigError(
+            f"objective.metric={metric!r}: use mAP/<bbox|segm>_<{'|'.join(METRIC_NAMES)}>, {VAL_TOTAL} or {TRAIN_TOTAL}"
+        )
+    if mode not in OBJECTIVE_MODES:
+        raise ConfigError(f"objective.mode={mode!r}: use {' or '.join(OBJECTIVE_MODES)}")
+
+
+def lower_is_better(tag: str) -> bool:
+    return tag.startswith("loss/")
+
+
+def tag_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A history entry as ``{"epoch": e, tag: value, ...}``; entries of the older nested format
+    (``train_loss``/``metrics`` dicts, as in ``metrics.json`` and old checkpoints) are converted."""
+    if "train_loss" in record or "metrics" in record:
+        return {"epoch": int(record["epoch"]), **epoch_scalars(record)}
+    return dict(record)

@@ -1,0 +1,1 @@
+"""The bottom floor: rank queries, logging and user-facing errors. Imports nothing above it."""

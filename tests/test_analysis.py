@@ -1,0 +1,96 @@
+"""Multirun sweeps: one run folder and event file per job, and a summary when the sweep ends."""
+
+import csv
+import json
+import math
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from maskrcnn_coco.analysis.history import objective_value, read_history
+
+from conftest import TINY_OVERRIDES, run_entry
+
+
+def test_two_job_head_lr_multirun(tmp_path):
+    proc = run_entry(["-m", *TINY_OVERRIDES, "epochs=1", f"runs_dir={tmp_path}", "optimizer.head_lr_multiplier=1,3"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep_dir,) = (tmp_path / "maskrcnn" / "multirun").iterdir()
+    jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert [p.name for p in jobs] == ["0_optimizer.head_lr_multiplier=1", "1_optimizer.head_lr_multiplier=3"]
+    for job, multiplier in zip(jobs, (1, 3)):
+        events = list(job.glob("events.out.tfevents.*"))
+        assert len(events) == 1
+        acc = EventAccumulator(str(job))
+        acc.Reload()
+        lr = acc.Scalars("lr")[-1].value
+        heads = acc.Scalars("lr/heads")[-1].value
+        assert heads / lr == pytest.approx(multiplier, rel=1e-5)
+        assert acc.Scalars("lr/backbone")[-1].value == pytest.approx(lr)
+
+    rows = list(csv.DictReader((sweep_dir / "sweep_summary.csv").open()))
+    assert [r["overrides"].split()[-1] for r in rows] == ["optimizer.head_lr_multiplier=1", "optimizer.head_lr_multiplier=3"]
+    for r in rows:
+        assert float(r["loss/train_loss_mask"]) > 0 and r["best_epoch"] == "1"
+        assert 0.0 <= float(r["mAP/segm_AP"]) <= 1.0 and float(r["loss/val"]) > 0
+    png = (sweep_dir / "sweep_summary.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    md = (sweep_dir / "sweep_summary.md").read_text()
+    assert md.count("\n| ") == 3  # header + 2 jobs
+    assert "Sweep summary" in proc.stdout and "| 1_optimizer.head_lr_multiplier=3 |" in proc.stdout
+
+
+def test_objective_value_final_and_best():
+    history = [
+        {"epoch": 1, "mAP/segm_AP": 0.2, "loss/val": 1.0, "loss/train_total": 2.0},
+        {"epoch": 2, "mAP/segm_AP": 0.5, "loss/val": 0.7, "loss/train_total": 1.0},
+        {"epoch": 3, "mAP/segm_AP": 0.4, "loss/val": 0.9, "loss/train_total": 0.8},
+        {"epoch": 4, "loss/train_total": 0.7},  # not evaluated: the last epoch that has it counts
+    ]
+    assert objective_value(history, "mAP/segm_AP", "final") == 0.4
+    assert objective_value(history, "mAP/segm_AP", "best") == 0.5
+    assert objective_value(history, "loss/val", "best") == 0.7
+    assert objective_value(history, "loss/train_total", "final") == 0.7
+    assert math.isnan(objective_value(history, "mAP/bbox_AP", "final"))
+
+
+def test_history_reads_jsonl_and_converts_the_older_nested_metrics_json(tmp_path):
+    new, old = tmp_path / "new", tmp_path / "old"
+    new.mkdir()
+    old.mkdir()
+    (new / "metrics.jsonl").write_text('{"epoch": 1, "loss/val": 0.5, "mAP/segm_AP": 0.25}\n')
+    legacy = [{"epoch": 1, "train_loss": {"loss_mask": 0.5, "loss_classifier": 0.25}, "train_total": 0.75,
+               "val_loss": {"loss_mask": 0.125}, "val_total": 0.125,
+               "metrics": {"segm": {"AP": 0.5, "APl": None}}, "lr": {"backbone": 0.01, "heads": 0.1}}]
+    (old / "metrics.json").write_text(json.dumps(legacy))
+    assert read_history(new) == [{"epoch": 1, "loss/val": 0.5, "mAP/segm_AP": 0.25}]
+    assert read_history(old) == [{
+        "epoch": 1, "loss/train_total": 0.75, "loss/train_loss_mask": 0.5, "loss/train_loss_classifier": 0.25,
+        "loss/val": 0.125, "loss/val_loss_mask": 0.125, "mAP/segm_AP": 0.5,
+        "lr": 0.01, "lr/backbone": 0.01, "lr/heads": 0.1,
+    }]
+
+
+def test_job_dirname_names_only_the_swept_keys(monkeypatch):
+    from maskrcnn_coco.analysis.sweep import MAX_DIRNAME, job_dirname
+
+    monkeypatch.setattr("sys.argv", ["main_mlops.py", "-m", "optimizer.lr=0.1,0.2", "epochs=3", "model.anchor_sizes=[16,32]"])
+    assert job_dirname(["optimizer.lr=0.2", "epochs=3", "model.anchor_sizes=[16,32]"]) == "optimizer.lr=0.2"
+    # A shipped sweep config: the keys come from hydra.sweeper.params.
+    monkeypatch.setattr("sys.argv", ["main_mlops.py", "+sweep=head_lr", "epochs=3"])
+    assert job_dirname(["+sweep=head_lr", "epochs=3", "optimizer.head_lr_multiplier=30"],
+                       {"optimizer.head_lr_multiplier": "1,3,10,30"}) == "optimizer.head_lr_multiplier=30"
+    long = [f"key{i}=value/{i}" for i in range(40)]
+    monkeypatch.setattr("sys.argv", ["main_mlops.py", "-m", *[f"key{i}=a,b" for i in range(40)]])
+    name = job_dirname(long)
+    assert len(name) <= MAX_DIRNAME and "/" not in name and name.startswith("key0=value_0,key1=")
+
+
+def test_bad_objective_is_rejected_before_training():
+    from maskrcnn_coco.tracking.scalars import check_objective
+    from maskrcnn_coco.utils.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"objective\.metric='mAP/segm'"):
+        check_objective("mAP/segm", "final")
+    with pytest.raises(ConfigError, match=r"objective\.mode='last'"):
+        check_objective("mAP/segm_AP", "last")
