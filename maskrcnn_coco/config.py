@@ -65,6 +65,11 @@ class DataConfig:
     # Use only the first N images of a split (quick experiments); null uses all.
     max_train_images: Optional[int] = None
     max_val_images: Optional[int] = None
+    # Images that are missing, cannot be decoded (e.g. truncated) or whose size differs from the
+    # annotation file: error (stop, naming the file and image id: missing files when the dataset is
+    # built, the others when first loaded) | drop (decode every image once at build, in threads, and
+    # skip the bad ones with a warning; costs one full decode of the split per run).
+    on_invalid: str = "error"
 
 
 @dataclass
@@ -207,7 +212,19 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_n_epochs: int = 1  # epoch_NNN.pth; last.pth is written every epoch regardless
+    every_n_epochs: int = 1  # epoch_NNN.pth (0: none); last.pth is written every epoch regardless
+    # Keep the newest N epoch_NNN.pth files (null: all). last.pth and best.pth are always kept.
+    keep_last: Optional[int] = 2
+    # Also write last.pth every N optimizer steps inside an epoch (long epochs on preemptible nodes).
+    every_n_iters: Optional[int] = None
+
+
+@dataclass
+class TrainConfig:
+    # Stop like on a NaN when the optimised loss exceeds max_loss, or max_loss_factor times the run's
+    # first iteration's loss (null disables either); no checkpoint is written from diverged weights.
+    max_loss: Optional[float] = None
+    max_loss_factor: Optional[float] = 1.0e4
 
 
 @dataclass
@@ -228,12 +245,14 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     epochs: int = 10
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = False  # mixed precision on CUDA
-    # Resume from a checkpoint (e.g. runs/maskrcnn/<run>/checkpoints/last.pth).
+    # Resume from a checkpoint (e.g. runs/maskrcnn/<run>/checkpoints/last.pth), or auto: the newest
+    # last.pth/interrupted.pth under <runs_dir>/maskrcnn (none: start fresh).
     resume: Optional[str] = None
     # Iterations between progress-bar loss updates (each one is a device sync).
     print_freq: int = 20

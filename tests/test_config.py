@@ -1,15 +1,22 @@
+import re
+
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+from maskrcnn_coco.analysis.sweep import register_resolvers
 from maskrcnn_coco.config import LOSS_COMPONENTS, CocoDataConfig, ShapesDataConfig, SmallModelConfig, register_configs
+from maskrcnn_coco.data.coco import resolve_paths
+from maskrcnn_coco.solver.param_groups import check_head_multiplier
+from maskrcnn_coco.utils.errors import ConfigError
 
 from conftest import REPO
 
 
 def compose_config(overrides=(), hydra_config=False):
     register_configs()
+    register_resolvers()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose("config", overrides=list(overrides), return_hydra_config=hydra_config)
 
@@ -20,8 +27,9 @@ def test_default_config_has_the_documented_keys():
     assert OmegaConf.get_type(cfg.model) is SmallModelConfig
     assert cfg.model.min_size == cfg.data.image_size == 128
     for key in ("epochs", "seed", "device", "optimizer.lr", "data.batch_size", "optimizer.head_lr_multiplier",
-                "optimizer.clip_grad_norm", "scheduler.warmup_iters"):
-        assert OmegaConf.select(cfg, key, throw_on_missing=True) is not None or key == "optimizer.clip_grad_norm"
+                "scheduler.warmup_iters"):
+        assert OmegaConf.select(cfg, key, throw_on_missing=True) is not None, key
+    assert "clip_grad_norm" in cfg.optimizer and cfg.optimizer.clip_grad_norm is None  # no clipping by default
     assert set(cfg.loss.weights) == set(LOSS_COMPONENTS)
     assert cfg.optimizer.groups.heads.lr_mult == cfg.optimizer.head_lr_multiplier
 
@@ -49,3 +57,55 @@ def test_head_lr_sweep_config():
     assert cfg.hydra.sweeper.params["optimizer.head_lr_multiplier"] == "1,3,10,30"
     assert "multirun" in cfg.hydra.sweep.dir
     assert cfg.hydra.callbacks.sweep_summary._target_ == "maskrcnn_coco.analysis.sweep.SweepSummaryCallback"
+
+
+@pytest.mark.parametrize("value, expected", [("10", 10.0), ("0.5", 0.5), ("null", None)])
+def test_clip_grad_norm_composes_to_a_float_or_none(value, expected):
+    clip = compose_config([f"optimizer.clip_grad_norm={value}"]).optimizer.clip_grad_norm
+    assert clip == expected and type(clip) is type(expected)
+
+
+def test_clip_grad_norm_rejects_a_non_number():
+    with pytest.raises(ConfigCompositionException, match=re.escape("optimizer.clip_grad_norm=abc")) as err:
+        compose_config(["optimizer.clip_grad_norm=abc"])
+    assert "Value 'abc' of type 'str' could not be converted to Float" in str(err.value.__cause__)
+    assert "optimizer.clip_grad_norm" in str(err.value.__cause__)
+
+
+def test_unknown_data_name_is_a_config_error():
+    message = re.escape("data.name='other'")
+    composed = compose_config(["data=coco", "data.root=/x", "data.name=other"]).data
+    structured = OmegaConf.structured(CocoDataConfig(root="/x", name="other"))
+    for cfg in (composed, structured):
+        with pytest.raises(ConfigError, match=message) as err:
+            resolve_paths(cfg, progress=False)
+        assert "data=shapes" in str(err.value) and "data=coco" in str(err.value)
+
+
+def test_head_multiplier_through_the_interpolation_passes():
+    cfg = compose_config(["optimizer.head_lr_multiplier=5"])
+    assert cfg.optimizer.groups.heads.lr_mult == 5.0
+    check_head_multiplier(cfg.optimizer)
+    cfg = compose_config(["optimizer.groups.heads.lr_mult=5", "optimizer.head_lr_multiplier=5"])
+    check_head_multiplier(cfg.optimizer)  # a literal that agrees is fine
+    check_head_multiplier(compose_config().optimizer)
+
+
+def test_a_literal_heads_lr_mult_that_disagrees_is_rejected():
+    cfg = compose_config(["optimizer.groups.heads.lr_mult=5"])
+    with pytest.raises(ConfigError) as err:
+        check_head_multiplier(cfg.optimizer)
+    message = str(err.value)
+    assert "optimizer.groups.heads.lr_mult=5" in message and "optimizer.head_lr_multiplier=1" in message
+    assert "set optimizer.head_lr_multiplier=5 instead" in message
+
+
+def test_a_head_multiplier_without_a_heads_group_is_rejected():
+    # roi_heads moved into the backbone group so every parameter still has a group.
+    moved = ["~optimizer.groups.heads", "optimizer.groups.backbone.prefixes=[backbone,roi_heads]"]
+    cfg = compose_config([*moved, "optimizer.head_lr_multiplier=3"])
+    assert set(cfg.optimizer.groups) == {"backbone", "rpn"}
+    with pytest.raises(ConfigError, match=re.escape("optimizer.head_lr_multiplier=3 has no effect")) as err:
+        check_head_multiplier(cfg.optimizer)
+    assert "['backbone', 'rpn']" in str(err.value)
+    check_head_multiplier(compose_config(moved).optimizer)  # multiplier 1: nothing to apply, nothing logged wrong

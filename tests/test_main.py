@@ -49,7 +49,10 @@ def test_training_run_logs_every_component(tmp_path):
     assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
 
     ckpts = run_dir / "checkpoints"
-    assert {p.name for p in ckpts.iterdir()} == {"epoch_001.pth", "epoch_002.pth", "last.pth"}
+    assert {p.name for p in ckpts.iterdir()} == {"epoch_001.pth", "epoch_002.pth", "last.pth", "best.pth"}
+    best = torch.load(ckpts / "best.pth", map_location="cpu", weights_only=True)
+    segm = {h["epoch"]: h.get("mAP/segm_AP", float("nan")) for h in best["history"]}
+    assert best["fit"]["best_epoch"] == max(segm, key=lambda e: (segm[e], -e))
     state = torch.load(ckpts / "last.pth", map_location="cpu", weights_only=True)
     assert state["epoch"] == 2 and state["num_classes"] == 4
     assert state["categories"]["names"] == ["circle", "square", "triangle"]

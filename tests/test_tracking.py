@@ -1,4 +1,5 @@
 import csv
+import inspect
 import math
 
 import pytest
@@ -14,6 +15,7 @@ from maskrcnn_coco.tracking import (
     flatten_params,
     log_training_metrics,
 )
+from maskrcnn_coco.tracking.scalars import epoch_scalars
 
 COMPONENTS = {"loss_classifier": 0.5, "loss_box_reg": 0.25, "loss_mask": 1.0, "loss_objectness": 0.125, "loss_rpn_box_reg": 0.0625}
 METRICS = {"bbox": {"AP": 0.5, "AP50": 0.75, "AP75": 0.5, "APs": 0.25, "APm": 0.5, "APl": float("nan")},
@@ -43,9 +45,106 @@ class ListTracker:
         self.closed = True
 
 
-def test_trackers_satisfy_the_protocol(tmp_path):
-    for tracker in (TensorBoardTracker(tmp_path), CSVTracker(tmp_path), NullTracker(), CompositeTracker([]), ListTracker()):
+PROTOCOL_METHODS = ("log_scalar", "log_hyperparams", "flush", "close")
+
+
+def signature_shape(func):
+    """Parameter names and kinds, without ``self``: what a caller of the protocol relies on."""
+    params = list(inspect.signature(func).parameters.values())
+    return [(p.name, p.kind) for p in params if p.name != "self"]
+
+
+def test_protocol_methods_are_the_documented_four():
+    declared = {name for name, value in vars(ExperimentTracker).items() if inspect.isfunction(value) and not name.startswith("_")}
+    assert declared == set(PROTOCOL_METHODS)
+
+
+@pytest.mark.parametrize("cls", [TensorBoardTracker, CSVTracker, NullTracker, CompositeTracker])
+def test_shipped_backends_implement_the_protocol_signatures(cls):
+    # isinstance on a runtime_checkable Protocol only checks that the names exist, so compare the
+    # signatures themselves: a backend with log_scalar(tag, value) would pass isinstance and break fit.
+    for name in PROTOCOL_METHODS:
+        method = getattr(cls, name)
+        assert inspect.isfunction(method), f"{cls.__name__}.{name} is not a method"
+        assert signature_shape(method) == signature_shape(getattr(ExperimentTracker, name)), f"{cls.__name__}.{name}"
+
+
+def test_an_object_missing_a_method_is_not_a_tracker(tmp_path):
+    class NoClose:
+        def log_scalar(self, tag, value, step):
+            pass
+
+        def log_hyperparams(self, params):
+            pass
+
+        def flush(self):
+            pass
+
+    assert not isinstance(NoClose(), ExperimentTracker)
+    for tracker in (TensorBoardTracker(tmp_path), CSVTracker(tmp_path), NullTracker(), CompositeTracker([])):
         assert isinstance(tracker, ExperimentTracker)
+
+
+class FailingClose(ListTracker):
+    def __init__(self, message):
+        super().__init__()
+        self.message = message
+
+    def close(self):
+        self.closed = True
+        raise OSError(self.message)
+
+
+def test_composite_close_closes_every_tracker_then_raises_the_first_error():
+    trackers = [FailingClose("first"), ListTracker(), FailingClose("second"), ListTracker()]
+    with pytest.raises(OSError, match=r"^first$") as err:
+        CompositeTracker(trackers).close()
+    assert err.value.args == ("first",)
+    assert [t.closed for t in trackers] == [True, True, True, True]
+
+
+def test_epoch_scalars_of_a_full_record():
+    record = {
+        "train_loss": COMPONENTS,
+        "val_loss": {**COMPONENTS, "loss_mask": 0.5},
+        "loss_weights": {"loss_mask": 2.0, "loss_objectness": 0.0},
+        "metrics": METRICS,
+        "lr": {"heads": 0.1, "rpn": 0.02, "backbone": 0.01},  # backbone not first: `lr` is still its lr
+        "grad_norm": {"backbone": 1.5, "heads": 0.25},
+        "time": {"train_s": 12.5, "eval_s": 3.0},
+    }
+    assert epoch_scalars(record) == {
+        # 0.5 + 0.25 + 2 * 1.0 + 0 * 0.125 + 0.0625
+        "loss/train_total": 2.8125,
+        "loss/train_loss_classifier": 0.5,
+        "loss/train_loss_box_reg": 0.25,
+        "loss/train_loss_mask": 1.0,
+        "loss/train_loss_objectness": 0.125,
+        "loss/train_loss_rpn_box_reg": 0.0625,
+        "loss/val": 1.8125,  # the same with loss_mask 0.5
+        "loss/val_loss_classifier": 0.5,
+        "loss/val_loss_box_reg": 0.25,
+        "loss/val_loss_mask": 0.5,
+        "loss/val_loss_objectness": 0.125,
+        "loss/val_loss_rpn_box_reg": 0.0625,
+        "mAP/bbox_AP": 0.5, "mAP/bbox_AP50": 0.75, "mAP/bbox_AP75": 0.5, "mAP/bbox_APs": 0.25, "mAP/bbox_APm": 0.5,
+        "mAP/segm_AP": 0.4, "mAP/segm_AP50": 0.7, "mAP/segm_AP75": 0.3, "mAP/segm_APs": 0.2, "mAP/segm_APm": 0.4,
+        "lr": 0.01,
+        "lr/heads": 0.1,
+        "lr/rpn": 0.02,
+        "lr/backbone": 0.01,
+        "grad_norm/backbone": 1.5,
+        "grad_norm/heads": 0.25,
+        "time/train_s": 12.5,
+        "time/eval_s": 3.0,
+    }
+
+
+def test_epoch_scalars_of_float_losses_and_partial_records():
+    assert epoch_scalars({"train_loss": 0.9, "val_loss": 1.1, "lr": 0.02}) == {"loss/train": 0.9, "loss/val": 1.1, "lr": 0.02}
+    # Without a backbone group `lr` is the first group's; empty or missing parts give no tags.
+    assert epoch_scalars({"lr": {"heads": 0.1, "rpn": 0.02}}) == {"lr": 0.1, "lr/heads": 0.1, "lr/rpn": 0.02}
+    assert epoch_scalars({"train_loss": {}, "val_loss": None, "metrics": {"bbox": None}, "lr": {}}) == {}
 
 
 def test_dict_losses_are_logged_per_component_with_weighted_total(tmp_path):

@@ -20,8 +20,9 @@ from torch import nn
 
 from maskrcnn_coco.analysis.history import objective_value
 from maskrcnn_coco.data.coco import CategoryMapping, DataBundle, build_data
-from maskrcnn_coco.engine.checkpoint import restore_training_state
+from maskrcnn_coco.engine.checkpoint import TrainingState, load_training_checkpoint, restore_training_state
 from maskrcnn_coco.engine.fit import fit
+from maskrcnn_coco.engine.loop import DivergenceGuard
 from maskrcnn_coco.engine.sinks import default_sinks
 from maskrcnn_coco.modeling.build import build_model
 from maskrcnn_coco.modeling.weights import WeightsError, is_local_path
@@ -101,35 +102,100 @@ def _missing_keys(node: DictConfig, prefix: str = ""):
             yield from _missing_keys(node[key], f"{prefix}{key}.")
 
 
+# (config key, test, what it must be): values that cannot work, refused before any data or model is built.
+_RANGE_CHECKS: tuple[tuple[str, Any, str], ...] = (
+    ("epochs", lambda v: v >= 1, "at least 1"),
+    ("optimizer.lr", lambda v: v > 0, "positive"),
+    ("data.batch_size", lambda v: v >= 1, "at least 1"),
+    ("data.val_batch_size", lambda v: v is None or v >= 1, "at least 1 (or null: same as data.batch_size)"),
+    ("data.num_workers", lambda v: v >= 0, "0 or more"),
+    ("print_freq", lambda v: v >= 1, "at least 1"),
+    ("eval.every_n_epochs", lambda v: v >= 1, "at least 1"),
+    ("checkpoint.every_n_epochs", lambda v: v >= 0, "0 (no epoch_NNN.pth) or more"),
+    ("checkpoint.keep_last", lambda v: v is None or v >= 1, "at least 1 (or null: keep all)"),
+    ("checkpoint.every_n_iters", lambda v: v is None or v >= 1, "at least 1 (or null)"),
+    ("optimizer.clip_grad_norm", lambda v: v is None or v > 0, "positive (or null)"),
+    ("train.max_loss", lambda v: v is None or v > 0, "positive (or null)"),
+    ("train.max_loss_factor", lambda v: v is None or v > 1, "above 1 (or null)"),
+    ("scheduler.warmup_iters", lambda v: v >= 0, "0 or more"),
+)
+
+
+def check_values(cfg: DictConfig) -> None:
+    """One ``ConfigError`` naming the first key whose value cannot work."""
+    for key, ok, expected in _RANGE_CHECKS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None and "null" not in expected:
+            raise ConfigError(f"{key}=null: must be {expected}")
+        if not ok(value):
+            raise ConfigError(f"{key}={value}: must be {expected}")
+    scale = OmegaConf.select(cfg, "data.augment.scale_range", default=None)
+    if scale is not None and not (len(scale) == 2 and 0 < scale[0] <= scale[1]):
+        raise ConfigError(f"data.augment.scale_range={list(scale)}: must be [min, max] with 0 < min <= max, e.g. [0.8,1.2] (or null)")
+    for key in ("data.augment.hflip_prob", "data.augment.vflip_prob"):
+        value = OmegaConf.select(cfg, key, default=0.0)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key}={value}: must be a probability in [0, 1]")
+
+
 def check_config(cfg: DictConfig) -> None:
-    """Fail before any work on values only known at run time: missing keys, bad choices."""
+    """Fail before any work on values only known at run time: missing keys, bad choices, bad ranges."""
     missing = list(_missing_keys(cfg))
     if missing:
         hint = " (e.g. data.root=/data/coco)" if "data.root" in missing else ""
         raise ConfigError(f"Missing required config value: {', '.join(missing)}{hint}")
+    check_values(cfg)
     check_objective(cfg.objective.metric, cfg.objective.mode)
     check_head_multiplier(cfg.optimizer)
     for key in ("model.weights", "model.backbone_weights", "resume"):
         value = OmegaConf.select(cfg, key)
+        if key == "resume" and value == "auto":
+            continue
         if value and is_local_path(value) and not Path(value).expanduser().is_file():
             raise WeightsError(f"Weights file not found: {value} ({key})")
+
+
+def find_auto_resume(runs_root: Path, exclude: Path | None = None) -> Path | None:
+    """The newest ``last.pth``/``interrupted.pth`` under ``runs_root`` (not in ``exclude``), or None."""
+    if not runs_root.is_dir():
+        return None
+    candidates = [
+        p for name in ("last.pth", "interrupted.pth") for p in runs_root.rglob(f"checkpoints/{name}")
+        if exclude is None or exclude.resolve() not in p.resolve().parents
+    ]
+    return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def resolve_resume(cfg: DictConfig, run_dir: Path) -> str | None:
+    """``resume`` as a path: ``auto`` picks the newest checkpoint of an earlier run."""
+    if cfg.resume != "auto":
+        return cfg.resume
+    found = find_auto_resume(Path(cfg.runs_dir) / "maskrcnn", exclude=run_dir)
+    if found is None:
+        log.info("resume=auto: no checkpoint under %s; starting from scratch.", Path(cfg.runs_dir) / "maskrcnn")
+        return None
+    return str(found)
 
 
 def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
     """Train as configured, writing into ``run_dir``; return the objective for sweepers."""
     run_dir = Path(run_dir)
     check_config(cfg)
+    resume = resolve_resume(cfg, run_dir)
+    ckpt = load_training_checkpoint(resume) if resume else None
     parts = build_components(cfg, progress=cfg.progress)
     model, data, device = parts.model, parts.data, parts.device
     optimizer = build_optimizer(cfg.optimizer, model)
     scheduler = build_lr_scheduler(cfg.scheduler, optimizer, len(data.train_loader), cfg.epochs)
     scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
+    state = TrainingState(model, optimizer, scheduler, scaler, data.mapping, cfg.epochs)
 
-    start_epoch, history = 1, []
-    if cfg.resume:
-        start_epoch, history = restore_training_state(
-            cfg.resume, model=model, optimizer=optimizer, lr_scheduler=scheduler, scaler=scaler, mapping=data.mapping
-        )
+    start_epoch, progress = 1, None
+    if ckpt is not None:
+        resumed = restore_training_state(resume, state, ckpt)
+        start_epoch, progress = resumed.start_epoch, resumed.progress
+        if start_epoch > cfg.epochs and progress is None:
+            raise ConfigError(f"resume={resume} already finished epoch {start_epoch - 1}; set epochs above {start_epoch - 1} to train more")
 
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
@@ -139,7 +205,11 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
     )
     tracker = build_tracker(cfg.tracker, run_dir)
     resolved = config_to_dict(cfg)
-    sinks = default_sinks(run_dir, tracker, checkpoint_every=cfg.checkpoint.every_n_epochs, checkpoint_extra={"config": resolved})
+    sinks = default_sinks(
+        run_dir, tracker, checkpoint_every=cfg.checkpoint.every_n_epochs, checkpoint_extra={"config": resolved},
+        keep_last=cfg.checkpoint.keep_last, best_metric=cfg.objective.metric,
+    )
+    guard = DivergenceGuard(max_loss=cfg.train.max_loss, factor=cfg.train.max_loss_factor)
     try:
         tracker.log_hyperparams(resolved)
         history = fit(
@@ -149,7 +219,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
             clip_grad_norm=cfg.optimizer.clip_grad_norm, start_epoch=start_epoch,
             eval_every=cfg.eval.every_n_epochs, compute_val_loss=cfg.eval.val_loss,
             mask_threshold=cfg.eval.mask_threshold, print_freq=cfg.print_freq, progress=cfg.progress,
-            history=history,
+            state=state, start_progress=progress, divergence=guard,
+            checkpoint_every_n_iters=cfg.checkpoint.every_n_iters,
         )
     finally:
         tracker.close()

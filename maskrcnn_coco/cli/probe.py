@@ -25,8 +25,8 @@ from maskrcnn_coco.utils.errors import ConfigError, UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # No fixed prog: usage names what was run (probe_losses.py or maskrcnn-probe).
     p = argparse.ArgumentParser(
-        prog="probe_losses.py",
         description="Forward-only loss probe through the exact training pipeline: per component, per FPN "
         "level, with diagnoses. Extra arguments are Hydra overrides, as in training (e.g. data=coco data.root=...).",
     )
@@ -119,3 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     written = write_reports(records, run, args.output_dir, args.format)
     print("Wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def cli() -> None:
+    """Console script ``maskrcnn-probe``: ``main``'s return value is the exit status."""
+    sys.exit(main())

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from maskrcnn_coco.analysis.sweep import register_resolvers
 from maskrcnn_coco.cli.experiment import run_training
 from maskrcnn_coco.config import config_dir, register_configs
+from maskrcnn_coco.engine.fit import RunInterrupted
 from maskrcnn_coco.utils.errors import UserError
 
 log = logging.getLogger("maskrcnn_coco")
@@ -35,6 +36,14 @@ def main(cfg: DictConfig) -> float:
         log.debug("Stopped on bad input", exc_info=True)
         print(f"Error: {err}", file=sys.stderr)
         sys.exit(2)
+    except RunInterrupted as stop:
+        # SIGTERM/SIGINT: a resumable checkpoint is written; 128 + signal number, as a shell reports it.
+        print(str(stop), file=sys.stderr)
+        sys.exit(stop.exit_code)
+    except FloatingPointError as err:
+        # NaN or diverged loss: the message ranks the causes; no checkpoint was written from those weights.
+        print(f"Error: {err}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

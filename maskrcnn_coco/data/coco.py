@@ -8,7 +8,15 @@ follow every geometric augmentation. Choices made here:
 * Crowd annotations (``iscrowd=1``) never become training targets; COCOeval still uses them from
   the annotation file to ignore matching detections.
 * Invalid annotations (non-finite bbox, non-positive width/height, box outside the image, unknown
-  category) are reported once when the dataset is built and skipped.
+  category, a segmentation that does not decode or lies elsewhere than its box; see
+  ``data.validate``) are reported once when the dataset is built and skipped. They are also
+  removed from the dataset's ``coco``, so COCOeval does not score them either.
+* Every image file the split uses must exist (checked at build). An image that cannot be decoded or
+  whose size differs from the annotation file stops training with its file and image id when it is
+  first loaded (``data.on_invalid=error``), or is dropped at build (``data.on_invalid=drop``, which
+  decodes every image once when the dataset is built).
+* Images of any PIL mode (16-bit, float, palette, alpha, CMYK, ...) become 8-bit RGB with the
+  intensities the file means (``validate.to_rgb``).
 * Images left without annotations are dropped from training when ``drop_empty_train_images`` is
   set (torchvision's reference recipe), and always kept for validation so metrics cover the split.
 """
@@ -18,14 +26,15 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import math
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
@@ -33,14 +42,40 @@ from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 
 from maskrcnn_coco.config import AugmentConfig, DataConfig
+from maskrcnn_coco.data.samplers import SeededSamples, TrainSampler
 from maskrcnn_coco.data.shapes import ShapesParams, ensure_shapes_dataset
+from maskrcnn_coco.data.validate import (
+    ON_INVALID,
+    check_annotation,
+    check_split,
+    describe_error,
+    load_rgb,
+    summarize,
+    validate_annotations,
+)
 from maskrcnn_coco.utils.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
 
+# A DataLoader worker's exception comes back as ``type(err)("Caught DataError in DataLoader worker
+# process 0.\nOriginal Traceback (most recent call last): ...\n<module>.DataError: <message>\n")``.
+_WORKER_WRAPPED = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback", re.S)
+
+
 class DataError(UserError, ValueError):
-    """A dataset that cannot be used as configured (missing files, no usable images, ...)."""
+    """A dataset that cannot be used as configured (missing files, no usable images, ...).
+
+    Raised in a DataLoader worker, it reaches the main process with the worker's traceback as its
+    message; that is cut back to the original one-line message, so the entry points still print
+    one line.
+    """
+
+    def __init__(self, message: Any = "", *args: Any):
+        if isinstance(message, str) and _WORKER_WRAPPED.match(message):
+            last = message.rstrip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
+        super().__init__(message, *args)
 
 
 class CategoryMapping:
@@ -79,50 +114,53 @@ class CategoryMapping:
 
 
 def annotation_problem(ann: dict[str, Any], image: dict[str, Any] | None, known_ids: Iterable[int]) -> str | None:
-    """Why a COCO annotation cannot be a training target, or None if it can."""
-    bbox = ann.get("bbox")
-    if image is None:
-        return f"image_id {ann.get('image_id')} is not in the images list"
-    if int(ann.get("category_id", -1)) not in known_ids:
-        return f"unknown category_id {ann.get('category_id')}"
-    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-        return f"bbox {bbox!r} is not [x, y, width, height]"
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox):
-        return f"bbox {bbox} has NaN/Inf"
-    x, y, w, h = bbox
-    if w <= 0 or h <= 0:
-        return f"bbox {bbox} has non-positive width/height"
-    if x >= image["width"] or y >= image["height"] or x + w <= 0 or y + h <= 0:
-        return f"bbox {bbox} lies outside the {image['width']}x{image['height']} image"
-    if "segmentation" not in ann:
-        return "no segmentation"
-    return None
+    """Why a COCO annotation cannot be a training target, or None if it can (``validate.check_annotation``)."""
+    return check_annotation(ann, image, set(known_ids))[1]
 
 
 def find_invalid_annotations(coco: COCO, image_ids: Iterable[int] | None = None) -> list[dict[str, Any]]:
-    """Problems of the non-crowd annotations (of ``image_ids``, or all), one record each."""
-    known = set(coco.cats)
-    ann_ids = coco.getAnnIds(imgIds=list(image_ids)) if image_ids is not None else list(coco.anns)
-    problems = []
-    for ann_id in ann_ids:
-        ann = coco.anns[ann_id]
-        if ann.get("iscrowd", 0):
-            continue
-        reason = annotation_problem(ann, coco.imgs.get(ann.get("image_id")), known)
-        if reason:
-            problems.append({"annotation_id": ann_id, "image_id": ann.get("image_id"), "problem": reason})
-    return problems
+    """Problems of the annotations (of ``image_ids``, or all), one record each: ``annotation_id``,
+    ``image_id``, ``file``, ``kind``, ``problem``, ``iscrowd``.
+
+    For a dataset's ``coco`` (already cleaned when the dataset was built) these are the records of
+    the annotations that were removed from it.
+    """
+    skipped = getattr(coco, "skipped_annotations", None)
+    problems = skipped if skipped is not None else validate_annotations(coco).invalid
+    if image_ids is None:
+        return list(problems)
+    wanted = set(image_ids)
+    return [p for p in problems if p["image_id"] in wanted]
 
 
 class CocoInstances(CocoDetection):
-    """``CocoDetection`` that yields only usable targets: no crowd, no invalid annotations."""
+    """``CocoDetection`` that yields only usable targets (no crowd, no invalid annotations) and RGB
+    images of the size the annotation file gives, or a ``DataError`` naming the file and image id."""
 
-    def __init__(self, root: str, coco: COCO, usable_ann_ids: set[int], transforms: Any = None):
+    def __init__(self, root: str, coco: COCO, usable_ann_ids: set[int], transforms: Any = None, source: str = "the annotation file"):
         # CocoDetection's own __init__ would load the annotation file a second time.
         super(CocoDetection, self).__init__(root, transforms=transforms)
         self.coco = coco
         self.ids = sorted(coco.imgs)
         self.usable_ann_ids = usable_ann_ids
+        self.source = source
+
+    def _load_image(self, id: int) -> Image.Image:
+        info = self.coco.imgs[id]
+        path = os.path.join(self.root, info["file_name"])
+        hint = "fix or remove it, or set data.on_invalid=drop to skip such images (python scripts/check_dataset.py lists them all)"
+        try:
+            image = load_rgb(path)
+        except FileNotFoundError:
+            raise DataError(f"Image file not found: {path} (image id {id} in {self.source}); {hint}") from None
+        except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, zlib errors...
+            raise DataError(f"Cannot decode image {path} (image id {id} in {self.source}): {describe_error(err)}; {hint}") from None
+        if image.size != (int(info["width"]), int(info["height"])):
+            raise DataError(
+                f"Image {path} (image id {id}) is {image.size[0]}x{image.size[1]} pixels but {self.source} says "
+                f"{info['width']}x{info['height']}, so its boxes and masks would not fit; {hint}"
+            )
+        return image
 
     def _load_target(self, id: int) -> list[Any]:
         return [a for a in self.coco.imgToAnns.get(id, []) if a["id"] in self.usable_ann_ids]
@@ -194,12 +232,18 @@ def build_coco_dataset(
     max_images: int | None = None,
     mapping: CategoryMapping | None = None,
     key: str = "data",
+    on_invalid: str = "error",
+    progress: bool = False,
 ) -> Dataset:
     """A ``CocoDetection`` over ``images`` and ``annotations`` yielding Mask R-CNN samples.
 
-    The returned dataset has ``.coco`` (pycocotools COCO), ``.ids`` (image ids in order) and
-    ``.mapping`` (the ``CategoryMapping``).
+    The returned dataset has ``.coco`` (pycocotools COCO, without the invalid annotations),
+    ``.ids`` (image ids in order), ``.mapping`` (the ``CategoryMapping``) and ``.check`` (the
+    ``validate.SplitCheck``). ``on_invalid`` (``error`` or ``drop``): what becomes of images that
+    are missing, cannot be decoded or differ in size from the annotation file (see the module doc).
     """
+    if on_invalid not in ON_INVALID:
+        raise ConfigError(f"data.on_invalid={on_invalid!r}: use one of {', '.join(ON_INVALID)}")
     images, annotations = Path(images).expanduser(), Path(annotations).expanduser()
     if not annotations.is_file():
         raise DataError(f"Annotation file not found: {annotations} (set {key} annotations path)")
@@ -211,25 +255,33 @@ def build_coco_dataset(
         raise DataError(f"Could not read COCO annotations {annotations}: {err}") from err
     mapping = mapping or CategoryMapping(list(coco.cats.values()))
 
-    invalid = find_invalid_annotations(coco)
-    if invalid:
-        examples = "; ".join(f"ann {p['annotation_id']} (image {p['image_id']}): {p['problem']}" for p in invalid[:3])
-        log.warning("%d invalid annotations in %s are skipped, e.g. %s", len(invalid), annotations.name, examples)
-    invalid_ids = {p["annotation_id"] for p in invalid}
-    usable = {a["id"] for a in coco.anns.values() if not a.get("iscrowd", 0) and a["id"] not in invalid_ids}
-
-    base = CocoInstances(str(images), coco, usable, transforms=build_transforms(train, augment, mapping))
-    ids = base.ids
-    if train and drop_empty:
-        ids = [i for i in ids if any(a["id"] in usable for a in coco.imgToAnns.get(i, []))]
-    if max_images is not None:
-        ids = ids[:max_images]
-    if not ids:
+    check = check_split(
+        coco, images, train=train, drop_empty=drop_empty, max_images=max_images, on_invalid=on_invalid,
+        decode=on_invalid == "drop", progress=progress, desc=f"Checking {annotations.name} images",
+    )
+    report = check.annotations
+    if report.invalid:
+        log.warning("%d invalid annotations in %s are skipped %s", len(report.invalid), annotations.name, summarize(report.invalid))
+    if report.repaired:
+        log.warning("%d annotations in %s had polygon parts with fewer than 3 points, removed %s",
+                    len(report.repaired), annotations.name, summarize(report.repaired))
+    if check.bad_images:
+        if on_invalid == "error":
+            raise DataError(
+                f"{len(check.bad_images)} images listed in {annotations.name} cannot be used {summarize(check.bad_images)}; "
+                "fix them or set data.on_invalid=drop to skip them (python scripts/check_dataset.py lists them all)"
+            )
+        log.warning("%d images listed in %s are dropped %s", len(check.bad_images), annotations.name, summarize(check.bad_images))
+    if not check.ids:
         raise DataError(f"No usable images in {annotations} (after dropping images without valid annotations)")
-    missing = [coco.imgs[i]["file_name"] for i in ids[:50] if not (images / coco.imgs[i]["file_name"]).is_file()]
-    if missing:
-        raise DataError(f"Images listed in {annotations.name} are missing from {images}: {missing[:3]}")
-    base.ids = ids
+    if check.empty_categories:
+        names = ", ".join(f"{name!r} (id {cid})" for cid, name in check.empty_categories)
+        log.warning("No training instance of %d categories in %s: %s; the model cannot learn them",
+                    len(check.empty_categories), annotations.name, names)
+
+    base = CocoInstances(str(images), coco, check.usable_ann_ids, transforms=build_transforms(train, augment, mapping), source=annotations.name)
+    base.ids = check.ids
+    base.check = check
     dataset = wrap_dataset_for_transforms_v2(base, target_keys={"image_id", "boxes", "masks", "labels"})
     dataset.mapping = mapping
     return dataset
@@ -288,6 +340,8 @@ def build_datasets(cfg: DataConfig, splits: Sequence[str] = ("train", "val"), pr
             max_images=cfg.max_train_images if split == "train" else cfg.max_val_images,
             mapping=mapping,
             key=f"data.{split}_images / data.{split}_annotations",
+            on_invalid=getattr(cfg, "on_invalid", "error"),
+            progress=progress,
         )
         if mapping is not None and sorted(ds.coco.cats) != mapping.coco_ids:
             raise DataError(f"The {split} annotations define other categories than the train annotations")
@@ -297,12 +351,19 @@ def build_datasets(cfg: DataConfig, splits: Sequence[str] = ("train", "val"), pr
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, num_workers: int, seed: int, pin_memory: bool = False) -> DataLoader:
+    """Training (``shuffle``): a resumable ``TrainSampler`` (order from seed and epoch, augmentation
+    seeded per sample); validation: the dataset in order."""
+    sampler = None
+    if shuffle:
+        sampler = TrainSampler(len(dataset), seed, shuffle=True)
+        dataset = SeededSamples(dataset)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate,
+        # Worker base seeds come from here, not from the global RNG (which the model's samplers use).
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=num_workers > 0,
         pin_memory=pin_memory,

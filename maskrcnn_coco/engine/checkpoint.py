@@ -1,24 +1,36 @@
-"""The checkpoint format: the one module that writes and reads a training checkpoint.
+"""The training state and its checkpoint format: the one module that writes and reads a checkpoint.
 
 A checkpoint is a dict of tensors and plain Python data (loadable with ``weights_only=True``):
-``format_version``, ``model``, ``optimizer``, ``lr_scheduler``, ``scaler``, ``epoch`` (the last
-finished epoch), ``num_classes``, ``categories`` (the category mapping), ``history`` (the epoch
-records by scalar tag) and whatever the caller adds (``config``). Files are written atomically.
+
+* ``format_version``, ``epoch`` (the last finished epoch), ``global_step`` (optimizer steps so far)
+* ``model``, ``optimizer``, ``lr_scheduler``, ``scaler``
+* ``rng``: Python, NumPy, torch CPU and CUDA generator states; ``sampler``: the training order's state
+* ``epoch_progress``: for a checkpoint written inside an epoch, the batches trained and their loss sums
+* ``num_classes``, ``categories`` (the category mapping), ``history`` (epoch records by scalar tag),
+  ``fit`` (the divergence reference and the best objective value so far), plus what the caller
+  adds (``config``)
+
+Files are written atomically (temp file + rename). Restoring everything, RNG and order included,
+makes a resumed CPU run bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from maskrcnn_coco.data.coco import CategoryMapping
+from maskrcnn_coco.engine.loop import EpochProgress
 from maskrcnn_coco.modeling.weights import WeightsError, load_weights_file
 from maskrcnn_coco.tracking.scalars import tag_record
 from maskrcnn_coco.utils.errors import ConfigError
@@ -28,28 +40,63 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 
 
+@dataclass
+class TrainingState:
+    """Everything a run trains and keeps: what sinks read and what a checkpoint holds."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any | None
+    scaler: Any | None
+    mapping: CategoryMapping
+    epochs: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    sampler: Any | None = None  # the training loader's sampler (set_epoch / state_dict)
+    global_step: int = 0
+    # Divergence reference (the first read-back's mean total) and the best objective so far.
+    fit: dict[str, Any] = field(default_factory=dict)
+
+
+def rng_state() -> dict[str, Any]:
+    """All random generators a training step may draw from, as plain data and tensors."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def training_state(
-    *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    lr_scheduler: Any | None,
-    scaler: Any | None,
-    mapping: CategoryMapping,
-    epoch: int,
-    history: Sequence[Mapping[str, Any]],
-    extra: Mapping[str, Any] | None = None,
+    state: TrainingState, epoch: int, *, progress: EpochProgress | None = None, extra: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Everything needed to continue training after ``epoch``."""
+    """The checkpoint dict after ``epoch`` finished epochs (plus ``progress`` into the next one)."""
     return {
         "format_version": FORMAT_VERSION,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None,
-        "scaler": scaler.state_dict() if scaler is not None else None,
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "lr_scheduler": state.lr_scheduler.state_dict() if state.lr_scheduler is not None else None,
+        "scaler": state.scaler.state_dict() if state.scaler is not None else None,
         "epoch": epoch,
-        "num_classes": mapping.num_classes,
-        "categories": mapping.state_dict(),
-        "history": [dict(r) for r in history],
+        "global_step": state.global_step,
+        "epoch_progress": progress.state_dict() if progress is not None else None,
+        "rng": rng_state(),
+        "sampler": state.sampler.state_dict() if hasattr(state.sampler, "state_dict") else None,
+        "num_classes": state.mapping.num_classes,
+        "categories": state.mapping.state_dict(),
+        "history": [dict(r) for r in state.history],
+        "fit": dict(state.fit),
         **(extra or {}),
     }
 
@@ -78,26 +125,62 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
         raise WeightsError(
             f"resume={path} is not a training checkpoint (no 'model' entry); use model.weights=... to start from its weights"
         )
+    if ckpt.get("interrupted_mid_iteration"):
+        raise WeightsError(
+            f"resume={path} was written after an interrupt inside an iteration, so its weights are not at a step "
+            "boundary; resume from last.pth in the same folder (the last finished epoch) instead"
+        )
     return ckpt
 
 
-def restore_training_state(
-    path: str | Path,
-    *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    lr_scheduler: Any | None,
-    scaler: Any | None,
-    mapping: CategoryMapping,
-) -> tuple[int, list[dict[str, Any]]]:
-    """Load a ``fit`` checkpoint into the run's objects; return (next epoch, history so far)."""
-    ckpt = load_training_checkpoint(path)
-    if ckpt.get("num_classes") not in (None, mapping.num_classes):
-        raise ConfigError(f"resume={path} was trained for {ckpt['num_classes']} classes, the data has {mapping.num_classes}")
-    model.load_state_dict(ckpt["model"])
-    for obj, key in ((optimizer, "optimizer"), (lr_scheduler, "lr_scheduler"), (scaler, "scaler")):
-        if obj is not None and ckpt.get(key) is not None:
-            obj.load_state_dict(ckpt[key])
+@dataclass
+class Resumed:
+    """Where a resumed run continues: the next epoch, the history so far, and a partial epoch if any."""
+
+    start_epoch: int
+    history: list[dict[str, Any]]
+    progress: EpochProgress | None
+    fit: dict[str, Any]
+
+
+def _restore_schedule(lr_scheduler: Any, saved: Mapping[str, Any], path: str | Path) -> None:
+    """Keep the schedule built from the current config (its horizon may be longer than the saved
+    one's) and restore only the position in it; say so when the horizon changed."""
+    saved_lambdas = saved.get("lr_lambdas") or []
+    current = [getattr(f, "__dict__", None) for f in getattr(lr_scheduler, "lr_lambdas", [])]
+    state = {k: v for k, v in saved.items() if k != "lr_lambdas"}
+    lr_scheduler.__dict__.update({k: v for k, v in state.items() if k in ("last_epoch", "_step_count", "base_lrs")})
+    old = next((d for d in saved_lambdas if d), None)
+    new = next((d for d in current if d), None)
+    if old and new and old.get("kwargs") != new.get("kwargs"):
+        before, after = old["kwargs"], new["kwargs"]
+        changed = ", ".join(f"{k} {before.get(k)} -> {after.get(k)}" for k in after if before.get(k) != after.get(k))
+        log.info("Schedule rebuilt for this run's config (%s); resuming at iteration %d of it.", changed, lr_scheduler.last_epoch)
+    # The optimizer's saved lrs belong to the old schedule: set them from the current one.
+    for group, base_lr, factor in zip(lr_scheduler.optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(lr_scheduler.last_epoch)
+    lr_scheduler._last_lr = [g["lr"] for g in lr_scheduler.optimizer.param_groups]
+
+
+def restore_training_state(path: str | Path, state: TrainingState, ckpt: Mapping[str, Any] | None = None) -> Resumed:
+    """Load a ``fit`` checkpoint into ``state``'s objects and the RNGs; return where to continue."""
+    ckpt = ckpt if ckpt is not None else load_training_checkpoint(path)
+    if ckpt.get("num_classes") not in (None, state.mapping.num_classes):
+        raise ConfigError(f"resume={path} was trained for {ckpt['num_classes']} classes, the data has {state.mapping.num_classes}")
+    state.model.load_state_dict(ckpt["model"])
+    if ckpt.get("optimizer") is not None:
+        state.optimizer.load_state_dict(ckpt["optimizer"])
+    if state.scaler is not None and ckpt.get("scaler") is not None:
+        state.scaler.load_state_dict(ckpt["scaler"])
+    if state.lr_scheduler is not None and ckpt.get("lr_scheduler") is not None:
+        _restore_schedule(state.lr_scheduler, ckpt["lr_scheduler"], path)
+    if ckpt.get("rng") is not None:
+        set_rng_state(ckpt["rng"])
     epoch = int(ckpt.get("epoch", 0))
-    log.info("Resumed from %s (epoch %d)", path, epoch)
-    return epoch + 1, [tag_record(r) for r in ckpt.get("history") or []]
+    state.global_step = int(ckpt.get("global_step", 0))
+    progress = EpochProgress.from_state_dict(ckpt["epoch_progress"]) if ckpt.get("epoch_progress") else None
+    where = f"epoch {epoch}" if progress is None else f"epoch {epoch + 1}, iteration {progress.iterations}"
+    log.info("Resumed from %s (%s)", path, where)
+    state.history = [tag_record(r) for r in ckpt.get("history") or []]
+    state.fit = dict(ckpt.get("fit") or {})
+    return Resumed(epoch + 1, state.history, progress, state.fit)

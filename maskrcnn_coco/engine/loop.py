@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -92,6 +93,68 @@ class GradNormMeter:
     def reset(self) -> None:
         self.sums, self.count = None, 0
 
+    def state_dict(self) -> dict[str, Any]:
+        """Partial-epoch sums, so a resumed epoch's means stay exact."""
+        return {"sums": None if self.sums is None else self.sums.tolist(), "count": self.count}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        device = next((p.device for params in self.groups.values() for p in params), torch.device("cpu"))
+        sums = state.get("sums")
+        self.sums = None if sums is None else torch.tensor(sums, dtype=torch.float32, device=device)
+        self.count = int(state.get("count", 0))
+
+
+@dataclass
+class EpochProgress:
+    """How far an interrupted epoch got: batches trained and the sums of their loss components, so
+    a resumed epoch continues from there with exact epoch means."""
+
+    iterations: int = 0
+    loss_sums: list[float] = field(default_factory=lambda: [0.0] * len(LOSS_COMPONENTS))
+    grad_norms: dict[str, Any] | None = None  # GradNormMeter.state_dict() of the partial epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"iterations": self.iterations, "loss_sums": list(self.loss_sums), "grad_norms": self.grad_norms}
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> EpochProgress:
+        return cls(int(state["iterations"]), [float(v) for v in state["loss_sums"]], state.get("grad_norms"))
+
+
+class TrainingStopped(Exception):
+    """``should_stop`` asked the epoch to end after a finished iteration; ``progress`` says where."""
+
+    def __init__(self, epoch: int, progress: EpochProgress):
+        super().__init__(f"training stopped in epoch {epoch} after {progress.iterations} iterations")
+        self.epoch, self.progress = epoch, progress
+
+
+class DivergenceError(FloatingPointError):
+    """A finite loss above the divergence threshold: stopped like a NaN."""
+
+
+class DivergenceGuard:
+    """The loss limit above which training stops like on a NaN: ``max_loss`` (absolute) and
+    ``factor`` times the run's first iteration's total (its ``reference``, read once per run)."""
+
+    def __init__(self, max_loss: float | None = None, factor: float | None = 1e4, reference: float | None = None):
+        self.max_loss, self.factor, self.reference = max_loss, factor, reference
+
+    @property
+    def limit(self) -> float:
+        limits = [math.inf if self.max_loss is None else self.max_loss]
+        if self.factor is not None and self.reference is not None:
+            limits.append(self.factor * self.reference)
+        return min(limits)
+
+    def describe(self) -> str:
+        parts = []
+        if self.max_loss is not None:
+            parts.append(f"train.max_loss={self.max_loss:g}")
+        if self.factor is not None and self.reference is not None:
+            parts.append(f"train.max_loss_factor={self.factor:g} x the first iteration's {self.reference:.4g}")
+        return " and ".join(parts) or "no limit"
+
 
 def train_one_epoch(
     model: nn.Module,
@@ -107,34 +170,52 @@ def train_one_epoch(
     grad_norms: GradNormMeter | None = None,
     print_freq: int = 20,
     progress: bool = True,
+    divergence: DivergenceGuard | None = None,
+    start: EpochProgress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Train for one pass over ``data_loader``; return the epoch mean of each loss component.
 
     The optimised loss is ``sum(loss_weights[k] * loss_k)``; the returned dict holds the raw
     (unweighted) components under torchvision's names and no total. ``lr_scheduler`` is stepped
-    every iteration. A non-finite total raises ``FloatingPointError`` naming the iteration, the
-    components and the image ids, at the next read-back (at most ``print_freq`` iterations later).
+    every iteration. A non-finite total, or one above ``divergence.limit``, raises ``FloatingPointError``
+    (``DivergenceError``) naming the iteration, the components and the image ids, at the next
+    read-back (at most ``print_freq`` iterations later).
+
+    ``start`` continues an interrupted epoch (the loader must already skip its batches);
+    ``should_stop`` is asked after every iteration (a host-side flag, no device sync) and ends the
+    epoch with ``TrainingStopped``; ``after_step(iteration)`` is called after every optimizer step.
     """
     device = torch.device(device)
     model.train()
     weights = _weight_vector(loss_weights, device)
-    sums = torch.zeros(len(LOSS_COMPONENTS), device=device)
+    start = start or EpochProgress()
+    sums = torch.tensor(start.loss_sums, dtype=torch.float32, device=device)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     # Iteration index kept on the device: torch.tensor(it, device=...) would copy from the host
     # every iteration, which stalls the host behind the GPU stream.
-    it_device = torch.zeros((), dtype=torch.long, device=device)
+    it_device = torch.full((), start.iterations, dtype=torch.long, device=device)
     bad_losses = torch.zeros(len(LOSS_COMPONENTS), device=device)
+    guard = divergence or DivergenceGuard(factor=None)
+    limit = torch.tensor(guard.limit, device=device)
     recent_ids: dict[int, list[Any]] = {}
-    n_batches = 0
+    n_batches = start.iterations
     params = [p for group in optimizer.param_groups for p in group["params"]]
     progress = progress and is_main_process()
     bar = tqdm(data_loader, desc=f"Epoch {epoch}", disable=not progress, dynamic_ncols=True, leave=False)
-    for it, (images, targets) in enumerate(bar):
+    for it, (images, targets) in enumerate(bar, start=start.iterations):
         images, targets = move_to_device(images, targets, device)
         with torch.autocast(device.type, enabled=scaler is not None):
             loss_dict = model(images, targets)
         components = _stack_losses(loss_dict)
         total = (components * weights).sum()
+        if guard.reference is None and guard.factor is not None:
+            # Once per run (a host sync): the reference the divergence limit is relative to.
+            first = float(total.detach())
+            if math.isfinite(first) and first > 0:
+                guard.reference = first
+                limit.fill_(guard.limit)
 
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -157,38 +238,74 @@ def train_one_epoch(
         detached = components.detach()
         sums += detached
         n_batches += 1
-        # Remember the first non-finite iteration without a host sync.
-        bad = ~torch.isfinite(total.detach()) & (first_bad < 0)
+        # Remember the first non-finite or diverged iteration without a host sync.
+        total_d = total.detach()
+        bad = (~torch.isfinite(total_d) | (total_d > limit)) & (first_bad < 0)
         first_bad = torch.where(bad, it_device, first_bad)
         bad_losses = torch.where(bad, detached, bad_losses)
         it_device += 1
         recent_ids[it] = [t.get("image_id") for t in targets]
+        if after_step is not None:
+            after_step(it)
 
         if (it + 1) % print_freq == 0:
-            _check_finite(first_bad, bad_losses, recent_ids, epoch)  # host sync point
+            _check_finite(first_bad, bad_losses, recent_ids, epoch, weights, guard)  # host sync point
             recent_ids.clear()
             if progress:
                 means = sums / n_batches
                 *values, total_mean = torch.cat([means, (means * weights).sum()[None]]).tolist()
                 postfix = {SHORT_NAMES[k]: f"{v:.3f}" for k, v in zip(LOSS_COMPONENTS, values)}
                 bar.set_postfix({**postfix, "total": f"{total_mean:.3f}"}, refresh=False)
+        if should_stop is not None and should_stop():
+            bar.close()
+            # Never hand out weights that are already non-finite or diverged.
+            _check_finite(first_bad, bad_losses, recent_ids, epoch, weights, guard)
+            raise TrainingStopped(epoch, EpochProgress(n_batches, sums.tolist()))
     bar.close()
     if n_batches == 0:
         raise ValueError("train_one_epoch got an empty data loader")
-    _check_finite(first_bad, bad_losses, recent_ids, epoch)
+    _check_finite(first_bad, bad_losses, recent_ids, epoch, weights, guard)
     return dict(zip(LOSS_COMPONENTS, (sums / n_batches).tolist()))
 
 
-def _check_finite(first_bad: torch.Tensor, bad_losses: torch.Tensor, ids: Mapping[int, list[Any]], epoch: int) -> None:
+def _check_finite(
+    first_bad: torch.Tensor,
+    bad_losses: torch.Tensor,
+    ids: Mapping[int, list[Any]],
+    epoch: int,
+    weights: torch.Tensor,
+    guard: DivergenceGuard,
+) -> None:
+    """Raise for the first bad iteration, ranking the likely causes from the evidence."""
     it = int(first_bad)
-    if it >= 0:
-        values = dict(zip(LOSS_COMPONENTS, bad_losses.tolist()))
-        culprits = [k for k, v in values.items() if not math.isfinite(v)]
-        raise FloatingPointError(
-            f"Non-finite loss at epoch {epoch}, iteration {it}: {', '.join(culprits) or 'total'} "
-            f"(components {values}); image ids {ids.get(it, '?')}. Check those images' annotations "
-            "(e.g. `python scripts/probe_losses.py`), lower optimizer.lr or set optimizer.clip_grad_norm."
+    if it < 0:
+        return
+    values = dict(zip(LOSS_COMPONENTS, bad_losses.tolist()))
+    optimised = [k for k, w in zip(LOSS_COMPONENTS, weights.tolist()) if w != 0]
+    culprits = [k for k, v in values.items() if not math.isfinite(v)]
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+    where = f"epoch {epoch}, iteration {it}"
+    images = f"image ids {ids.get(it, '?')}"
+    if not culprits:
+        total = sum(v * w for v, w in zip(values.values(), weights.tolist()))
+        raise DivergenceError(
+            f"Loss diverged at {where}: total {total:.4g} above the limit {guard.limit:.4g} ({guard.describe()}; {shown}; {images}). "
+            "The loss exploded across the batch: lower optimizer.lr or set optimizer.clip_grad_norm "
+            "(gradient clipping bounds the step, not the loss: with a far too high lr it only slows the divergence)."
         )
+    if len(culprits) >= max(2, len(optimised) - 1):
+        raise FloatingPointError(
+            f"Non-finite loss at {where}: {', '.join(culprits)} ({shown}; {images}). Every component "
+            "failed at once: the weights diverged, most likely a too high learning rate. Lower optimizer.lr or "
+            "set optimizer.clip_grad_norm; if it persists at a low lr, check those images' annotations "
+            "(python scripts/check_dataset.py, python scripts/probe_losses.py)."
+        )
+    raise FloatingPointError(
+        f"Non-finite loss at {where}: {', '.join(culprits)} ({shown}; {images}). Only "
+        f"{'this component' if len(culprits) == 1 else 'these components'} failed: check those images' "
+        "annotations first (python scripts/check_dataset.py, python scripts/probe_losses.py), then lower "
+        "optimizer.lr or set optimizer.clip_grad_norm."
+    )
 
 
 # ------------------------------------------------------------------------------ evaluation

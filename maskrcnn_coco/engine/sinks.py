@@ -12,35 +12,24 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
 from maskrcnn_coco.analysis.history import HISTORY_FILE
-from maskrcnn_coco.data.coco import CategoryMapping
-from maskrcnn_coco.engine.checkpoint import save_checkpoint, training_state
+from maskrcnn_coco.engine.checkpoint import TrainingState, save_checkpoint, training_state
+from maskrcnn_coco.engine.loop import EpochProgress
 from maskrcnn_coco.tracking.backends import ExperimentTracker, NullTracker, log_scalars
-from maskrcnn_coco.tracking.scalars import LOSS_COMPONENTS, TRAIN_TOTAL, VAL_TOTAL
+from maskrcnn_coco.tracking.scalars import LOSS_COMPONENTS, TRAIN_TOTAL, VAL_TOTAL, lower_is_better
 from maskrcnn_coco.utils.dist import is_main_process
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class FitState:
-    """What sinks may read (and checkpoint): the objects being trained and the history so far."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    lr_scheduler: Any | None
-    scaler: Any | None
-    mapping: CategoryMapping
-    epochs: int
-    history: list[dict[str, Any]] = field(default_factory=list)
+# The state sinks read: the one owned by the checkpoint module (kept under this name for readers of fit).
+FitState = TrainingState
 
 
 @dataclass
@@ -57,20 +46,32 @@ class EpochResult:
 
 
 class Sink:
-    """Base class: every hook is a no-op, so a sink overrides only what it needs."""
+    """Base class: every hook is a no-op, so a sink overrides only what it needs.
+
+    Order of calls per epoch: ``after_train`` (trained, before evaluation; only when the epoch is
+    evaluated), then ``after_epoch`` (with the evaluated record). ``on_progress`` marks a step
+    boundary inside an epoch (``checkpoint.every_n_iters``, or a stop signal when ``final``);
+    ``on_interrupt`` an interrupt inside an iteration (weights not at a step boundary).
+    """
 
     main_process_only = True
 
-    def before_fit(self, state: FitState) -> None:
+    def before_fit(self, state: TrainingState) -> None:
         pass
 
-    def after_epoch(self, state: FitState, result: EpochResult) -> None:
+    def after_train(self, state: TrainingState, epoch: int) -> None:
         pass
 
-    def on_interrupt(self, state: FitState, epoch: int) -> None:
-        """Training stopped during ``epoch`` (KeyboardInterrupt); weights are mid-epoch."""
+    def after_epoch(self, state: TrainingState, result: EpochResult) -> None:
+        pass
 
-    def after_fit(self, state: FitState) -> None:
+    def on_progress(self, state: TrainingState, epoch: int, progress: EpochProgress, final: bool) -> Path | None:
+        return None
+
+    def on_interrupt(self, state: TrainingState, epoch: int) -> None:
+        pass
+
+    def after_fit(self, state: TrainingState) -> None:
         pass
 
 
@@ -82,30 +83,74 @@ def _display_path(path: Path) -> str:
 
 
 class Checkpointer(Sink):
-    """``epoch_NNN.pth`` every ``every_n_epochs`` epochs and ``last.pth`` every epoch; ``interrupted.pth`` on Ctrl-C."""
+    """Checkpoints of the training state (format: ``maskrcnn_coco.engine.checkpoint``).
 
-    def __init__(self, directory: str | Path, every_n_epochs: int = 1, extra: Mapping[str, Any] | None = None):
+    * ``last.pth`` after every epoch, written before evaluation too, so a failing evaluation never
+      loses the trained epoch; ``epoch_NNN.pth`` every ``every_n_epochs`` epochs, the newest
+      ``keep_last`` of them kept (None: all);
+    * ``best.pth`` when the epoch's ``best_metric`` tag (e.g. ``mAP/segm_AP``) improves;
+    * inside an epoch: ``last.pth`` at ``on_progress`` (every N iterations), ``interrupted.pth`` at a
+      stop signal (resumable from that iteration), or after a raw KeyboardInterrupt (marked as not
+      at a step boundary, so it is refused for resuming).
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        every_n_epochs: int = 1,
+        extra: Mapping[str, Any] | None = None,
+        *,
+        keep_last: int | None = None,
+        best_metric: str | None = None,
+    ):
         self.directory = Path(directory)
         self.every_n_epochs = every_n_epochs
         self.extra = dict(extra or {})
+        self.keep_last = keep_last
+        self.best_metric = best_metric
 
-    def _state(self, state: FitState, epoch_done: int) -> dict[str, Any]:
-        return training_state(
-            model=state.model, optimizer=state.optimizer, lr_scheduler=state.lr_scheduler, scaler=state.scaler,
-            mapping=state.mapping, epoch=epoch_done, history=state.history, extra=self.extra,
-        )
-
-    def after_epoch(self, state: FitState, result: EpochResult) -> None:
+    def _write(self, state: TrainingState, epoch: int) -> Path:
+        snapshot = training_state(state, epoch, extra=self.extra)
         last = self.directory / "last.pth"
-        if self.every_n_epochs > 0 and result.epoch % self.every_n_epochs == 0:
-            path = save_checkpoint(self.directory / f"epoch_{result.epoch:03d}.pth", self._state(state, result.epoch), copies=[last])
-        else:
-            path = save_checkpoint(last, self._state(state, result.epoch))
+        if self.every_n_epochs > 0 and epoch % self.every_n_epochs == 0:
+            path = save_checkpoint(self.directory / f"epoch_{epoch:03d}.pth", snapshot, copies=[last])
+            self._prune()
+            return path
+        return save_checkpoint(last, snapshot)
+
+    def _prune(self) -> None:
+        if self.keep_last is None:
+            return
+        numbered = sorted(self.directory.glob("epoch_*.pth"))
+        for old in numbered[: max(len(numbered) - self.keep_last, 0)]:
+            old.unlink(missing_ok=True)
+
+    def after_train(self, state: TrainingState, epoch: int) -> None:
+        self._write(state, epoch)
+
+    def after_epoch(self, state: TrainingState, result: EpochResult) -> None:
+        improved = False
+        value = result.scalars.get(self.best_metric) if self.best_metric else None
+        if value is not None and math.isfinite(value):
+            best = state.fit.get("best_value")
+            if best is None or (value < best if lower_is_better(self.best_metric) else value > best):
+                state.fit.update(best_value=value, best_epoch=result.epoch, best_metric=self.best_metric)
+                improved = True
+        path = self._write(state, result.epoch)
+        if improved:
+            tmp = self.directory / "best.pth.tmp"
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, self.directory / "best.pth")
         result.checkpoint = path
 
-    def on_interrupt(self, state: FitState, epoch: int) -> None:
-        path = save_checkpoint(self.directory / "interrupted.pth", self._state(state, epoch - 1))
-        log.info("Interrupted during epoch %d: saved %s (weights mid-epoch %d).", epoch, _display_path(path), epoch)
+    def on_progress(self, state: TrainingState, epoch: int, progress: EpochProgress, final: bool) -> Path:
+        name = "interrupted.pth" if final else "last.pth"
+        return save_checkpoint(self.directory / name, training_state(state, epoch - 1, progress=progress, extra=self.extra))
+
+    def on_interrupt(self, state: TrainingState, epoch: int) -> None:
+        snapshot = {**training_state(state, epoch - 1, extra=self.extra), "interrupted_mid_iteration": True}
+        path = save_checkpoint(self.directory / "interrupted.pth", snapshot)
+        log.info("Interrupted during epoch %d: saved %s (weights mid-epoch %d; resume from last.pth).", epoch, _display_path(path), epoch)
 
 
 def format_epoch_summary(epoch: int, epochs: int, scalars: Mapping[str, float], checkpoint: str | Path | None = None) -> str:
@@ -170,12 +215,19 @@ class HistoryWriter(Sink):
 
 
 def default_sinks(
-    run_dir: str | Path, tracker: ExperimentTracker | None = None, *, checkpoint_every: int = 1, checkpoint_extra: Mapping[str, Any] | None = None
+    run_dir: str | Path,
+    tracker: ExperimentTracker | None = None,
+    *,
+    checkpoint_every: int = 1,
+    checkpoint_extra: Mapping[str, Any] | None = None,
+    keep_last: int | None = None,
+    best_metric: str | None = None,
 ) -> list[Sink]:
     """Checkpoints, the console block, the tracker and ``metrics.jsonl``, in that order."""
     run_dir = Path(run_dir)
     return [
-        Checkpointer(run_dir / "checkpoints", every_n_epochs=checkpoint_every, extra=checkpoint_extra),
+        Checkpointer(run_dir / "checkpoints", every_n_epochs=checkpoint_every, extra=checkpoint_extra,
+                     keep_last=keep_last, best_metric=best_metric),
         ConsoleSummary(),
         TrackerWriter(tracker),
         HistoryWriter(run_dir),

@@ -1,4 +1,14 @@
-"""COCO evaluation: model detections to COCO results, and pycocotools' COCOeval metrics."""
+"""COCO evaluation: model detections to COCO results, and pycocotools' COCOeval metrics.
+
+Two departures from calling COCOeval naively, both as detectron2 does:
+
+* The ground truth scored against is what training uses: annotations the data pipeline skips as
+  invalid (NaN boxes, undecodable segmentations, ...) are not scored either (crowd annotations stay:
+  COCOeval uses them to ignore detections). A dataset's ``coco`` is already cleaned when it is built;
+  any other ``COCO`` is checked here and a cleaned copy used.
+* ``segm`` results reach ``loadRes`` without their ``bbox``, so pycocotools computes each detection's
+  area from its mask, not its box, and APs/APm/APl sort masks by mask area like the ground truth.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +25,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from maskrcnn_coco.data.coco import CategoryMapping
+from maskrcnn_coco.data.validate import usable_ground_truth
 from maskrcnn_coco.tracking.scalars import METRIC_NAMES
 
 log = logging.getLogger(__name__)
@@ -55,17 +66,19 @@ def coco_metrics(
 ) -> dict[str, dict[str, float]]:
     """COCOeval's AP, AP50, AP75, APs, APm, APl per IoU type over ``image_ids``.
 
-    Values COCO leaves undefined (-1, e.g. APl when no object is large) are returned as NaN.
+    Values COCO leaves undefined (-1, e.g. APl when no object is large) are returned as NaN. The
+    ground truth is ``coco_gt`` without the annotations training skips (``usable_ground_truth``).
     """
+    coco_gt = usable_ground_truth(coco_gt)
     metrics: dict[str, dict[str, float]] = {}
     for iou_type in iou_types:
-        usable = [r for r in results if iou_type == "bbox" or "segmentation" in r]
+        usable = results_for_loadres(coco_gt, results, iou_type)
         if not usable:
             metrics[iou_type] = dict.fromkeys(METRIC_NAMES, 0.0)
             continue
         sink = io.StringIO()
         with contextlib.redirect_stdout(sink):
-            coco_dt = coco_gt.loadRes([dict(r) for r in usable])
+            coco_dt = coco_gt.loadRes(usable)
             ev = COCOeval(coco_gt, coco_dt, iouType=iou_type)
             ev.params.imgIds = sorted({int(i) for i in image_ids})
             ev.evaluate()
@@ -77,3 +90,26 @@ def coco_metrics(
             name: (float(v) if v >= 0 else float("nan")) for name, v in zip(METRIC_NAMES, ev.stats[:6])
         }
     return metrics
+
+
+def results_for_loadres(coco_gt: COCO, results: Sequence[Mapping[str, Any]], iou_type: str) -> list[dict[str, Any]]:
+    """Copies of ``results`` for ``coco_gt.loadRes`` and ``iou_type``.
+
+    For ``segm`` the ``bbox`` is dropped (loadRes would otherwise take the detection's area from
+    its box) and polygon or uncompressed-RLE segmentations are encoded as the compressed RLE that
+    loadRes needs, on the image's size from ``coco_gt``.
+    """
+    if iou_type != "segm":
+        return [dict(r) for r in results]
+    out = []
+    for r in results:
+        if "segmentation" not in r:
+            continue
+        res = {k: v for k, v in r.items() if k != "bbox"}
+        seg = res["segmentation"]
+        if isinstance(seg, list) or (isinstance(seg, dict) and isinstance(seg.get("counts"), list)):
+            image = coco_gt.imgs[r["image_id"]]
+            rles = mask_utils.frPyObjects(seg, image["height"], image["width"])
+            res["segmentation"] = mask_utils.merge(rles) if isinstance(rles, list) else rles
+        out.append(res)
+    return out

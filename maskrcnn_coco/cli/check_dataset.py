@@ -1,0 +1,153 @@
+"""Command line of the dataset checker (``python scripts/check_dataset.py [hydra overrides]``).
+
+The config is composed exactly as training composes it (``cli.probe.compose_config``: same
+``conf/``, schemas and overrides), and both splits go through the checks the data pipeline runs
+when it builds a dataset (``data.validate.check_split``), plus the slow, complete one: every image
+the split uses is opened and decoded, in threads, with a progress bar. No model is built.
+
+Exit status: 0 when training can start (problems it skips are reported), 1 when training would
+fail on this data (a missing or undecodable image with ``data.on_invalid=error``, no usable image,
+an unreadable annotation file, ...), 2 on bad input (config errors, unknown arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from maskrcnn_coco.cli.probe import compose_config
+from maskrcnn_coco.data.coco import CategoryMapping, load_coco, resolve_paths
+from maskrcnn_coco.data.validate import ON_INVALID, SplitCheck, check_split, format_record
+from maskrcnn_coco.utils.errors import ConfigError, UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Check a COCO-format dataset as training reads it, without training: annotations, image "
+        "files, image decoding and sizes, categories. Extra arguments are Hydra overrides, as in training "
+        "(e.g. data=coco data.root=/data/coco). Exit status: 0 training can start, 1 training would fail, "
+        "2 bad input.",
+    )
+    p.add_argument("--config", default=None, help="a config name in conf/ or a YAML path (default: the training config)")
+    p.add_argument("--examples", type=int, default=5, help="examples shown per kind of problem (default 5)")
+    p.add_argument("--workers", type=int, default=None, help="threads decoding images (default: min(8, CPU count))")
+    p.add_argument("--no-decode", action="store_true", help="skip decoding the images (only the cheap checks training runs at build)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def check_data_config(cfg: DictConfig) -> None:
+    """The data keys training needs, without resolving anything else of the config."""
+    missing = [f"data.{k}" for k in cfg.data if OmegaConf.is_missing(cfg.data, k)]  # resolves nothing
+    if missing:
+        hint = " (e.g. data.root=/data/coco)" if "data.root" in missing else ""
+        raise ConfigError(f"Missing required config value: {', '.join(missing)}{hint}")
+    if cfg.data.on_invalid not in ON_INVALID:
+        raise ConfigError(f"data.on_invalid={cfg.data.on_invalid!r}: use one of {', '.join(ON_INVALID)}")
+
+
+def _count_lines(title: str, records: Sequence[dict[str, Any]], examples: int) -> list[str]:
+    if not records:
+        return []
+    lines = [f"  {title}: {len(records)}"]
+    kinds: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        kinds.setdefault(r["kind"], []).append(r)
+    for kind, group in sorted(kinds.items(), key=lambda kv: -len(kv[1])):
+        lines.append(f"    {kind}: {len(group)}")
+        lines += [f"      {format_record(r)}" for r in group[:examples]]
+        if len(group) > examples:
+            lines.append(f"      ... and {len(group) - examples} more")
+    return lines
+
+
+def check_one_split(split: str, paths: dict[str, Path], cfg: DictConfig, args: argparse.Namespace, mapping_ids: list[int] | None) -> tuple[list[str], list[str], CategoryMapping | None]:
+    """(report lines, fatal problems, category mapping) of one split."""
+    data = cfg.data
+    images, annotations = paths[f"{split}_images"], paths[f"{split}_annotations"]
+    lines = [f"{split}: {annotations}", f"  image folder: {images}"]
+    if not annotations.is_file():
+        return lines, [f"{split}: annotation file not found: {annotations} (data.{split}_annotations)"], None
+    if not images.is_dir():
+        return lines, [f"{split}: image folder not found: {images} (data.{split}_images)"], None
+    try:
+        coco = load_coco(annotations)
+    except Exception as err:  # noqa: BLE001 - json and pycocotools errors alike: the file is unusable
+        return lines, [f"{split}: could not read {annotations}: {type(err).__name__}: {err}"], None
+    try:
+        mapping = CategoryMapping(list(coco.cats.values()))
+    except UserError as err:
+        return lines, [f"{split}: {err}"], None
+    fatal = []
+    if mapping_ids is not None and mapping.coco_ids != mapping_ids:
+        fatal.append(f"{split}: the annotation file defines other categories than the train annotations")
+    train = split == "train"
+    check: SplitCheck = check_split(
+        coco, images, train=train, drop_empty=train and data.drop_empty_train_images,
+        max_images=data.max_train_images if train else data.max_val_images, on_invalid=data.on_invalid,
+        decode=not args.no_decode, workers=args.workers, progress=not args.no_progress, desc=f"Decoding {split} images",
+    )
+    n_crowd = sum(1 for a in coco.dataset["annotations"] if a.get("iscrowd", 0))
+    used = f"{len(check.ids)} used" + (" for training" if train else "")
+    lines.append(f"  images: {len(coco.imgs)} listed, {check.selected} selected, {used}; "
+                 f"annotations: {len(coco.dataset['annotations']) + len(check.annotations.invalid)} ({n_crowd} crowd)")
+    lines += _count_lines("invalid annotations (skipped by training and evaluation)", check.annotations.invalid, args.examples)
+    lines += _count_lines("repaired annotations (kept)", check.annotations.repaired, args.examples)
+    verb = "stop training" if data.on_invalid == "error" else "dropped (data.on_invalid=drop)"
+    decoded = "" if check.decoded else ", images not decoded (--no-decode)"
+    lines += _count_lines(f"unusable images ({verb}{decoded})", check.bad_images, args.examples)
+    if check.empty_categories:
+        names = ", ".join(f"{name!r} (id {cid})" for cid, name in check.empty_categories)
+        lines.append(f"  categories without a training instance ({len(check.empty_categories)}): {names}")
+    if check.bad_images and data.on_invalid == "error":
+        fatal.append(f"{split}: {len(check.bad_images)} unusable images with data.on_invalid=error, e.g. "
+                     f"{format_record(check.bad_images[0])} (fix them, or set data.on_invalid=drop to skip them)")
+    if not check.ids:
+        fatal.append(f"{split}: no usable images")
+    if not any(line.startswith("    ") for line in lines) and not check.empty_categories:
+        lines.append("  no problems found")
+    return lines, fatal, mapping
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    flags = [a for a in extra if a.startswith("-")]
+    if flags:
+        parser.error(f"unrecognized arguments: {' '.join(flags)}")
+    try:
+        if args.examples < 0:
+            raise ConfigError("--examples must be >= 0")
+        cfg = compose_config(args.config, list(extra))
+        check_data_config(cfg)
+        paths = resolve_paths(cfg.data, progress=not args.no_progress)
+    except (UserError, OmegaConfBaseException) as err:
+        print(f"Error: {err}", file=sys.stderr)
+        return 2
+
+    how = "existence only (--no-decode)" if args.no_decode else "every used image decoded"
+    print(f"Dataset check: data={cfg.data.name}, data.on_invalid={cfg.data.on_invalid}, images: {how}\n")
+    fatal: list[str] = []
+    mapping_ids = None
+    for split in ("train", "val"):
+        lines, split_fatal, mapping = check_one_split(split, paths, cfg, args, mapping_ids)
+        if mapping is not None and mapping_ids is None:
+            mapping_ids = mapping.coco_ids
+        print("\n".join(lines) + "\n")
+        fatal += split_fatal
+    if fatal:
+        print("Training would fail:\n" + "\n".join(f"  - {f}" for f in fatal))
+        return 1
+    print("OK: training can start with this data.")
+    return 0
+
+
+def cli() -> None:
+    """Console script entry: ``main``'s return value is the exit status."""
+    sys.exit(main())
