@@ -19,8 +19,10 @@ from omegaconf import MISSING
 def config_dir() -> Path:
     """The shipped ``conf/`` folder: the repository's top-level ``conf/`` in a checkout (editable
     install), else the copy packaged inside the wheel as ``maskrcnn_coco/conf``."""
-    checkout = Path(__file__).resolve().parents[1] / "conf"
-    if (checkout / "config.yaml").is_file():
+    repo = Path(__file__).resolve().parents[1]
+    checkout = repo / "conf"
+    # pyproject.toml marks a checkout: in site-packages, parents[1]/conf could be another package's.
+    if (checkout / "config.yaml").is_file() and (repo / "pyproject.toml").is_file():
         return checkout
     packaged = Path(str(importlib.resources.files("maskrcnn_coco") / "conf"))
     if (packaged / "config.yaml").is_file():

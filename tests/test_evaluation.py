@@ -1,9 +1,16 @@
+import math
+
 import pytest
 import torch
 from pycocotools import mask as mask_utils
+from torch import nn
 
-from maskrcnn_coco.data.coco import CategoryMapping
-from maskrcnn_coco.evaluation.coco_eval import coco_metrics, predictions_to_coco
+from maskrcnn_coco.config import LOSS_COMPONENTS, AugmentConfig
+from maskrcnn_coco.data.coco import CategoryMapping, build_coco_dataset, load_coco, make_loader
+from maskrcnn_coco.engine import evaluate
+from maskrcnn_coco.evaluation.coco_eval import coco_metrics, predictions_to_coco, results_for_loadres
+
+from conftest import square_ann, write_coco_dataset
 
 
 def test_coco_metrics_from_ground_truth_results(tiny_data):
@@ -29,3 +36,77 @@ def test_predictions_to_coco_maps_labels_and_boxes():
     assert res["image_id"] == 42 and res["category_id"] == 9
     assert res["bbox"] == [1.0, 2.0, 4.0, 2.0] and res["score"] == pytest.approx(0.7)
     assert int(mask_utils.area(res["segmentation"])) == 8
+
+
+class Oracle(nn.Module):
+    """The loader's ground truth as detections, in loader order (the validation loader does not shuffle)."""
+
+    def __init__(self, loader):
+        super().__init__()
+        self.p = nn.Parameter(torch.zeros(()))
+        self.batches = [targets for _, targets in loader]
+
+    def forward(self, images, targets=None):
+        if self.training:
+            return dict.fromkeys(LOSS_COMPONENTS, self.p + 0.5)
+        return [{"boxes": t["boxes"], "labels": t["labels"], "scores": torch.ones(len(t["labels"])),
+                 "masks": t["masks"][:, None].float()} for t in self.batches.pop(0)]
+
+
+def nan_box_val_set(tmp_path):
+    cats = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
+    images = [{"id": i, "file_name": f"{i}.png", "height": 64, "width": 64} for i in (1, 2, 3)]
+    anns = [
+        square_ann(1, 1, 1, 4, 4, 20),
+        square_ann(2, 1, 2, 30, 30, 24),
+        {**square_ann(3, 2, 1, 10, 12, 24), "bbox": [10.0, float("nan"), 24.0, 24.0]},  # skipped as invalid
+        square_ann(4, 2, 2, 40, 40, 14),
+        square_ann(5, 3, 1, 0, 0, 30, iscrowd=1),
+    ]
+    return write_coco_dataset(tmp_path, cats, images, anns, split="val")
+
+
+def test_annotations_skipped_for_training_are_not_scored(tmp_path):
+    img_dir, ann_file = nan_box_val_set(tmp_path)
+    ds = build_coco_dataset(img_dir, ann_file, train=False, augment=AugmentConfig(hflip_prob=0.0), drop_empty=False)
+    loader = make_loader(ds, 2, shuffle=False, num_workers=0, seed=0)
+    _, metrics = evaluate(Oracle(loader), loader, "cpu", mapping=ds.mapping, progress=False)
+    for iou_type in ("bbox", "segm"):
+        assert metrics[iou_type]["AP"] == pytest.approx(1.0)  # was 0.944: the NaN box counted as a miss
+    assert 5 in ds.coco.anns and 3 not in ds.coco.anns  # crowd kept for COCOeval, invalid removed
+
+    # A COCO object that no dataset cleaned: coco_metrics scores against a cleaned copy.
+    raw = load_coco(ann_file)
+    results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0,
+                "segmentation": a["segmentation"]} for a in raw.anns.values() if a["id"] in (1, 2, 4)]
+    metrics = coco_metrics(raw, results, [1, 2, 3])
+    assert metrics["bbox"]["AP"] == pytest.approx(1.0) and metrics["segm"]["AP"] == pytest.approx(1.0)
+    assert 3 in raw.anns  # the caller's object is left alone
+
+
+def l_shape(x, y, size=40, width=4):
+    """An L of ``width`` px strokes in a ``size`` box: mask area small (< 32^2), box area medium."""
+    return [[x, y, x + width, y, x + width, y + size - width, x + size, y + size - width,
+             x + size, y + size, x, y + size]]
+
+
+def test_segm_size_ranges_use_mask_areas(tmp_path):
+    cats = [{"id": 1, "name": "a"}]
+    images = [{"id": 1, "file_name": "1.png", "height": 128, "width": 128}]
+    seg = l_shape(10, 10)
+    gt = {**square_ann(1, 1, 1, 10, 10, 40), "segmentation": seg, "area": 304.0}
+    _, ann_file = write_coco_dataset(tmp_path, cats, images, [gt], split="val")
+    coco = load_coco(ann_file)
+    rle = mask_utils.merge(mask_utils.frPyObjects(seg, 128, 128))
+    assert 16**2 < mask_utils.area(rle) < 32**2 < 40 * 40 < 96**2
+    hit = {"image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "score": 0.9, "segmentation": seg}
+    # A false positive of the same shape elsewhere, scored higher: it belongs to the small range.
+    miss = {**hit, "bbox": [70, 70, 40, 40], "score": 0.95, "segmentation": l_shape(70, 70)}
+    prepared = results_for_loadres(coco, [hit, miss], "segm")
+    assert all("bbox" not in r for r in prepared) and all(isinstance(r["segmentation"], dict) for r in prepared)
+    coco_dt = coco.loadRes(prepared)
+    assert [a["area"] for a in coco_dt.anns.values()] == [mask_utils.area(rle)] * 2  # not 1600, the box's
+    metrics = coco_metrics(coco, [hit, miss], [1], iou_types=("segm",))["segm"]
+    # With box areas the false positive would be "medium" and APs a perfect 1.0.
+    assert metrics["APs"] == pytest.approx(metrics["AP"]) and metrics["APs"] < 0.6
+    assert math.isnan(metrics["APm"])

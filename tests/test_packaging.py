@@ -98,14 +98,19 @@ def test_wheel_ships_every_module_and_yaml(installed):
     assert "maskrcnn-probe = maskrcnn_coco.cli.probe:cli" in entry_points
 
 
-def test_wheel_copy_is_imported_and_finds_its_conf(installed, tmp_path):
-    code = ("import maskrcnn_coco; from maskrcnn_coco.config import config_dir; "
-            "print(maskrcnn_coco.__file__); print(config_dir())")
+def test_wheel_copy_is_imported_finds_its_conf_and_runs_probe_script(installed, tmp_path):
+    # One interpreter (one torch import) for both checks: which copy is imported, then the
+    # maskrcnn-probe console script, run as the launcher would run it.
+    script = installed.target / "bin" / "maskrcnn-probe"
+    code = ("import runpy, sys; import maskrcnn_coco; from maskrcnn_coco.config import config_dir; "
+            "print(maskrcnn_coco.__file__); print(config_dir()); "
+            f"sys.argv = [{str(script)!r}, '--help']; runpy.run_path(sys.argv[0], run_name='__main__')")
     proc = _run([installed.python, "-c", code], cwd=tmp_path, env=installed.env)
-    package_file, conf = (Path(line) for line in proc.stdout.strip().splitlines()[-2:])
-    assert package_file == installed.target / "maskrcnn_coco" / "__init__.py", proc.stdout
-    assert conf == installed.target / "maskrcnn_coco" / "conf", proc.stdout
-    assert REPO not in conf.parents
+    package_file, conf, *help_text = proc.stdout.splitlines()
+    assert Path(package_file) == installed.target / "maskrcnn_coco" / "__init__.py", proc.stdout
+    assert Path(conf) == installed.target / "maskrcnn_coco" / "conf", proc.stdout
+    assert help_text[0].startswith("usage: maskrcnn-probe"), proc.stdout
+    assert "--num-batches" in proc.stdout
 
 
 def _train_overrides(runs: Path) -> list[str]:
@@ -134,10 +139,3 @@ def test_python_m_trains_outside_the_checkout(installed, tmp_path):
     proc = subprocess.run([str(installed.python), "-m", "maskrcnn_coco", *_train_overrides(runs)], cwd=tmp_path,
                           env=installed.env, capture_output=True, text=True, timeout=300, check=False)
     _check_training(proc, runs)
-
-
-def test_probe_console_script_help(installed, tmp_path):
-    script = installed.target / "bin" / "maskrcnn-probe"
-    proc = _run([installed.python, script, "--help"], cwd=tmp_path, env=installed.env)
-    assert proc.stdout.startswith("usage: maskrcnn-probe"), proc.stdout
-    assert "--num-batches" in proc.stdout

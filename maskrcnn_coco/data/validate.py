@@ -97,7 +97,7 @@ def _polygons(segmentation: list) -> tuple[str | None, list | None, list[float] 
                 total = sum(part)  # C speed; NaN/Inf anywhere makes it non-finite
             except TypeError:
                 total = None
-            if total is None or any(isinstance(v, bool) for v in part):
+            if total is None:
                 problem = "polygon coordinates are not all numbers"
             elif not math.isfinite(total):
                 problem = "polygon has NaN/Inf coordinates"
@@ -147,26 +147,34 @@ def _iou(a: Sequence[float], b: Sequence[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def check_annotation(ann: Mapping[str, Any], image: Mapping[str, Any] | None, known_ids: Iterable[int]) -> tuple[str | None, str | None, list | None]:
+def check_annotation(
+    ann: Mapping[str, Any], image: Mapping[str, Any] | None, known_ids: Iterable[int], *, record_problem: str | bool | None = True
+) -> tuple[str | None, str | None, list | None]:
     """``(kind, problem, repaired)`` for one annotation.
 
     ``kind``/``problem`` say why it cannot be used (both None if it can); ``repaired`` is its list
     of polygons without the degenerate parts when some had to be removed (else None).
+    ``record_problem``: the image record's problem when the caller already knows it (None: none).
     """
     if image is None:
         return UNKNOWN_IMAGE, f"image_id {ann.get('image_id')} is not in the images list", None
-    record_problem = image_record_problem(image)
+    if record_problem is True:
+        record_problem = image_record_problem(image)
     if record_problem:
         return BAD_IMAGE_RECORD, f"its image {ann.get('image_id')}: {record_problem}", None
     category = ann.get("category_id")
-    if not _integral(category) or int(category) not in known_ids:
+    if not (type(category) is int or _integral(category)) or int(category) not in known_ids:
         return UNKNOWN_CATEGORY, f"unknown category_id {ann.get('category_id')!r}", None
     bbox = ann.get("bbox")
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
         return BAD_BBOX, f"bbox {bbox!r} is not [x, y, width, height]", None
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox):
-        return BAD_BBOX, f"bbox {list(bbox)} has NaN/Inf", None
     x, y, w, h = bbox
+    try:
+        finite = math.isfinite(x + y + w + h)  # NaN/Inf anywhere makes the sum non-finite
+    except TypeError:  # strings, None, ...
+        return BAD_BBOX, f"bbox {list(bbox)!r} is not 4 numbers", None
+    if not finite:
+        return BAD_BBOX, f"bbox {list(bbox)} has NaN/Inf", None
     if w <= 0 or h <= 0:
         return BAD_BBOX, f"bbox {list(bbox)} has non-positive width/height", None
     if x >= image["width"] or y >= image["height"] or x + w <= 0 or y + h <= 0:
@@ -213,6 +221,7 @@ def validate_annotations(coco: Any) -> AnnotationReport:
     """Check every annotation of a pycocotools ``COCO`` (crowd ones included)."""
     known = set(coco.cats)
     imgs = coco.imgs
+    record_problems = {i: image_record_problem(img) for i, img in imgs.items()}
     report = AnnotationReport()
     seen: set[Any] = set()
     for ann in coco.dataset.get("annotations", []):
@@ -222,7 +231,7 @@ def validate_annotations(coco: Any) -> AnnotationReport:
             kind, problem, repaired = DUPLICATE_ID, f"annotation id {ann_id} is used more than once (the first is kept)", None
         else:
             seen.add(ann_id)
-            kind, problem, repaired = check_annotation(ann, image, known)
+            kind, problem, repaired = check_annotation(ann, image, known, record_problem=record_problems.get(ann.get("image_id")))
         if kind is None and repaired is None:
             continue
         record = {
