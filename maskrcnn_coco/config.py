@@ -168,6 +168,10 @@ class OptimizerConfig:
     # A torch.optim class as a Hydra partial, completed in code with params and lr. Empty here so
     # that the keys of one optimizer file (SGD's momentum) never leak into another (AdamW).
     factory: Dict[str, Any] = field(default_factory=dict)
+    # none: lr as given, whatever the number of processes; linear: lr * total batch / reference_batch_size
+    # (total batch = data.batch_size x world size), so a recipe keeps its per-image step size.
+    scale_lr: str = "none"
+    reference_batch_size: int = 16
 
 
 @dataclass
@@ -227,6 +231,8 @@ class TrainConfig:
     # first iteration's loss (null disables either); no checkpoint is written from diverged weights.
     max_loss: Optional[float] = None
     max_loss_factor: Optional[float] = 1.0e4
+    # Distributed runs (torchrun / SLURM): BatchNorm statistics synchronised across processes (CUDA only).
+    sync_bn: bool = False
 
 
 @dataclass

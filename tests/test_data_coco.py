@@ -1,3 +1,4 @@
+import json
 import logging
 import math
 import re
@@ -325,3 +326,28 @@ def test_16bit_png_through_the_dataset(tmp_path):
     image, _ = ds[0]
     assert image.shape == (3, 48, 64)
     assert torch.allclose(image[:, :, :32], torch.tensor(100 / 255)) and torch.allclose(image[:, :, 32:], torch.tensor(1.0))
+
+
+def test_duplicate_ids_and_bad_image_records(tmp_path):
+    images = [{"id": 1, "file_name": "1.png", "height": 48, "width": 64}, {"id": 2, "file_name": "2.png", "height": 48, "width": 64}]
+    anns = [
+        square_ann(1, 1, 3, 4, 4, 10),
+        square_ann(1, 1, 7, 30, 20, 12),  # the same id again: scored twice by COCOeval otherwise
+        square_ann(2, 2, 3, 4, 4, 10),
+        {**square_ann(3, 1, 3, 0, 0, 30, iscrowd=1), "segmentation": {"size": [10, 10], "counts": [100]}},
+    ]
+    img_dir, ann_file = write_coco_dataset(tmp_path, CATS, images, anns)
+    problems = find_invalid_annotations(load_coco(ann_file))
+    assert [(p["annotation_id"], p["kind"], p["iscrowd"]) for p in problems] == [
+        (1, "duplicate annotation id", 0), (3, "bad segmentation", 1)]
+    ds = build_coco_dataset(img_dir, ann_file, train=True, augment=NO_AUG, drop_empty=True)
+    assert len(ds.coco.dataset["annotations"]) == 2 and ds.coco.anns[1]["category_id"] == 3
+    _, target = ds[0]
+    assert target["labels"].tolist() == [1]
+
+    data = json.loads(ann_file.read_text())
+    del data["images"][1]["width"]
+    ann_file.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=re.escape("image 2 (2.png): width=None, height=48: not positive integers")):
+        build_coco_dataset(img_dir, ann_file, train=True, augment=NO_AUG, drop_empty=False)
+    assert build_coco_dataset(img_dir, ann_file, train=True, augment=NO_AUG, drop_empty=False, on_invalid="drop").ids == [1]

@@ -13,6 +13,7 @@ from maskrcnn_coco.cli.probe import main
 from maskrcnn_coco.config import LOSS_COMPONENTS
 from maskrcnn_coco.engine import move_to_device
 from maskrcnn_coco.probe.core import check_per_level_sums, probe_batch, run_probe
+from maskrcnn_coco.probe.report import format_batch, format_comparison, write_reports
 
 from conftest import REPO, TINY_MODEL_OVERRIDES, TINY_OVERRIDES, square_ann, write_coco_dataset
 
@@ -182,7 +183,7 @@ def test_weights_and_compare(tmp_path, tiny_data, capsys):
     mean_a = sum(r["loss_components"]["loss_classifier"] for r in random_cls) / 2
     assert float(lines["loss_classifier"][1]) == pytest.approx(mean_a, abs=1e-4)
     assert float(lines["loss_classifier"][2]) == pytest.approx(math.log(4), abs=1e-4)
-    assert float(lines["loss_classifier"][3]) == pytest.approx(math.log(4) / mean_a, abs=0.01)
+    assert float(lines["loss_classifier"][3].rstrip("*")) == pytest.approx(math.log(4) / mean_a, abs=0.01)
 
 
 @pytest.mark.parametrize(
@@ -234,3 +235,67 @@ def test_per_level_sums_on_torchvision_models(tiny_data, arch):
     assert check_per_level_sums(record) == []
     assert [s["level"] for s in record["batch_stats"]["per_level_stats"]] == ["0", "1", "2", "3", "pool"]
     assert not [w for w in record["warnings"] if w["code"] in ("per_level_mismatch", "constant_predictions")]
+
+
+def fake_record(batch_idx, box_reg, roi_pos, level_box_reg):
+    """A probe record with only what the comparison reads: components, per level, sampling."""
+    components = dict.fromkeys(LOSS_COMPONENTS, 0.5) | {"loss_box_reg": box_reg}
+    return {
+        "batch_idx": batch_idx,
+        "loss_components": {**components, "total": sum(components.values())},
+        "weighted_components": {**components, "total": sum(components.values())},
+        "per_level_losses": {k: {"0": components[k], "1": 0.0} for k in LOSS_COMPONENTS} | {"loss_box_reg": level_box_reg},
+        "sampling": {"rpn_sampled_anchors": 512, "rpn_positive_anchors": 20, "roi_sampled_proposals": 1024,
+                     "roi_positive_proposals": roi_pos, "mask_positive_proposals": roi_pos},
+        "batch_stats": {"per_level_stats": [{"level": "0", "positive_anchors": 12}, {"level": "1", "positive_anchors": 8}]},
+    }
+
+
+def test_compare_shows_the_sampling_beside_each_ratio():
+    """box_reg 1.42x "worse" after training, while the positive proposals went from 28 to 111."""
+    a = [fake_record(0, 0.1, 28, {"0": 0.1, "1": 0.0})]
+    b = [fake_record(0, 0.142, 111, {"0": 0.142, "1": 0.0})]
+    table = format_comparison(a, b, "loss_random", "loss_trained", verbose=True)
+    (row,) = [line for line in table.splitlines() if line.startswith("loss_box_reg ")]
+    assert row.split()[3] == "1.42*" and "RoI pos/sampled proposals 28/1024 -> 111/1024" in row
+    (note,) = [line for line in table.splitlines() if line.startswith("  loss_box_reg:")]
+    # Per positive: 0.142 * 1024 / 111 against 0.1 * 1024 / 28.
+    assert "positives per sampled x3.96 (28 -> 111 per batch)" in note
+    assert f"per positive, B/A = {0.142 * 28 / (0.1 * 111):.2f}" in note
+    (objectness,) = [line for line in table.splitlines() if line.startswith("loss_objectness ")]
+    assert "*" not in objectness and "RPN pos/sampled anchors 20/512 -> 20/512" in objectness
+    # A ratio of 0/0 is a dash, never nan; the RPN's per-level rows carry their positive anchors.
+    (level_1,) = [line for line in table.splitlines() if line.strip().startswith("loss_box_reg@1")]
+    assert level_1.split()[-1] == "\u2014" and "nan" not in table
+    assert "RPN positive anchors 12 -> 12" in table
+    assert "A: loss_random" in table.splitlines()[0] and "B: loss_trained" in table.splitlines()[0]
+
+
+def test_verbose_levels_say_which_rule_places_an_object(tiny_model, tiny_data):
+    images, targets = first_batch(tiny_data.train_loader)
+    record = probe_batch(tiny_model, images, targets)
+    levels = record["batch_stats"]["per_level_stats"]
+    total = record["batch_stats"]["total_objects"]
+    assert sum(s["gt_objects"] for s in levels) == sum(s["gt_objects_roi"] for s in levels) == total
+    # Objects sit on the level of the nearest anchor size (16, 32, 64 px here), where the RPN matches them.
+    sizes = torch.cat([t["boxes"] for t in targets]).float()
+    side = ((sizes[:, 2] - sizes[:, 0]) * (sizes[:, 3] - sizes[:, 1])).sqrt()
+    expected = torch.bincount((side.log2() - torch.tensor([[4.0, 5.0, 6.0]]).T).abs().argmin(dim=0), minlength=3)
+    assert [s["gt_objects"] for s in levels] == expected.tolist()
+    text = format_batch(record, verbose=True)
+    header = next(line for line in text.splitlines() if line.strip().startswith("level"))
+    assert header.split() == ["level", "stride", "grid", "anchors", "gt(anch)", "density", "pos", "anch", "gt(RoI)"]
+    assert "gt(anch): objects whose size sqrt(w*h) is nearest this level's anchor sizes" in text
+    assert "pos anch: anchors the RPN sampler drew as positive here" in text
+    assert "gt(RoI): objects whose box the RoI pooler maps here" in text
+
+
+def test_the_plot_names_its_weights_and_split(tiny_model, tiny_data, tmp_path):
+    from PIL import Image
+
+    records = run_probe(tiny_model, tiny_data.val_loader, "cpu", num_batches=1, progress=False)
+    weights = "runs/maskrcnn/multirun/x/0_optimizer.head_lr_multiplier=1/checkpoints/last.pth"
+    run = {"config": "config", "weights": weights, "backbone_weights": None, "seed": 0, "split": "val"}
+    png = [p for p in write_reports(records, run, tmp_path, "json") if p.suffix == ".png"][0]
+    title = Image.open(png).text["Title"]
+    assert f"weights: {weights}" in title and "split: val" in title and "1 batches" in title

@@ -3,19 +3,27 @@ import inspect
 import math
 
 import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from maskrcnn_coco.config import register_configs
 from maskrcnn_coco.tracking import (
+    KEY_HPARAMS,
     CompositeTracker,
     CSVTracker,
     ExperimentTracker,
+    GuardedTracker,
+    Hyperparams,
     NullTracker,
     TensorBoardTracker,
     flatten_params,
     log_training_metrics,
 )
 from maskrcnn_coco.tracking.scalars import epoch_scalars
+
+from conftest import REPO
 
 COMPONENTS = {"loss_classifier": 0.5, "loss_box_reg": 0.25, "loss_mask": 1.0, "loss_objectness": 0.125, "loss_rpn_box_reg": 0.0625}
 METRICS = {"bbox": {"AP": 0.5, "AP50": 0.75, "AP75": 0.5, "APs": 0.25, "APm": 0.5, "APl": float("nan")},
@@ -182,7 +190,8 @@ def test_float_losses_are_backward_compatible(tmp_path):
 
 def test_hyperparams_go_into_the_runs_own_event_file(tmp_path):
     tb = TensorBoardTracker(tmp_path)
-    tb.log_hyperparams({"optimizer": {"lr": 0.02, "groups": {"heads": {"prefixes": ["roi_heads"]}}}, "epochs": 3, "resume": None})
+    params = {"optimizer": {"lr": 0.02, "groups": {"heads": {"prefixes": ["roi_heads"]}}}, "epochs": 3, "resume": None}
+    tb.log_hyperparams(Hyperparams(params, overrides=["optimizer.groups.heads.prefixes=[roi_heads]", "resume=null"]))
     tb.log_scalar("loss/val", 1.0, 1)
     tb.close()
     assert [p for p in tmp_path.iterdir() if p.is_dir()] == []  # no stray sub-run
@@ -211,3 +220,132 @@ def test_composite_fans_out_and_csv_reads_back(tmp_path):
 def test_flatten_params():
     assert flatten_params({"a": {"b": 1, "c": [1, 2]}, "d": None}) == {"a.b": 1, "a.c": "[1, 2]", "d": "None"}
     assert math.isclose(flatten_params({"x": 0.5})["x"], 0.5)
+
+
+# ------------------------------------------------------------------ new backends, layout, HParams
+@pytest.mark.parametrize("path", ["maskrcnn_coco.tracking.backends.GuardedTracker",
+                                  "maskrcnn_coco.tracking.mlflow_tracker.MLflowTracker",
+                                  "maskrcnn_coco.tracking.wandb_tracker.WandbTracker"])
+def test_new_backends_implement_the_protocol_signatures(path):
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)  # importable without the optional library
+    for method in PROTOCOL_METHODS:
+        assert signature_shape(getattr(cls, method)) == signature_shape(getattr(ExperimentTracker, method)), f"{name}.{method}"
+
+
+def custom_scalars_layout_of(acc):
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    events = acc.Tensors("custom_scalars__config__")
+    return layout_pb2.Layout.FromString(events[-1].tensor_proto.string_val[0])  # TensorBoard shows the latest
+
+
+def test_custom_scalars_layout_pairs_train_and_val_and_names_only_logged_tags(tmp_path):
+    import re
+
+    tb = TensorBoardTracker(tmp_path)
+    lr = {"backbone": 0.01, "heads": 0.1, "rpn": 0.02}
+    log_training_metrics(tb, 1, COMPONENTS, COMPONENTS, METRICS, lr, extra={"grad_norm/heads": 1.5, "grad_norm/rpn": 0.5})
+    tb.close()
+    scalars, acc = read_scalars(tmp_path)
+    assert "custom_scalars__config__" in acc.PluginTagToContent("custom_scalars")
+    layout = custom_scalars_layout_of(acc)
+    charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
+    for name in COMPONENTS:
+        assert charts[name] == [f"loss/train_{name}$", f"loss/val_{name}$"]
+    assert charts["total"] == ["loss/train_total$", "loss/val$"]
+    assert charts["lr (all groups)"] == ["lr/.*"] and charts["grad_norm (all groups)"] == ["grad_norm/.*"]
+    assert charts["AP (segm, bbox)"] == ["mAP/segm_AP$", "mAP/bbox_AP$"]
+    # Every regex names a logged tag (TensorBoard matches from the start of the tag).
+    for title, regexes in charts.items():
+        for regex in regexes:
+            assert [t for t in scalars if re.match(regex, t)], (title, regex)
+    assert sorted(t for t in scalars if re.match("lr/.*", t)) == ["lr/backbone", "lr/heads", "lr/rpn"]
+
+
+def test_layout_leaves_out_charts_of_tags_never_logged(tmp_path):
+    tb = TensorBoardTracker(tmp_path)
+    log_training_metrics(tb, 1, {"loss_mask": 0.5}, None, None, None)  # no validation, no lr, no AP
+    tb.close()
+    _, acc = read_scalars(tmp_path)
+    layout = custom_scalars_layout_of(acc)
+    charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
+    assert charts == {"total": ["loss/train_total$"], "loss_mask": ["loss/train_loss_mask$"]}
+
+
+def hparams_content(acc, tag):
+    return plugin_data_pb2.HParamsPluginData.FromString(acc.PluginTagToContent("hparams")[tag])
+
+
+def test_hparams_show_the_curated_keys_and_the_overridden_ones_with_final_metrics(tmp_path):
+    register_configs()
+    overrides = ["data.augment.vflip_prob=0.5", "optimizer.lr=0.01"]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    tb = TensorBoardTracker(tmp_path)
+    tb.log_hyperparams(Hyperparams(OmegaConf.to_container(cfg, resolve=True), overrides=overrides))
+    log_training_metrics(tb, 1, COMPONENTS, COMPONENTS, METRICS, 0.01)
+    log_training_metrics(tb, 2, COMPONENTS, COMPONENTS, {"segm": {"AP": 0.6}, "bbox": {"AP": 0.7}}, 0.01)
+    tb.close()
+    scalars, acc = read_scalars(tmp_path)
+
+    start = hparams_content(acc, "_hparams_/session_start_info").session_start_info
+    assert set(start.hparams) == {*KEY_HPARAMS, "data.augment.vflip_prob"}
+    assert "data.augment.hflip_prob" not in start.hparams  # not overridden: only in the config text
+    assert start.hparams["optimizer.lr"].number_value == pytest.approx(0.01)
+    assert start.hparams["data.augment.vflip_prob"].number_value == pytest.approx(0.5)
+    assert start.hparams["model.arch"].string_value == cfg.model.arch
+    assert "hflip_prob" in acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+
+    experiment = hparams_content(acc, "_hparams_/experiment").experiment
+    metric_tags = [m.name.tag for m in experiment.metric_infos]
+    assert metric_tags[0] == "mAP/segm_AP"
+    assert set(metric_tags) <= set(scalars)  # the HParams table reads each metric's last value from these
+    assert scalars["mAP/segm_AP"][-1] == (2, pytest.approx(0.6))
+    assert {h.name for h in experiment.hparam_infos} == set(start.hparams)
+    end = hparams_content(acc, "_hparams_/session_end_info").session_end_info
+    assert end.status == 1  # STATUS_SUCCESS
+
+
+def test_hparams_session_of_a_run_that_raised_ends_as_failed(tmp_path):
+    tb = TensorBoardTracker(tmp_path)
+    tb.log_hyperparams({"seed": 0})
+    with pytest.raises(RuntimeError):
+        try:
+            raise RuntimeError("training failed")
+        finally:
+            tb.close()
+    _, acc = read_scalars(tmp_path)
+    assert hparams_content(acc, "_hparams_/session_end_info").session_end_info.status == 2  # STATUS_FAILURE
+
+
+class RaisingTracker(ListTracker):
+    def log_scalar(self, tag, value, step):
+        raise ConnectionError("server down")
+
+
+def test_a_raising_tracker_is_one_warning_and_the_others_keep_logging(caplog):
+    raising, healthy = RaisingTracker(), ListTracker()
+    both = CompositeTracker([GuardedTracker(raising, name="remote"), GuardedTracker(healthy, name="local")])
+    both.log_hyperparams({"seed": 1})
+    for epoch in (1, 2, 3):
+        log_training_metrics(both, epoch, {"loss_mask": 0.5}, None, None, 0.1)
+    both.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= 30]
+    assert len(warnings) == 1
+    assert "'remote' failed in log_scalar" in warnings[0] and "ConnectionError: server down" in warnings[0]
+    assert len(healthy.scalars) == 9 and healthy.closed and raising.closed
+
+
+def test_a_guard_lets_stop_signals_through():
+    class Stop(Exception):
+        pass
+
+    class Stopping(ListTracker):
+        def flush(self):
+            raise Stop
+
+    with pytest.raises(Stop):
+        GuardedTracker(Stopping(), propagate=(Stop,)).flush()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -46,9 +47,16 @@ SUMMARY_COLUMNS = ("job", "varied", "overrides", "epochs", *SUMMARY_TAGS, "best_
 MAX_DIRNAME = 120
 
 
+# Set by the launching process (on_multirun_start) for job processes that do not see its command
+# line: submitit's local and SLURM launchers run each job in a process of its own.
+SWEPT_KEYS_ENV = "MASKRCNN_COCO_SWEPT_KEYS"
+
+
 def swept_keys(argv: Sequence[str], sweeper_params: Mapping[str, Any] | None) -> set[str]:
     """Keys a multirun varies: sweep-syntax overrides on the command line plus the sweeper's params."""
     keys = set(sweeper_params or {})
+    if os.environ.get(SWEPT_KEYS_ENV):
+        return keys | set(os.environ[SWEPT_KEYS_ENV].split(","))
     candidates = [a for a in argv if "=" in a and not a.startswith("-")]
     try:
         parsed = OverridesParser.create().parse_overrides(candidates)
@@ -186,7 +194,15 @@ def write_sweep_summary(sweep_dir: str | Path, metric: str = DEFAULT_OBJECTIVE) 
 class SweepSummaryCallback(Callback):
     """Hydra callback (``hydra.callbacks`` in ``conf/config.yaml``): summarise a finished multirun."""
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        params = config.hydra.sweeper.get("params") if "sweeper" in config.hydra else None
+        params = OmegaConf.to_container(params) if isinstance(params, DictConfig) else params
+        keys = swept_keys(sys.argv[1:], params)
+        if keys:
+            os.environ[SWEPT_KEYS_ENV] = ",".join(sorted(keys))
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        os.environ.pop(SWEPT_KEYS_ENV, None)
         sweep_dir = Path(config.hydra.sweep.dir)
         metric = config.get("objective", {}).get("metric", DEFAULT_OBJECTIVE)
         table = write_sweep_summary(sweep_dir, metric)

@@ -6,6 +6,7 @@ model builder, weight loading and loss weights.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from dataclasses import dataclass
@@ -23,13 +24,16 @@ from maskrcnn_coco.data.coco import CategoryMapping, DataBundle, build_data
 from maskrcnn_coco.engine.checkpoint import TrainingState, load_training_checkpoint, restore_training_state
 from maskrcnn_coco.engine.fit import fit
 from maskrcnn_coco.engine.loop import DivergenceGuard
+from maskrcnn_coco.engine.signals import StopRequested
 from maskrcnn_coco.engine.sinks import default_sinks
 from maskrcnn_coco.modeling.build import build_model
 from maskrcnn_coco.modeling.weights import WeightsError, is_local_path
 from maskrcnn_coco.solver.param_groups import build_optimizer, check_head_multiplier
-from maskrcnn_coco.solver.schedule import build_lr_scheduler
-from maskrcnn_coco.tracking.backends import CompositeTracker, ExperimentTracker, NullTracker
+from maskrcnn_coco.solver.schedule import build_lr_scheduler, check_schedule
+from maskrcnn_coco.tracking.backends import CompositeTracker, ExperimentTracker, GuardedTracker, NullTracker
+from maskrcnn_coco.tracking.hparams import Hyperparams, task_overrides
 from maskrcnn_coco.tracking.scalars import check_objective, loss_weights_from_config
+from maskrcnn_coco.utils import dist
 from maskrcnn_coco.utils.dist import is_main_process
 from maskrcnn_coco.utils.errors import ConfigError
 
@@ -37,9 +41,12 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; an explicit cuda without a GPU is an error."""
+    """``auto`` -> cuda when available, else cpu; an explicit cuda without a GPU is an error. In a
+    distributed run each process takes the GPU of its local rank."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and dist.launched_distributed() and torch.cuda.is_available():
+        name = f"cuda:{dist.local_rank()}"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -62,11 +69,16 @@ def config_to_dict(cfg: DictConfig) -> dict[str, Any]:
 def build_tracker(cfg: Any, run_dir: Path) -> ExperimentTracker:
     """One tracker per ``cfg.backends`` entry (each a Hydra partial taking ``log_dir``), fanned out.
 
-    Only rank 0 tracks: other ranks get the null tracker and never create a tracker run.
+    Only rank 0 tracks: other ranks get the null tracker and never create a tracker run. Each
+    backend is guarded: its first failure is one warning and switches it off; training goes on.
+    A backend whose library is missing fails here, at start (``ConfigError``).
     """
     if not is_main_process():
         return NullTracker()
-    trackers = [instantiate(spec)(log_dir=run_dir) for spec in cfg.backends.values() if spec is not None]
+    trackers = [
+        GuardedTracker(instantiate(spec)(log_dir=run_dir), name=name, propagate=(StopRequested,))
+        for name, spec in cfg.backends.items() if spec is not None
+    ]
     if not trackers:
         return NullTracker()
     return trackers[0] if len(trackers) == 1 else CompositeTracker(trackers)
@@ -88,7 +100,14 @@ def build_components(cfg: DictConfig, progress: bool = True) -> Components:
     """Seed, then build data loaders and the model (weights loaded) on the configured device."""
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    data = build_data(cfg.data, seed=cfg.seed, progress=progress, pin_memory=device.type == "cuda")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    # Rank 0 first: it may generate the shapes set, which the others then read.
+    if not dist.is_main_process():
+        dist.synchronize()
+    data = build_data(cfg.data, seed=cfg.seed, progress=progress and dist.is_main_process(), pin_memory=device.type == "cuda")
+    if dist.is_main_process():
+        dist.synchronize()
     model = build_model(cfg.model, data.mapping.num_classes).to(device)
     return Components(data=data, model=model, device=device, loss_weights=loss_weights_from_config(cfg.loss.weights))
 
@@ -115,6 +134,8 @@ _RANGE_CHECKS: tuple[tuple[str, Any, str], ...] = (
     ("checkpoint.keep_last", lambda v: v is None or v >= 1, "at least 1 (or null: keep all)"),
     ("checkpoint.every_n_iters", lambda v: v is None or v >= 1, "at least 1 (or null)"),
     ("optimizer.clip_grad_norm", lambda v: v is None or v > 0, "positive (or null)"),
+    ("optimizer.scale_lr", lambda v: v in ("none", "linear"), "none or linear"),
+    ("optimizer.reference_batch_size", lambda v: v >= 1, "at least 1"),
     ("train.max_loss", lambda v: v is None or v > 0, "positive (or null)"),
     ("train.max_loss_factor", lambda v: v is None or v > 1, "above 1 (or null)"),
     ("scheduler.warmup_iters", lambda v: v >= 0, "0 or more"),
@@ -177,16 +198,57 @@ def resolve_resume(cfg: DictConfig, run_dir: Path) -> str | None:
     return str(found)
 
 
+def scaled_optimizer_config(cfg: DictConfig) -> DictConfig:
+    """``cfg.optimizer`` with ``lr`` scaled by ``optimizer.scale_lr`` for the total batch, said at start."""
+    opt = cfg.optimizer
+    total = cfg.data.batch_size * dist.world_size()
+    if opt.scale_lr == "linear":
+        lr = opt.lr * total / opt.reference_batch_size
+        log.info(
+            "World size %d, total batch %d (%d per process); optimizer.scale_lr=linear: lr %g x %d/%d = %g",
+            dist.world_size(), total, cfg.data.batch_size, opt.lr, total, opt.reference_batch_size, lr,
+        )
+        opt = OmegaConf.merge(opt, {"lr": lr})
+    elif dist.world_size() > 1:
+        log.info("World size %d, total batch %d (%d per process); lr %g as given (optimizer.scale_lr=none)",
+                 dist.world_size(), total, cfg.data.batch_size, opt.lr)
+    return opt
+
+
+def agree_across_ranks(cfg: DictConfig, run_dir: Path) -> Path:
+    """All processes use rank 0's run folder, and must have composed the same config."""
+    configs = dist.all_gather_objects(json.dumps(config_to_dict(cfg), sort_keys=True, default=str))
+    if any(c != configs[0] for c in configs):
+        differing = [r for r, c in enumerate(configs) if c != configs[0]]
+        raise ConfigError(f"Ranks {differing} composed a different config from rank 0: launch every process with the same overrides")
+    return Path(dist.broadcast_object(str(run_dir)))
+
+
+def wrap_distributed(model: nn.Module, device: torch.device) -> nn.Module:
+    """``DistributedDataParallel`` when several processes train; the model itself otherwise."""
+    if dist.world_size() == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
     """Train as configured, writing into ``run_dir``; return the objective for sweepers."""
     run_dir = Path(run_dir)
     check_config(cfg)
-    resume = resolve_resume(cfg, run_dir)
+    if dist.init_distributed(resolve_device(cfg.device).type):
+        run_dir = agree_across_ranks(cfg, run_dir)
+    if cfg.train.sync_bn and dist.world_size() > 1 and resolve_device(cfg.device).type != "cuda":
+        raise ConfigError("train.sync_bn=true needs CUDA (SyncBatchNorm has no CPU implementation); use train.sync_bn=false on CPU")
+    resume = resolve_resume(cfg, run_dir) if dist.is_main_process() else None
+    resume = dist.broadcast_object(resume)
     ckpt = load_training_checkpoint(resume) if resume else None
     parts = build_components(cfg, progress=cfg.progress)
     model, data, device = parts.model, parts.data, parts.device
-    optimizer = build_optimizer(cfg.optimizer, model)
+    if cfg.train.sync_bn and dist.world_size() > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = build_optimizer(scaled_optimizer_config(cfg), model)
     scheduler = build_lr_scheduler(cfg.scheduler, optimizer, len(data.train_loader), cfg.epochs)
+    check_schedule(cfg.scheduler, len(data.train_loader), cfg.epochs)
     scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
     state = TrainingState(model, optimizer, scheduler, scaler, data.mapping, cfg.epochs)
 
@@ -211,9 +273,9 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
     )
     guard = DivergenceGuard(max_loss=cfg.train.max_loss, factor=cfg.train.max_loss_factor)
     try:
-        tracker.log_hyperparams(resolved)
+        tracker.log_hyperparams(Hyperparams(resolved, overrides=task_overrides()))
         history = fit(
-            model, optimizer, data.train_loader, data.val_loader,
+            wrap_distributed(model, device), optimizer, data.train_loader, data.val_loader,
             epochs=cfg.epochs, device=device, mapping=data.mapping, sinks=sinks,
             loss_weights=parts.loss_weights, lr_scheduler=scheduler, scaler=scaler,
             clip_grad_norm=cfg.optimizer.clip_grad_norm, start_epoch=start_epoch,

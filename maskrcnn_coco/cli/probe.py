@@ -8,8 +8,10 @@ the data loaders, model builder, weight loading and loss weights are the trainin
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -32,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--num-batches", type=int, default=2, help="batches to probe (default 2)")
     p.add_argument("--config", default=None, help="a config name in conf/ or a YAML path (default: the training config)")
-    p.add_argument("--output-dir", default="runs/loss_probe", help="where the reports go (default runs/loss_probe/)")
+    p.add_argument("--output-dir", default=None,
+                   help="where the reports go (default runs/loss_probe/<date>_<time>/, a new folder per probe)")
     p.add_argument("--format", choices=("json", "csv", "both"), default="both", help="report format (default both)")
     p.add_argument("--verbose", action="store_true", help="print per-level statistics and losses for each batch")
     p.add_argument("--weights", default=None, help="full model weights: a checkpoint of ours or a torchvision state dict")
@@ -42,6 +45,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two probe outputs (folders or files) and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def quote_override_value(value: str) -> str:
+    """``value`` as a single-quoted Hydra override value, read back by Hydra as exactly ``value``.
+
+    Unquoted, Hydra's grammar rejects ``=`` (sweep job folders are named ``0_key=value``) and reads
+    ``,`` as a sweep and ``[...]`` as a list. Inside quotes only two things need escaping: a quote
+    (``\\'``), and backslashes directly before a quote or at the end (doubled).
+    """
+    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+    escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)
+    return f"'{escaped}'"
+
+
+def default_output_dir() -> Path:
+    """A new folder per probe, so a second probe never overwrites the first one's reports."""
+    return Path("runs") / "loss_probe" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 
 
 def compose_config(config: str | None, overrides: Sequence[str]) -> DictConfig:
@@ -71,6 +91,12 @@ def compose_config(config: str | None, overrides: Sequence[str]) -> DictConfig:
         raise ConfigError(f"Could not compose config {name!r} with {overrides}: {err}") from None
 
 
+def _label(path: str) -> str:
+    """A probe output's name in the comparison: its folder (also for a file inside it)."""
+    p = Path(path)
+    return (p.parent.name if p.is_file() else p.name) or path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -80,15 +106,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.compare:
             a, b = args.compare
-            print(format_comparison(load_records(a), load_records(b), Path(a).name or a, Path(b).name or b, args.verbose))
+            print(format_comparison(load_records(a), load_records(b), _label(a), _label(b), args.verbose))
             return 0
         if args.num_batches < 1:
             raise ConfigError("--num-batches must be at least 1")
         overrides = list(extra)
         if args.weights:
-            overrides.append(f"model.weights={args.weights}")
+            overrides.append(f"model.weights={quote_override_value(args.weights)}")
         if args.backbone_weights:
-            overrides.append(f"model.backbone_weights={args.backbone_weights}")
+            overrides.append(f"model.backbone_weights={quote_override_value(args.backbone_weights)}")
         if args.seed is not None:
             overrides.append(f"seed={args.seed}")
         cfg = compose_config(args.config, overrides)
@@ -116,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "split": args.split,
         "loss_weights": OmegaConf.to_container(cfg.loss.weights),
     }
-    written = write_reports(records, run, args.output_dir, args.format)
+    written = write_reports(records, run, args.output_dir or default_output_dir(), args.format)
     print("Wrote " + ", ".join(str(p) for p in written))
     return 0
 

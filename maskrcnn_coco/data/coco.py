@@ -36,13 +36,13 @@ from typing import Any
 import torch
 from PIL import Image
 from pycocotools.coco import COCO
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 
 from maskrcnn_coco.config import AugmentConfig, DataConfig
-from maskrcnn_coco.data.samplers import SeededSamples, TrainSampler
+from maskrcnn_coco.data.samplers import SeededSamples, ShardSampler, TrainSampler
 from maskrcnn_coco.data.shapes import ShapesParams, ensure_shapes_dataset
 from maskrcnn_coco.data.validate import (
     ON_INVALID,
@@ -53,6 +53,7 @@ from maskrcnn_coco.data.validate import (
     summarize,
     validate_annotations,
 )
+from maskrcnn_coco.utils import dist
 from maskrcnn_coco.utils.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
@@ -352,11 +353,14 @@ def build_datasets(cfg: DataConfig, splits: Sequence[str] = ("train", "val"), pr
 
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, num_workers: int, seed: int, pin_memory: bool = False) -> DataLoader:
     """Training (``shuffle``): a resumable ``TrainSampler`` (order from seed and epoch, augmentation
-    seeded per sample); validation: the dataset in order."""
-    sampler = None
+    seeded per sample); validation: the dataset in order. Both sharded over the ranks of a
+    distributed run (``maskrcnn_coco.utils.dist``)."""
+    rank, size = dist.rank(), dist.world_size()
     if shuffle:
-        sampler = TrainSampler(len(dataset), seed, shuffle=True)
+        sampler: Sampler = TrainSampler(len(dataset), seed, shuffle=True, rank=rank, world_size=size)
         dataset = SeededSamples(dataset)
+    else:
+        sampler = ShardSampler(len(dataset), rank=rank, world_size=size)
     return DataLoader(
         dataset,
         batch_size=batch_size,

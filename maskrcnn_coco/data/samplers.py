@@ -87,3 +87,17 @@ class SeededSamples(Dataset):
         if name == "dataset":  # not set yet (unpickling): no recursion
             raise AttributeError(name)
         return getattr(self.dataset, name)
+
+
+class ShardSampler(Sampler):
+    """Validation: every ``world_size``-th index from ``rank``, in order; no index on two ranks, no
+    padding, so the ranks' shards together are the set exactly once."""
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1):
+        self.size, self.rank, self.world_size = size, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.size, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.size, self.world_size))

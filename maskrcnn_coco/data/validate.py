@@ -6,23 +6,27 @@ records (plain dicts) rather than raising, so that one pass can report every pro
 
 What is checked, and when:
 
-* **Annotations** (every one, when the dataset is built; about 2 s per million annotations): the
-  image and category exist, the bbox is 4 finite numbers with positive width/height overlapping the
-  image, the segmentation decodes (polygons: lists of >= 3 finite points; RLE: ``size`` equal to
-  the image's ``[height, width]`` in the annotation file) and roughly agrees with the bbox (IoU of
-  the segmentation's extent with the bbox >= ``MIN_MASK_BOX_IOU``, computed from the polygon
-  coordinates or ``pycocotools.mask.toBbox``, never by rasterising). Crowd annotations are checked
-  too: COCOeval uses them. Polygon parts with fewer than 3 points are removed when the annotation
-  has other, usable parts (detectron2 does the same); an annotation left without any is invalid.
+* **Annotations** (every one, when the dataset is built; 5-10 us each on one core, a fraction of
+  what pycocotools takes to load the JSON; no mask is rasterised): the image and category exist,
+  the bbox is 4 finite numbers with positive width/height overlapping the image, the segmentation
+  decodes (polygons: lists of >= 3 finite points; RLE: ``size`` equal to the image's
+  ``[height, width]`` in the annotation file) and roughly agrees with the bbox (IoU of the
+  segmentation's extent with the bbox >= ``MIN_MASK_BOX_IOU``, from the polygon coordinates or
+  ``pycocotools.mask.toBbox``). Crowd annotations are checked too: COCOeval uses them. Polygon
+  parts with fewer than 3 points are removed when the annotation has other, usable parts
+  (detectron2 does the same); an annotation left without any is invalid.
 * **Image records and files** (when the dataset is built): width/height are positive integers and
   every file the split uses exists (one directory listing per folder, so cheap even for COCO).
-* **Image decoding and size** (``image_problem``): the slow, complete check, done by the dataset
-  checker, and at build time only with ``data.on_invalid=drop``; with ``error`` the same check
-  happens when an image is first loaded.
+* **Image decoding and size** (``image_problem``): the slow, complete check (about 2 ms per
+  640x480 JPEG per core, page cache warm: COCO train2017 is ~4 core-minutes), done by the dataset
+  checker, and at build time only with ``data.on_invalid=drop`` (threads); with ``error`` the same
+  check happens when an image is loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 from collections import Counter, defaultdict
@@ -35,6 +39,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
 from tqdm import tqdm
 
 ON_INVALID = ("error", "drop")
@@ -72,7 +77,7 @@ def image_record_problem(image: Mapping[str, Any]) -> str | None:
     if not isinstance(name, str) or not name:
         return f"file_name {name!r} is not a file name"
     if not (_positive_int(image.get("width")) and _positive_int(image.get("height"))):
-        return f"width/height {image.get('width')!r}x{image.get('height')!r} are not positive integers"
+        return f"width={image.get('width')!r}, height={image.get('height')!r}: not positive integers"
     return None
 
 
@@ -268,9 +273,6 @@ def apply_annotation_report(coco: Any, report: AnnotationReport) -> None:
 
 
 def _reindex(coco: Any) -> None:
-    import contextlib
-    import io
-
     with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
         coco.createIndex()
 
@@ -287,8 +289,6 @@ def usable_ground_truth(coco: Any) -> Any:
     if not report.invalid and not report.repaired:
         coco.skipped_annotations = []
         return coco
-    from pycocotools.coco import COCO
-
     fixes = {r["annotation_id"]: r["segmentation"] for r in report.repaired}
     anns = [
         {**a, "segmentation": fixes[a["id"]]} if a.get("id") in fixes else a
@@ -527,7 +527,7 @@ def categories_without_instances(coco: Any, image_ids: Iterable[int], usable_ann
 def format_record(p: Mapping[str, Any]) -> str:
     """One line naming the annotation (if any), the image, the file and the problem."""
     where = f"image {p.get('image_id')}" + (f" ({p['file']})" if p.get("file") else "")
-    if p.get("annotation_id") is not None or "annotation_id" in p:
+    if "annotation_id" in p:
         crowd = ", crowd" if p.get("iscrowd") else ""
         where = f"ann {p.get('annotation_id')} ({where}{crowd})"
     return f"{where}: {p['problem']}"

@@ -28,7 +28,7 @@ from maskrcnn_coco.engine.sinks import EpochResult, Sink, call_sinks, default_si
 from maskrcnn_coco.solver.param_groups import group_lrs
 from maskrcnn_coco.tracking.backends import ExperimentTracker
 from maskrcnn_coco.tracking.scalars import epoch_scalars
-from maskrcnn_coco.utils.dist import is_main_process
+from maskrcnn_coco.utils.dist import all_reduce_sum, is_main_process, world_size
 from maskrcnn_coco.utils.errors import UserError
 from maskrcnn_coco.utils.logs import ensure_console_logging
 
@@ -98,8 +98,11 @@ def fit(
         sinks = default_sinks(run_dir, tracker)
     ensure_console_logging()
     device = torch.device(device)
+    # ``model`` may be wrapped in DistributedDataParallel: train through the wrapper; evaluate and
+    # checkpoint the module itself (no "module." prefix in checkpoints).
+    module = getattr(model, "module", model)
     if state is None:
-        state = TrainingState(model, optimizer, lr_scheduler, scaler, mapping, epochs, history=[dict(r) for r in history or []])
+        state = TrainingState(module, optimizer, lr_scheduler, scaler, mapping, epochs, history=[dict(r) for r in history or []])
     state.epochs, state.sampler = epochs, getattr(train_loader, "sampler", None)
     guard = divergence or DivergenceGuard(factor=None)
     if guard.reference is None:
@@ -111,11 +114,21 @@ def fit(
         state.global_step += 1
 
     epoch, pending = start_epoch, start_progress
+    saved_at = {"step": state.global_step}
     with GracefulStop() as stop:
 
         def should_stop() -> bool:
-            periodic = bool(checkpoint_every_n_iters) and state.global_step % checkpoint_every_n_iters == 0
-            return stop.requested or periodic
+            periodic = bool(checkpoint_every_n_iters) and state.global_step - saved_at["step"] >= checkpoint_every_n_iters
+            wanted = stop.requested or periodic
+            if world_size() > 1:  # every rank stops at the same iteration: agree (read-back points only)
+                flag = torch.tensor([float(stop.requested), float(periodic)], device=device)
+                all_reduce_sum(flag)
+                if flag[0] > 0 and stop.signum is None:
+                    stop.signum = signal.SIGTERM  # another rank was signalled
+                wanted = bool(flag.sum() > 0)
+            if wanted:
+                saved_at["step"] = state.global_step
+            return wanted
 
         try:
             for epoch in range(start_epoch, epochs + 1):
@@ -124,7 +137,7 @@ def fit(
                 grad_norms.reset()
                 t0 = time.perf_counter()
                 train_loss = _train_epoch(
-                    state, stop, sinks, grad_norms, guard, train_loader, device, epoch, pending,
+                    model, state, stop, sinks, grad_norms, guard, train_loader, device, epoch, pending,
                     loss_weights=loss_weights, lr_scheduler=lr_scheduler, scaler=scaler, clip_grad_norm=clip_grad_norm,
                     print_freq=print_freq, progress=progress, should_stop=should_stop, after_step=after_step,
                 )
@@ -137,7 +150,7 @@ def fit(
                     # The trained epoch is on disk before evaluation can fail.
                     call_sinks(sinks, "after_train", state, epoch)
                     val_loss, metrics = _evaluate(
-                        model, val_loader, device, epoch, mapping=mapping, compute_losses=compute_val_loss,
+                        module, val_loader, device, epoch, mapping=mapping, compute_losses=compute_val_loss,
                         mask_threshold=mask_threshold, progress=progress,
                     )
                 record = {
@@ -163,6 +176,7 @@ def fit(
 
 
 def _train_epoch(
+    model: nn.Module,
     state: TrainingState,
     stop: GracefulStop,
     sinks: Sequence[Sink],
@@ -185,7 +199,7 @@ def _train_epoch(
         try:
             stop.deferring = True
             return train_one_epoch(
-                state.model, state.optimizer, train_loader, device, epoch,
+                model, state.optimizer, train_loader, device, epoch,
                 grad_norms=grad_norms, divergence=guard, start=pending, **kwargs,
             )
         except TrainingStopped as stopped:

@@ -16,13 +16,13 @@ import torch
 from pycocotools.coco import COCO
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from maskrcnn_coco.data.coco import CategoryMapping
+from maskrcnn_coco.engine.progress import Progress
 from maskrcnn_coco.evaluation.coco_eval import coco_metrics, predictions_to_coco
 from maskrcnn_coco.solver.param_groups import group_name
 from maskrcnn_coco.tracking.scalars import LOSS_COMPONENTS
-from maskrcnn_coco.utils.dist import is_main_process
+from maskrcnn_coco.utils.dist import all_gather_objects, all_reduce_sum, broadcast_object, is_main_process, world_size
 
 SHORT_NAMES = {
     "loss_classifier": "cls",
@@ -202,8 +202,9 @@ def train_one_epoch(
     recent_ids: dict[int, list[Any]] = {}
     n_batches = start.iterations
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    distributed = world_size() > 1
     progress = progress and is_main_process()
-    bar = tqdm(data_loader, desc=f"Epoch {epoch}", disable=not progress, dynamic_ncols=True, leave=False)
+    bar = Progress(data_loader, f"Epoch {epoch}", enabled=progress, start=start.iterations)
     for it, (images, targets) in enumerate(bar, start=start.iterations):
         images, targets = move_to_device(images, targets, device)
         with torch.autocast(device.type, enabled=scaler is not None):
@@ -255,8 +256,11 @@ def train_one_epoch(
                 means = sums / n_batches
                 *values, total_mean = torch.cat([means, (means * weights).sum()[None]]).tolist()
                 postfix = {SHORT_NAMES[k]: f"{v:.3f}" for k, v in zip(LOSS_COMPONENTS, values)}
-                bar.set_postfix({**postfix, "total": f"{total_mean:.3f}"}, refresh=False)
-        if should_stop is not None and should_stop():
+                bar.update({**postfix, "total": f"{total_mean:.3f}", "lr": f"{optimizer.param_groups[0]['lr']:.4g}"}, it + 1)
+        # Several processes must agree on where to stop: they ask at the read-back points only
+        # (``should_stop`` then runs a collective); one process asks after every iteration.
+        ask = should_stop is not None and (not distributed or (it + 1) % print_freq == 0)
+        if ask and should_stop():
             bar.close()
             # Never hand out weights that are already non-finite or diverged.
             _check_finite(first_bad, bad_losses, recent_ids, epoch, weights, guard)
@@ -264,7 +268,11 @@ def train_one_epoch(
     bar.close()
     if n_batches == 0:
         raise ValueError("train_one_epoch got an empty data loader")
-    _check_finite(first_bad, bad_losses, recent_ids, epoch, weights, guard)
+    # One collective at the end: every rank's bad flag, loss sums and batch count.
+    totals = _check_finite(first_bad, bad_losses, recent_ids, epoch, weights, guard,
+                           extra=torch.cat([sums, torch.full((1,), float(n_batches), device=device)]))
+    if totals is not None:
+        sums, n_batches = totals[:-1], totals[-1]
     return dict(zip(LOSS_COMPONENTS, (sums / n_batches).tolist()))
 
 
@@ -275,11 +283,27 @@ def _check_finite(
     epoch: int,
     weights: torch.Tensor,
     guard: DivergenceGuard,
-) -> None:
-    """Raise for the first bad iteration, ranking the likely causes from the evidence."""
+    extra: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """Raise for the first bad iteration, ranking the likely causes from the evidence.
+
+    In a distributed run one ``all_reduce`` carries every rank's bad flag (and ``extra``, summed
+    over ranks, which is returned), so all ranks stop together and none waits in a collective.
+    """
+    reduced, elsewhere = None, False
+    if world_size() > 1:
+        flag = (first_bad >= 0).float().reshape(1)
+        vec = torch.cat([flag, extra.float()]) if extra is not None else flag
+        all_reduce_sum(vec)
+        elsewhere, reduced = bool(vec[0] > 0), (vec[1:] if extra is not None else None)
     it = int(first_bad)
     if it < 0:
-        return
+        if elsewhere:
+            raise FloatingPointError(
+                f"Non-finite or diverged loss on another rank in epoch {epoch}: that rank's message names the "
+                "iteration, components and images; every rank stops."
+            )
+        return reduced
     values = dict(zip(LOSS_COMPONENTS, bad_losses.tolist()))
     optimised = [k for k, w in zip(LOSS_COMPONENTS, weights.tolist()) if w != 0]
     culprits = [k for k, v in values.items() if not math.isfinite(v)]
@@ -348,7 +372,7 @@ def evaluate(
     device = torch.device(device)
     coco_gt = coco_gt if coco_gt is not None else getattr(data_loader.dataset, "coco", None)
     sums = torch.zeros(len(LOSS_COMPONENTS), device=device)
-    n_batches = 0
+    n_images = 0
     results: list[dict[str, Any]] = []
     image_ids: list[int] = []
     was_training = {m: m.training for m in model.modules()}
@@ -356,13 +380,14 @@ def evaluate(
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         try:
-            bar = tqdm(data_loader, desc="Evaluating", disable=not (progress and is_main_process()), leave=False, dynamic_ncols=True)
+            bar = Progress(data_loader, "Evaluating", enabled=progress and is_main_process())
             for images, targets in bar:
                 images, targets = move_to_device(images, targets, device)
                 if compute_losses:
                     with loss_mode(model), torch.no_grad():
-                        sums += _stack_losses(model(images, targets))
-                    n_batches += 1
+                        # Weighted by images, so the mean does not depend on how batches (or ranks) split the set.
+                        sums += _stack_losses(model(images, targets)) * len(images)
+                    n_images += len(images)
                 if compute_metrics:
                     model.eval()
                     with torch.inference_mode():
@@ -373,10 +398,19 @@ def evaluate(
         finally:
             for m, mode in was_training.items():
                 m.training = mode
-    val_losses = dict(zip(LOSS_COMPONENTS, (sums / max(n_batches, 1)).tolist())) if compute_losses else {}
+    if world_size() > 1:
+        # Each rank evaluated its own shard: sum the losses by image, gather the detections.
+        totals = all_reduce_sum(torch.cat([sums, torch.full((1,), float(n_images), device=device)]))
+        sums, n_images = totals[:-1], int(totals[-1])
+        shards = all_gather_objects((results, image_ids))
+        results = [r for shard, _ in shards for r in shard]
+        image_ids = [i for _, ids in shards for i in ids]
+    val_losses = dict(zip(LOSS_COMPONENTS, (sums / max(n_images, 1)).tolist())) if compute_losses else {}
     metrics: dict[str, dict[str, float]] = {}
     if compute_metrics:
         if coco_gt is None:
             raise ValueError("evaluate needs coco_gt (or a data_loader.dataset with .coco) for COCO metrics")
-        metrics = coco_metrics(coco_gt, results, image_ids)
+        # COCOeval once over the whole set, on rank 0; every rank gets its numbers.
+        metrics = coco_metrics(coco_gt, results, image_ids) if is_main_process() else {}
+        metrics = broadcast_object(metrics)
     return val_losses, metrics

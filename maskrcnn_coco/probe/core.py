@@ -165,6 +165,24 @@ def _pooler_levels(pooler: Any, boxes: Sequence[torch.Tensor], names: Sequence[s
     return levels
 
 
+def _anchor_levels(anchor_generator: Any, boxes: Sequence[torch.Tensor], names: Sequence[str]) -> torch.Tensor:
+    """Index into ``names`` of the level whose anchor sizes are nearest (in log scale) to each box's
+    size ``sqrt(w * h)``: where the RPN's IoU matching finds the box's positive anchors when its
+    aspect ratio is among the anchors'. -1 for a degenerate box or an unknown anchor layout."""
+    boxes = torch.cat([b.float().cpu() for b in boxes]) if boxes else torch.zeros(0, 4)
+    sizes = getattr(anchor_generator, "sizes", ())
+    levels = torch.full((len(boxes),), -1, dtype=torch.long)
+    if len(boxes) == 0 or len(sizes) != len(names):
+        return levels
+    side = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sqrt().log2()
+    distance = torch.stack([
+        torch.stack([(side - math.log2(s)).abs() for s in level_sizes]).min(dim=0).values for level_sizes in sizes
+    ], dim=1)
+    valid = torch.isfinite(side)
+    levels[valid] = distance[valid].argmin(dim=1)
+    return levels
+
+
 def _sum_by_level(values: torch.Tensor, levels: torch.Tensor, names: Sequence[str], denom: int) -> dict[str, float]:
     """Per-sample losses summed per level and divided by the loss's own normaliser ``denom``."""
     levels = levels.to(values.device)
@@ -320,11 +338,14 @@ def probe_batch(
     }
     weighted = {k: raw[k] * weights[k] for k in LOSS_COMPONENTS}
 
-    # Batch statistics: grid, anchors and ground truth per level (the RoI pooler's mapping rule).
+    # Batch statistics: grid, anchors and ground truth per level. Objects are counted twice, by the
+    # RPN's view (nearest anchor size, beside the positive anchors) and by the RoI pooler's rule
+    # (the level the heads pool their box and mask losses from): the two rules differ.
     batch_size = len(images)
     gt_boxes = [t["boxes"] for t in rec.targets]
     total_objects = int(sum(len(b) for b in gt_boxes))
-    gt_per_level = _count_by_level(_pooler_levels(model.roi_heads.box_roi_pool, gt_boxes, names), names)
+    gt_per_level = _count_by_level(_anchor_levels(model.rpn.anchor_generator, gt_boxes, names), names)
+    gt_pooled = _count_by_level(_pooler_levels(model.roi_heads.box_roi_pool, gt_boxes, names), names)
     pooled = set(model.roi_heads.box_roi_pool.featmap_names)
     per_level_stats = []
     for name in names:
@@ -338,6 +359,7 @@ def probe_batch(
             "anchors": rpn["anchors_per_image"][name] * batch_size,
             "pooled_by_roi_heads": name in pooled,
             "gt_objects": objects,
+            "gt_objects_roi": gt_pooled[name],
             "object_density": objects / (h * w * batch_size) if h * w else 0.0,
             "positive_anchors": rpn["positive_per_level"][name],
             "sampled_anchors": rpn["sampled_per_level"][name],

@@ -24,6 +24,33 @@ UNITS = {
 }
 
 
+# Under the verbose per-level table: which rule puts an object on a level, per column.
+LEVEL_LEGEND = (
+    "gt(anch): objects whose size sqrt(w*h) is nearest this level's anchor sizes (the RPN's view; density = "
+    "gt(anch) / grid cells / images)",
+    "pos anch: anchors the RPN sampler drew as positive here (IoU matching: an object may match on two levels)",
+    "gt(RoI): objects whose box the RoI pooler maps here, floor(4 + log2(sqrt(w*h)/224)) clamped to the "
+    "pooled levels: where their box/mask losses come from (- : level not pooled)",
+)
+SAMPLING_KEYS = (
+    "rpn_sampled_anchors", "rpn_positive_anchors", "roi_sampled_proposals", "roi_positive_proposals",
+    "mask_positive_proposals",
+)
+# What each component's value depends on besides the predictions: (positives, sampled, label,
+# proportional). A proportional component sums over the positives and divides by all sampled, so
+# its value follows the number of positives; the others change with the positive/negative mix.
+SAMPLING_CONTEXT: dict[str, tuple[str, str | None, str, bool]] = {
+    "loss_objectness": ("rpn_positive_anchors", "rpn_sampled_anchors", "RPN pos/sampled anchors", False),
+    "loss_rpn_box_reg": ("rpn_positive_anchors", "rpn_sampled_anchors", "RPN pos/sampled anchors", True),
+    "loss_classifier": ("roi_positive_proposals", "roi_sampled_proposals", "RoI pos/sampled proposals", False),
+    "loss_box_reg": ("roi_positive_proposals", "roi_sampled_proposals", "RoI pos/sampled proposals", True),
+    "loss_mask": ("mask_positive_proposals", None, "mask positives", False),
+}
+# Positives changing by more than this factor between two probes drive a component's ratio.
+CONTEXT_FACTOR = 1.5
+NO_VALUE = "\u2014"  # an em dash: a ratio of 0/0, or a value missing from one side
+
+
 def _clean(obj: Any) -> Any:
     """JSON has no NaN/Inf: keep them as strings ("nan", "inf"), which ``float()`` reads back."""
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -51,7 +78,9 @@ def csv_row(record: Mapping[str, Any], run: Mapping[str, Any]) -> dict[str, Any]
             row[f"{k}@{level}"] = value
     for stats in record["batch_stats"]["per_level_stats"]:
         row[f"gt_objects@{stats['level']}"] = stats["gt_objects"]
+        row[f"gt_objects_roi@{stats['level']}"] = stats["gt_objects_roi"]
         row[f"positive_anchors@{stats['level']}"] = stats["positive_anchors"]
+    row.update({key: record["sampling"].get(key, "") for key in SAMPLING_KEYS})
     row["num_warnings"] = sum(w["severity"] == "warning" for w in record["warnings"])
     row["image_ids"] = " ".join(str(i) for i in record["image_ids"])
     row["config_overrides"] = " ".join(run.get("config_overrides", []))
@@ -83,7 +112,7 @@ def write_reports(records: Sequence[Mapping[str, Any]], run: Mapping[str, Any], 
             writer.writerows(rows)
         written.append(path)
     if records:
-        written.append(plot_probe(records, output_dir / PNG_NAME))
+        written.append(plot_probe(records, output_dir / PNG_NAME, plot_title(records, run)))
     return written
 
 
@@ -102,16 +131,22 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
     records = []
     for row in rows:
         per_level: dict[str, dict[str, float]] = {k: {} for k in LOSS_COMPONENTS}
+        level_stats = []
         for key, value in row.items():
             if "@" in key and key.split("@")[0] in per_level:
                 comp, level = key.split("@", 1)
                 per_level[comp][level] = float(value)
+            elif key.startswith("positive_anchors@"):
+                level_stats.append({"level": key.split("@", 1)[1], "positive_anchors": float(value)})
         weighted_total_value = float(row["total_loss"])
         records.append({
             "batch_idx": int(row["batch_idx"]),
             "loss_components": {k: float(row[k]) for k in LOSS_COMPONENTS},
             "weighted_components": {**{k: float(row[f"{k}_weighted"]) for k in LOSS_COMPONENTS}, "total": weighted_total_value},
             "per_level_losses": per_level,
+            "batch_stats": {"per_level_stats": level_stats},
+            # Older CSVs have no sampling columns: the comparison then shows no context.
+            "sampling": {k: float(row[k]) for k in SAMPLING_KEYS if row.get(k) not in (None, "")},
         })
     return records
 
@@ -159,14 +194,17 @@ def format_batch(record: Mapping[str, Any], verbose: bool = False) -> str:
     lines.append(f"  {'total':<18} {raw['total']:>9.4f} {'':>7} {total:>9.4f}")
     if verbose:
         levels = [s["level"] for s in stats["per_level_stats"]]
-        lines.append(f"  {'level':<8} {'stride':>6} {'grid':>9} {'anchors':>8} {'gt objs':>8} {'density':>8} {'pos anch':>8}")
+        lines.append(
+            f"  {'level':<8} {'stride':>6} {'grid':>9} {'anchors':>8} {'gt(anch)':>8} {'density':>8} {'pos anch':>8} {'gt(RoI)':>8}"
+        )
         for s in stats["per_level_stats"]:
             grid = f"{s['grid'][0]}x{s['grid'][1]}"
-            gt = s["gt_objects"] if s["pooled_by_roi_heads"] else "-"
+            pooled = s.get("gt_objects_roi", "?") if s["pooled_by_roi_heads"] else "-"
             lines.append(
-                f"  {s['level']:<8} {s['stride'] or '-':>6} {grid:>9} {s['anchors']:>8} {gt:>8} "
-                f"{s['object_density']:>8.4f} {s['positive_anchors']:>8}"
+                f"  {s['level']:<8} {s['stride'] or '-':>6} {grid:>9} {s['anchors']:>8} {s['gt_objects']:>8} "
+                f"{s['object_density']:>8.4f} {s['positive_anchors']:>8} {pooled:>8}"
             )
+        lines += [f"  {line}" for line in LEVEL_LEGEND]
         header = "  " + f"{'per-level loss':<18}" + "".join(f"{lv:>10}" for lv in levels)
         lines.append(header)
         for k in LOSS_COMPONENTS:
@@ -191,38 +229,154 @@ def format_summary(records: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def sampling_means(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Mean per batch of each ``sampling`` count the records hold (none for an older CSV)."""
+    out = {}
+    for key in SAMPLING_KEYS:
+        values = [float(r["sampling"][key]) for r in records if key in r.get("sampling", {})]
+        if values and len(values) == len(records):
+            out[key] = statistics.fmean(values)
+    return out
+
+
+def per_positive(records: Sequence[Mapping[str, Any]], component: str) -> float:
+    """A proportional component's mean per positive over all batches: sum(loss x sampled) / sum(positives)."""
+    pos_key, sampled_key, _, _ = SAMPLING_CONTEXT[component]
+    try:
+        num = sum(float(r["loss_components"][component]) * float(r["sampling"][sampled_key]) for r in records)
+        den = sum(float(r["sampling"][pos_key]) for r in records)
+    except KeyError:
+        return math.nan
+    return num / den if den else math.nan
+
+
+def _ratio(b: float, a: float) -> float:
+    """B / A, NaN when undefined (A zero, either side missing or not finite)."""
+    return b / a if a and math.isfinite(a) and math.isfinite(b) else math.nan
+
+
+def _num(value: float, width: int, spec: str = ".4f") -> str:
+    return f"{value:>{width}{spec}}" if math.isfinite(value) else f"{NO_VALUE:>{width}}"
+
+
+def _count(value: float) -> str:
+    return f"{value:.0f}" if abs(value - round(value)) < 0.05 else f"{value:.1f}"
+
+
+def _positive_share_factor(sa: Mapping[str, float], sb: Mapping[str, float], component: str) -> float:
+    """How much the positives (per sampled, where the loss divides by all sampled) changed from A to B:
+    NaN when the records do not say, inf when A had none and B some."""
+    pos_key, sampled_key, _, _ = SAMPLING_CONTEXT[component]
+    if pos_key not in sa or pos_key not in sb:
+        return math.nan
+    share_a, share_b = sa[pos_key], sb[pos_key]
+    if sampled_key is not None and sampled_key in sa and sampled_key in sb:
+        share_a, share_b = share_a / max(sa[sampled_key], 1.0), share_b / max(sb[sampled_key], 1.0)
+    if share_a == 0:
+        return math.inf if share_b > 0 else 1.0
+    return share_b / share_a
+
+
+def _driven_by_sampling(factor: float) -> bool:
+    return factor == 0 or (not math.isnan(factor) and max(factor, 1 / factor) > CONTEXT_FACTOR)
+
+
+def _context(sa: Mapping[str, float], sb: Mapping[str, float], component: str) -> str:
+    pos_key, sampled_key, label, _ = SAMPLING_CONTEXT[component]
+    if pos_key not in sa or pos_key not in sb:
+        return ""
+    if sampled_key is None or sampled_key not in sa or sampled_key not in sb:
+        return f"{label} {_count(sa[pos_key])} -> {_count(sb[pos_key])}"
+    return (f"{label} {_count(sa[pos_key])}/{_count(sa[sampled_key])} -> "
+            f"{_count(sb[pos_key])}/{_count(sb[sampled_key])}")
+
+
+def _level_positives(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Mean positive anchors per batch on each level, where the records hold them."""
+    counts: dict[str, list[float]] = {}
+    for r in records:
+        for stats in r.get("batch_stats", {}).get("per_level_stats", []):
+            counts.setdefault(stats["level"], []).append(float(stats["positive_anchors"]))
+    return {level: statistics.fmean(v) for level, v in counts.items() if len(v) == len(records)}
+
+
 def format_comparison(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]], name_a: str, name_b: str, verbose: bool = False) -> str:
-    """Side-by-side component means of two probe outputs with their ratio (B / A)."""
+    """Side-by-side component means of two probe outputs with their ratio (B / A) and, beside each
+    ratio, the sampling it was computed over (positives / sampled per batch, A -> B).
+
+    A ratio marked ``*`` is driven by the sampling: the share of positives changed by more than
+    ``CONTEXT_FACTOR``; the notes below the table say how (for the box regressions, which sum over
+    positives, the ratio per positive). ``\u2014`` stands for a ratio of 0/0 or a missing value.
+    """
     ma, mb = component_means(a), component_means(b)
+    sa, sb = sampling_means(a), sampling_means(b)
+    name_a, name_b = f"A: {name_a}", f"B: {name_b}"
     width = max(14, len(name_a), len(name_b))
     lines = [
-        f"{'component':<20} {name_a:>{width}} {name_b:>{width}} {'B/A':>8}",
-        "-" * (20 + 2 * width + 11),
+        f"{'component':<20} {name_a:>{width}} {name_b:>{width}} {'B/A':>8}  sampling per batch (A -> B)",
+        "-" * (20 + 2 * width + 11 + 48),
     ]
+    notes = []
     for k in ma:
-        ratio = mb[k] / ma[k] if ma[k] and math.isfinite(ma[k]) else math.nan
-        lines.append(f"{k:<20} {ma[k]:>{width}.4f} {mb[k]:>{width}.4f} {ratio:>8.2f}")
+        ratio = _ratio(mb[k], ma[k])
+        mark, context = " ", ""
+        if k in SAMPLING_CONTEXT:
+            context = _context(sa, sb, k)
+            factor = _positive_share_factor(sa, sb, k)
+            # loss_mask is a mean per positive: their number does not scale it.
+            if _driven_by_sampling(factor) and k != "loss_mask":
+                mark = "*"
+                pos_key, _, _, proportional = SAMPLING_CONTEXT[k]
+                change = f"positives per sampled x{factor:.2f} ({_count(sa[pos_key])} -> {_count(sb[pos_key])} per batch)"
+                if proportional:
+                    per_pos = _ratio(per_positive(b, k), per_positive(a, k))
+                    notes.append(f"  {k}: {change}; it sums over the positives and divides by all sampled, "
+                                 f"so it follows their number: per positive, B/A = {_num(per_pos, 0, '.2f').strip()}")
+                else:
+                    notes.append(f"  {k}: {change}; it averages positives and negatives, "
+                                 "so B/A also reflects the changed mix, not only the predictions")
+        lines.append(f"{k:<20} {_num(ma[k], width)} {_num(mb[k], width)} {_num(ratio, 7, '.2f')}{mark}  {context}".rstrip())
     lines.append(f"(A: {len(a)} batches, B: {len(b)} batches)")
+    if notes:
+        lines.append(f"* driven by the sampling (share of positives changed by more than {CONTEXT_FACTOR}x):")
+        lines += notes
     if verbose:
         la, lb = level_means(a), level_means(b)
+        pa, pb = _level_positives(a), _level_positives(b)
         lines.append("Per level:")
         for k in LOSS_COMPONENTS:
             for level in sorted(set(la[k]) | set(lb[k])):
                 va, vb = la[k].get(level, math.nan), lb[k].get(level, math.nan)
-                ratio = vb / va if va and math.isfinite(va) else math.nan
-                lines.append(f"  {k + '@' + level:<26} {va:>{width}.4f} {vb:>{width}.4f} {ratio:>8.2f}")
+                context = ""
+                if k in ("loss_objectness", "loss_rpn_box_reg") and level in pa and level in pb:
+                    context = f"RPN positive anchors {_count(pa[level])} -> {_count(pb[level])}"
+                lines.append(f"  {k + '@' + level:<26} {_num(va, width)} {_num(vb, width)} {_num(_ratio(vb, va), 8, '.2f')}  {context}".rstrip())
     return "\n".join(lines)
 
 
-def plot_probe(records: Sequence[Mapping[str, Any]], path: Path) -> Path:
-    """Left: weighted components stacked per batch. Right: mean per-level contribution per component."""
+def plot_title(records: Sequence[Mapping[str, Any]], run: Mapping[str, Any]) -> str:
+    """What the plot was probed with: weights, split, config, seed and batch count."""
+    weights = run.get("weights") or "none (random init)"
+    backbone = f" | backbone weights: {run['backbone_weights']}" if run.get("backbone_weights") else ""
+    return (f"Loss probe | weights: {weights}{backbone} | split: {run.get('split', '?')} | "
+            f"config: {run.get('config', '?')} | seed {run.get('seed', '?')} | {len(records)} batches")
+
+
+def plot_probe(records: Sequence[Mapping[str, Any]], path: Path, title: str = "") -> Path:
+    """Left: weighted components stacked per batch. Right: mean per-level contribution per component.
+
+    ``title`` (see ``plot_title``) heads the figure and is stored as the PNG's ``Title`` text chunk.
+    The legends sit outside the axes, so they never hide a bar.
+    """
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 5.5))
     x = np.arange(len(records))
     bottom = np.zeros(len(records))
     for k in LOSS_COMPONENTS:
@@ -234,7 +388,7 @@ def plot_probe(records: Sequence[Mapping[str, Any]], path: Path) -> Path:
     left.set_xlabel("batch")
     left.set_ylabel("weighted loss")
     left.set_title("Weighted components per batch (stacked = optimised total)")
-    left.legend(fontsize=8)
+    left.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, frameon=False)
 
     means = level_means(records)
     levels = list(dict.fromkeys(lv for k in LOSS_COMPONENTS for lv in means[k]))
@@ -244,8 +398,10 @@ def plot_probe(records: Sequence[Mapping[str, Any]], path: Path) -> Path:
     right.set_xticks(np.arange(len(LOSS_COMPONENTS)) + width * (len(levels) - 1) / 2, [k.replace("loss_", "") for k in LOSS_COMPONENTS])
     right.set_ylabel("mean contribution (raw)")
     right.set_title("Per-FPN-level contribution of each component")
-    right.legend(fontsize=8)
+    right.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=max(len(levels), 1), frameon=False)
+    if title:
+        fig.suptitle(textwrap.fill(title, 160), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight", metadata={"Title": title} if title else None)
     plt.close(fig)
     return path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -10,6 +11,8 @@ from typing import Any
 import torch
 
 from maskrcnn_coco.utils.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def lr_factor(
@@ -72,3 +75,41 @@ def build_lr_scheduler(cfg: Any, optimizer: torch.optim.Optimizer, iters_per_epo
         min_lr_factor=cfg.min_lr_factor,
     )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def schedule_problems(cfg: Any, iters_per_epoch: int, epochs: int) -> list[str]:
+    """Schedules that cannot do what they say in a run this short, each with the keys, the numbers and a fix.
+
+    A warmup of ``scheduler.warmup_iters >= epochs * iters_per_epoch`` never reaches ``optimizer.lr``;
+    a multistep milestone at or after the last epoch never decays it. Both leave a short run
+    training at a fraction of the configured lr without any error.
+    """
+    problems = []
+    total = iters_per_epoch * epochs
+    if cfg.warmup_iters >= total > 0:
+        reached = lr_factor(total - 1, name="constant", total_iters=total, warmup_iters=cfg.warmup_iters,
+                            warmup_factor=cfg.warmup_factor)
+        problems.append(
+            f"scheduler.warmup_iters={cfg.warmup_iters} but the run has {total} iterations "
+            f"(epochs={epochs} x {iters_per_epoch} per epoch): lr never reaches optimizer.lr (it ends at "
+            f"{reached:.0%} of it); "
+            f"lower it, e.g. scheduler.warmup_iters={max(1, total // 4)}"
+        )
+    if cfg.name == "multistep":
+        late = [m for m in cfg.milestones if round(m * iters_per_epoch) >= total]
+        if late:
+            suggestion = ",".join(f"{f * epochs:g}" for f in (0.75, 0.9))
+            which = " lie" if len(late) == len(cfg.milestones) else f": {late} lie"
+            problems.append(
+                f"scheduler.milestones={list(cfg.milestones)}{which} at or beyond epochs={epochs}: the lr is "
+                f"never decayed there; e.g. scheduler.milestones=[{suggestion}] (75% and 90% of the run)"
+            )
+    return problems
+
+
+def check_schedule(cfg: Any, iters_per_epoch: int, epochs: int) -> list[str]:
+    """Log a WARNING per ``schedule_problems`` entry (at start, before any iteration); return them."""
+    problems = schedule_problems(cfg, iters_per_epoch, epochs)
+    for problem in problems:
+        log.warning(problem)
+    return problems

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
+import torch
 import torch.distributed as torch_dist
 
 
@@ -61,3 +63,72 @@ class RankZeroFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return is_main_process()
+
+
+# ------------------------------------------------------------------------------ process group
+def launched_distributed() -> bool:
+    """Whether the launcher asked for more than one process (torchrun, or SLURM tasks without torchrun)."""
+    return world_size() > 1
+
+
+def _slurm_master_addr() -> str | None:
+    """The first host of SLURM's node list (``node[01-04],other`` -> ``node01``), without scontrol."""
+    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodes:
+        return None
+    first = nodes.split(",")[0]
+    if "[" in first:
+        prefix, rest = first.split("[", 1)
+        first = prefix + rest.split("-")[0].split(",")[0].rstrip("]")
+    return first
+
+
+def init_distributed(device_type: str, timeout_s: float = 1800.0) -> bool:
+    """Join the process group the launcher set up (``nccl`` on CUDA, ``gloo`` on CPU); True when
+    distributed. Under SLURM without torchrun, rank and world size come from SLURM's variables and
+    the master address from its node list."""
+    if _initialized():
+        return True
+    if not launched_distributed():
+        return False
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
+        os.environ.setdefault("RANK", os.environ["SLURM_PROCID"])
+        os.environ.setdefault("WORLD_SIZE", os.environ["SLURM_NTASKS"])
+        os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+        os.environ.setdefault("MASTER_ADDR", _slurm_master_addr() or "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+    import datetime
+
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    torch_dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return True
+
+
+def destroy_distributed() -> None:
+    if _initialized():
+        torch_dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place (one collective); unchanged in a single process."""
+    if _initialized() and torch_dist.get_world_size() > 1:
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (``[obj]`` in a single process)."""
+    if not (_initialized() and torch_dist.get_world_size() > 1):
+        return [obj]
+    out: list[Any] = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank."""
+    if not (_initialized() and torch_dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=src)
+    return box[0]

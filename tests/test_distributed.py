@@ -1,0 +1,165 @@
+"""Distributed training on CPU with gloo: torchrun end to end, and the reductions checked in-process."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as mp
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from maskrcnn_coco.tracking.scalars import LOSS_COMPONENTS
+
+from conftest import ENTRY, TINY_OVERRIDES
+
+TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+ROWS = {  # per rank: the scripted loss rows of its batches
+    0: [[1.0, 2.0, 3.0, 4.0, 5.0], [3.0, 2.0, 1.0, 0.0, 1.0]],
+    1: [[5.0, 6.0, 7.0, 8.0, 9.0], [7.0, 0.0, 1.0, 2.0, 3.0]],
+}
+
+
+def _rank_main(rank, world, init_file, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    from test_engine import ScriptedLosses, scripted_loader
+
+    from maskrcnn_coco.engine.loop import train_one_epoch
+
+    model = ScriptedLosses()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    means = train_one_epoch(model, opt, scripted_loader(ROWS[rank]), "cpu", 1, progress=False, print_freq=1)
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(means))
+    torch_dist.destroy_process_group()
+
+
+def test_epoch_means_are_reduced_over_all_ranks(tmp_path):
+    """Each rank trains its own batches; every rank returns the mean over all batches of all ranks."""
+    mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), tmp_path), nprocs=2, join=True)
+    every_row = ROWS[0] + ROWS[1]
+    expected = {k: sum(r[i] for r in every_row) / len(every_row) for i, k in enumerate(LOSS_COMPONENTS)}
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got == pytest.approx(expected)
+
+
+def _shard_main(rank, world, init_file, out_dir, size):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
+    torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    from maskrcnn_coco.data.samplers import ShardSampler, TrainSampler
+
+    val = list(ShardSampler(size, rank=rank, world_size=world))
+    train = TrainSampler(size, seed=3, rank=rank, world_size=world)
+    train.set_epoch(2)
+    (out_dir / f"shard{rank}.json").write_text(json.dumps({"val": val, "train": [i for i, _ in train]}))
+    torch_dist.destroy_process_group()
+
+
+def test_shards_cover_the_set_once():
+    """Validation shards: every image exactly once even when the count does not divide; training
+    shards: equal lengths (padded), together a permutation of the set plus the padding."""
+    from maskrcnn_coco.data.samplers import ShardSampler, TrainSampler
+
+    val = [list(ShardSampler(7, rank=r, world_size=2)) for r in (0, 1)]
+    assert sorted(val[0] + val[1]) == list(range(7))
+    train = []
+    for r in (0, 1):
+        sampler = TrainSampler(7, seed=3, rank=r, world_size=2)
+        sampler.set_epoch(2)
+        train.append([i for i, _ in sampler])
+    assert len(train[0]) == len(train[1]) == 4 and set(train[0] + train[1]) == set(range(7))
+
+
+def run_torchrun(args, cwd, nproc=2, timeout=300, **popen):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [TORCHRUN, f"--nproc_per_node={nproc}", "--standalone", str(ENTRY), *args]
+    if popen:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, text=True, **popen)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed next to this Python")
+def test_torchrun_two_processes_write_one_run(tmp_path):
+    runs = tmp_path / "runs"
+    args = [*TINY_OVERRIDES, "data.num_val=5", "epochs=2", "device=cpu", f"runs_dir={runs}"]
+    proc = run_torchrun(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # One console block per epoch (rank 0 only), one run folder, one event file, one checkpoint folder.
+    assert proc.stdout.count("Epoch 1/2\n") == 1 and proc.stdout.count("Epoch 2/2\n") == 1
+    assert "World size 2, total batch 4" in proc.stdout
+    (run_dir,) = (runs / "maskrcnn").iterdir()
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
+    assert [p.name for p in run_dir.rglob("checkpoints")] == ["checkpoints"]
+    state = torch.load(run_dir / "checkpoints" / "last.pth", map_location="cpu", weights_only=True)
+    assert not any(k.startswith("module.") for k in state["model"])  # the module, not the DDP wrapper
+
+    # The metrics equal a single-process evaluation of the saved weights on the whole val set.
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    from test_resume import compose_cfg
+
+    from maskrcnn_coco.cli.experiment import build_components
+    from maskrcnn_coco.engine.loop import evaluate
+
+    parts = build_components(compose_cfg("data.num_val=5", "device=cpu"), progress=False)
+    parts.model.load_state_dict(state["model"])
+    val_losses, metrics = evaluate(parts.model, parts.data.val_loader, "cpu", mapping=parts.mapping, progress=False)
+    assert len(parts.data.val_loader.dataset) == 5
+    for iou_type in ("bbox", "segm"):
+        for name in ("AP", "AP50"):
+            assert history[-1][f"mAP/{iou_type}_{name}"] == pytest.approx(metrics[iou_type][name], abs=1e-9)
+    # Validation losses: weighted by images over the ranks. Their RPN/RoI samplers draw per batch,
+    # and the batches differ between 1 and 2 processes, so they agree closely but not exactly.
+    for k in LOSS_COMPONENTS:
+        assert history[-1][f"loss/val_{k}"] == pytest.approx(val_losses[k], rel=0.1, abs=1e-3)
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss/train_total")] == [1, 2]
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed next to this Python")
+def test_sigterm_to_torchrun_then_resume_auto_with_one_process(tmp_path):
+    runs = tmp_path / "runs"
+    args = [*TINY_OVERRIDES, "data.num_train=64", "epochs=2", "device=cpu", "print_freq=1", "tracker=none", f"runs_dir={runs}"]
+    proc = run_torchrun(args, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("Device:"):
+            break
+    time.sleep(2.0)
+    os.killpg(proc.pid, signal.SIGTERM)  # what SLURM does to the job step: every process gets it
+    _, err = proc.communicate(timeout=120)
+    assert "Stopped by SIGTERM in epoch 1, iteration" in err, err[-3000:]
+    interrupted = list(runs.rglob("interrupted.pth"))
+    assert len(interrupted) == 1  # rank 0 only
+    state = torch.load(interrupted[0], map_location="cpu", weights_only=True)
+    assert state["epoch_progress"]["iterations"] > 0
+
+    from conftest import run_entry
+
+    resumed = run_entry([*args, "resume=auto"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resumed from {interrupted[0]}" in resumed.stdout and "Epoch 2/2" in resumed.stdout
+
+
+def test_submitit_local_sweep_runs_each_job_in_its_own_process(tmp_path):
+    """The SLURM path's launcher, run locally: jobs are separate processes that still get folders
+    named by the swept key, and the sweep summary is written."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from conftest import run_entry
+
+    proc = run_entry(["-m", "hydra/launcher=submitit_local", *TINY_OVERRIDES, "epochs=1", "tracker=none",
+                      f"runs_dir={tmp_path}", "optimizer.head_lr_multiplier=1,3"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep_dir,) = (tmp_path / "maskrcnn" / "multirun").iterdir()
+    jobs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert jobs == ["0_optimizer.head_lr_multiplier=1", "1_optimizer.head_lr_multiplier=3"]
+    assert (sweep_dir / ".submitit").is_dir()  # submitted through submitit, not run in-process
+    for job in jobs:
+        assert (sweep_dir / job / "checkpoints" / "last.pth").is_file()
+    assert (sweep_dir / "sweep_summary.csv").read_text().count("\n") == 3
