@@ -33,14 +33,17 @@ class TrainSampler(Sampler):
         self.size, self.seed, self.shuffle = size, seed, shuffle
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
-        self._skip = 0  # samples of this rank's share already trained (resume mid-epoch); applies once
+        self._skip = 0  # positions of the global order already trained (resume mid-epoch); applies once
         self.num_samples = math.ceil(size / world_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def skip_next(self, samples: int) -> None:
-        """The next iteration starts after ``samples`` of this rank's share (an interrupted epoch's)."""
+        """The next iteration skips the first ``samples`` of the epoch's global order: what an
+        interrupted epoch already trained, over all of its ranks. The rest is re-sharded over this
+        run's ranks (equal counts), so a run may resume on another number of processes; with the
+        same number, every rank continues exactly where it stopped."""
         self._skip = samples
 
     def _order(self) -> list[int]:
@@ -49,13 +52,14 @@ class TrainSampler(Sampler):
             order = torch.randperm(self.size, generator=g).tolist()
         else:
             order = list(range(self.size))
-        total = self.num_samples * self.world_size
-        order += order[: total - len(order)]
-        return order[self.rank:total:self.world_size]
+        skip, self._skip = min(self._skip, self.size), 0
+        rest = order[skip:]
+        pad = -len(rest) % self.world_size  # rank r takes positions r, r + W, ...: pad to equal counts
+        rest += (order * (pad // max(len(order), 1) + 1))[:pad]
+        return rest[self.rank::self.world_size]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        skip, self._skip = self._skip, 0
-        for index in self._order()[skip:]:
+        for index in self._order():
             yield index, sample_seed(self.seed, self.epoch, index)
 
     def __len__(self) -> int:

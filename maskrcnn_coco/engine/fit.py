@@ -193,7 +193,7 @@ def _train_epoch(
     while True:
         if pending is not None:
             if hasattr(state.sampler, "skip_next"):
-                state.sampler.skip_next(pending.iterations * (train_loader.batch_size or 1))
+                state.sampler.skip_next(pending.samples_done)
             if pending.grad_norms is not None:
                 grad_norms.load_state_dict(pending.grad_norms)
         try:
@@ -205,6 +205,8 @@ def _train_epoch(
         except TrainingStopped as stopped:
             pending = stopped.progress
             pending.grad_norms = grad_norms.state_dict()
+            # Every rank trained the same number of full batches (the sampler pads the shards).
+            pending.samples_done = pending.iterations * (train_loader.batch_size or 1) * world_size()
             state.fit["reference_loss"] = guard.reference
             paths = [p for s in sinks if (p := _call_progress(s, state, epoch, pending, stop.requested)) is not None]
             if stop.requested:

@@ -112,13 +112,16 @@ class EpochProgress:
     iterations: int = 0
     loss_sums: list[float] = field(default_factory=lambda: [0.0] * len(LOSS_COMPONENTS))
     grad_norms: dict[str, Any] | None = None  # GradNormMeter.state_dict() of the partial epoch
+    samples_done: int = 0  # positions of the epoch's global order trained, over all ranks
 
     def state_dict(self) -> dict[str, Any]:
-        return {"iterations": self.iterations, "loss_sums": list(self.loss_sums), "grad_norms": self.grad_norms}
+        return {"iterations": self.iterations, "loss_sums": list(self.loss_sums), "grad_norms": self.grad_norms,
+                "samples_done": self.samples_done}
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> EpochProgress:
-        return cls(int(state["iterations"]), [float(v) for v in state["loss_sums"]], state.get("grad_norms"))
+        return cls(int(state["iterations"]), [float(v) for v in state["loss_sums"]], state.get("grad_norms"),
+                   int(state.get("samples_done", 0)))
 
 
 class TrainingStopped(Exception):
