@@ -296,6 +296,6 @@ def test_the_plot_names_its_weights_and_split(tiny_model, tiny_data, tmp_path):
     records = run_probe(tiny_model, tiny_data.val_loader, "cpu", num_batches=1, progress=False)
     weights = "runs/maskrcnn/multirun/x/0_optimizer.head_lr_multiplier=1/checkpoints/last.pth"
     run = {"config": "config", "weights": weights, "backbone_weights": None, "seed": 0, "split": "val"}
-    png = [p for p in write_reports(records, run, tmp_path, "json") if p.suffix == ".png"][0]
+    png = next(p for p in write_reports(records, run, tmp_path, "json") if p.suffix == ".png")
     title = Image.open(png).text["Title"]
-    assert f"weights: {weights}" in title and "split: val" in title and "1 batches" in title
+    assert f"weights: {weights}" in title and "split: val" in title and "1 batch" in title

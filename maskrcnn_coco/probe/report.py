@@ -359,7 +359,7 @@ def plot_title(records: Sequence[Mapping[str, Any]], run: Mapping[str, Any]) -> 
     weights = run.get("weights") or "none (random init)"
     backbone = f" | backbone weights: {run['backbone_weights']}" if run.get("backbone_weights") else ""
     return (f"Loss probe | weights: {weights}{backbone} | split: {run.get('split', '?')} | "
-            f"config: {run.get('config', '?')} | seed {run.get('seed', '?')} | {len(records)} batches")
+            f"config: {run.get('config', '?')} | seed {run.get('seed', '?')} | {len(records)} batch{'es' * (len(records) != 1)}")
 
 
 def plot_probe(records: Sequence[Mapping[str, Any]], path: Path, title: str = "") -> Path:
