@@ -73,6 +73,20 @@ def test_non_finite_loss_names_iteration_component_and_images():
         train_one_epoch(model, opt, scripted_loader(rows), "cpu", 3, progress=False, print_freq=2)
     message = str(err.value)
     assert "epoch 3, iteration 1" in message and "loss_mask" in message and "image ids [1]" in message
+    # One component failed: the images' annotations come first, the learning rate second.
+    assert "Only this component failed" in message
+    assert message.index("annotations") < message.index("optimizer.lr")
+
+
+def test_every_component_non_finite_points_at_the_learning_rate_first():
+    rows = [[1.0] * 5, [float("inf")] * 5]
+    model = ScriptedLosses()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with pytest.raises(FloatingPointError) as err:
+        train_one_epoch(model, opt, scripted_loader(rows), "cpu", 1, progress=False, print_freq=1)
+    message = str(err.value)
+    assert "Every component failed at once" in message
+    assert message.index("optimizer.lr") < message.index("annotations")
 
 
 def state_copy(model):
