@@ -244,6 +244,44 @@ class ObjectiveConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    """What the framework says by itself about the failing part of the detector
+    (``maskrcnn_coco.analysis.audit`` at start, ``maskrcnn_coco.analysis.diagnostics`` after each epoch)."""
+
+    enabled: bool = True
+    # Monitors look at no epoch before this one, and a pattern must hold this many consecutive epochs.
+    min_epoch: int = 2
+    patience_epochs: int = 2
+    # Trend monitors (rising, stalled, at chance, train/val gap) skip epochs that start before this many
+    # optimizer steps: warmup and the first steps are a transient (loss_box_reg rises while the RPN
+    # starts producing positives), and tiny runs never get past it.
+    min_steps: int = 100
+    # A weighted component this many times the median of the optimised others is dominant.
+    dominance_factor: float = 10.0
+    # |loss - chance| / chance within this fraction counts as "at its chance value".
+    chance_tolerance: float = 0.05
+    # Relative change per epoch: a component falls when it drops by more than `fall_rel`, rises when it
+    # grows by more than `rise_rel`; "the others fall" means their median drop over the window exceeds `others_fall_rel`.
+    fall_rel: float = 0.02
+    rise_rel: float = 0.05
+    others_fall_rel: float = 0.10
+    # Start-of-run audit: a producer at less than this fraction of the largest group lr is effectively frozen.
+    min_lr_ratio: float = 0.01
+    # Anchor fit: warn when more than `anchor_unreachable_share` of the training objects cannot reach the
+    # RPN's positive IoU (0.7) with any anchor AND that share exceeds the best one-size-per-level anchors'
+    # share by `anchor_excess_share` (octave-spaced anchors always leave some 40% of a size range below 0.7).
+    anchor_unreachable_share: float = 0.5
+    anchor_excess_share: float = 0.1
+    # Per-class: a class AP below `class_ap_ratio` x the median class AP (when that median exceeds
+    # `class_ap_min_median`); a ground-truth class whose matched detections (at least
+    # `confusion_min_matches`) are mostly (> `confusion_off_share`) another class.
+    class_ap_ratio: float = 0.5
+    class_ap_min_median: float = 0.1
+    confusion_min_matches: int = 5
+    confusion_off_share: float = 0.5
+
+
+@dataclass
 class Config:
     data: DataConfig = MISSING
     model: ModelConfig = MISSING
@@ -255,6 +293,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     epochs: int = 10
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 from pycocotools import mask as mask_utils
-from torch import nn
+from test_engine import Oracle
 
-from maskrcnn_coco.config import LOSS_COMPONENTS, AugmentConfig
+from maskrcnn_coco.config import AugmentConfig
 from maskrcnn_coco.data.coco import CategoryMapping, build_coco_dataset, load_coco, make_loader
 from maskrcnn_coco.engine import evaluate
 from maskrcnn_coco.evaluation.coco_eval import coco_metrics, predictions_to_coco, results_for_loadres
@@ -36,21 +36,6 @@ def test_predictions_to_coco_maps_labels_and_boxes():
     assert res["image_id"] == 42 and res["category_id"] == 9
     assert res["bbox"] == [1.0, 2.0, 4.0, 2.0] and res["score"] == pytest.approx(0.7)
     assert int(mask_utils.area(res["segmentation"])) == 8
-
-
-class Oracle(nn.Module):
-    """The loader's ground truth as detections, in loader order (the validation loader does not shuffle)."""
-
-    def __init__(self, loader):
-        super().__init__()
-        self.p = nn.Parameter(torch.zeros(()))
-        self.batches = [targets for _, targets in loader]
-
-    def forward(self, images, targets=None):
-        if self.training:
-            return dict.fromkeys(LOSS_COMPONENTS, self.p + 0.5)
-        return [{"boxes": t["boxes"], "labels": t["labels"], "scores": torch.ones(len(t["labels"])),
-                 "masks": t["masks"][:, None].float()} for t in self.batches.pop(0)]
 
 
 def nan_box_val_set(tmp_path):

@@ -55,7 +55,7 @@ def test_a_run_written_to_a_file_has_no_bar_frames_and_one_line_per_print_freq(t
     # The shapes set generated beforehand: its generation bar is the data package's, not the loop's.
     build_data(tiny_data_cfg(cache_dir=os.path.join(os.environ["MASKRCNN_COCO_CACHE"], "shapes")), seed=0, progress=False)
     args = [*TINY_OVERRIDES, "epochs=2", f"runs_dir={tmp_path}", "progress=true", "print_freq=2", "tracker=tensorboard",
-            "scheduler.milestones=[1.5]", "data.augment.vflip_prob=0.25"]
+            "scheduler.milestones=[1.5]", "eval.every_n_epochs=2", "data.augment.vflip_prob=0.25"]
     proc = run_entry(args, cwd=tmp_path)  # stdout and stderr are pipes: not terminals
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "\r" not in proc.stdout and "\r" not in proc.stderr

@@ -19,6 +19,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from maskrcnn_coco.analysis.audit import audit_run
+from maskrcnn_coco.analysis.diagnostics import Diagnosis
 from maskrcnn_coco.analysis.history import objective_value
 from maskrcnn_coco.data.coco import CategoryMapping, DataBundle, build_data
 from maskrcnn_coco.engine.checkpoint import TrainingState, load_training_checkpoint, restore_training_state
@@ -231,6 +233,19 @@ def wrap_distributed(model: nn.Module, device: torch.device) -> nn.Module:
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def audit_start(cfg: DictConfig, model: nn.Module, optimizer: torch.optim.Optimizer, parts: Components) -> list[Diagnosis]:
+    """The start-of-run audit (``analysis.audit``: what trains each loss, anchor fit), logged under
+    the parameter-group table; returns its warnings for ``diagnostics.jsonl``."""
+    if not cfg.diagnostics.enabled:
+        return []
+    report = audit_run(model, optimizer, parts.loss_weights, train_dataset=parts.data.train_loader.dataset,
+                       config=cfg.diagnostics, arch=cfg.model.arch, has_anchor_key="anchor_sizes" in cfg.model)
+    log.info("%s", report.format())
+    for warning in report.warnings:
+        log.warning("%s", warning.text())
+    return report.warnings
+
+
 def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
     """Train as configured, writing into ``run_dir``; return the objective for sweepers."""
     run_dir = Path(run_dir)
@@ -247,6 +262,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
     if cfg.train.sync_bn and dist.world_size() > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(scaled_optimizer_config(cfg), model)
+    audit = audit_start(cfg, model, optimizer, parts)
     scheduler = build_lr_scheduler(cfg.scheduler, optimizer, len(data.train_loader), cfg.epochs)
     check_schedule(cfg.scheduler, len(data.train_loader), cfg.epochs)
     scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
@@ -269,7 +285,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
     resolved = config_to_dict(cfg)
     sinks = default_sinks(
         run_dir, tracker, checkpoint_every=cfg.checkpoint.every_n_epochs, checkpoint_extra={"config": resolved},
-        keep_last=cfg.checkpoint.keep_last, best_metric=cfg.objective.metric,
+        keep_last=cfg.checkpoint.keep_last, best_metric=cfg.objective.metric, diagnostics=cfg.diagnostics, audit=audit,
     )
     guard = DivergenceGuard(max_loss=cfg.train.max_loss, factor=cfg.train.max_loss_factor)
     try:

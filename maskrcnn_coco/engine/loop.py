@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from maskrcnn_coco.data.coco import CategoryMapping
 from maskrcnn_coco.engine.progress import Progress
 from maskrcnn_coco.evaluation.coco_eval import coco_metrics, predictions_to_coco
+from maskrcnn_coco.evaluation.per_class import CONFUSION_KEY, confusion_matrix
 from maskrcnn_coco.solver.param_groups import group_name
 from maskrcnn_coco.tracking.scalars import LOSS_COMPONENTS
 from maskrcnn_coco.utils.dist import all_gather_objects, all_reduce_sum, broadcast_object, is_main_process, world_size
@@ -413,7 +414,10 @@ def evaluate(
     if compute_metrics:
         if coco_gt is None:
             raise ValueError("evaluate needs coco_gt (or a data_loader.dataset with .coco) for COCO metrics")
-        # COCOeval once over the whole set, on rank 0; every rank gets its numbers.
-        metrics = coco_metrics(coco_gt, results, image_ids) if is_main_process() else {}
+        # COCOeval once over the whole set, on rank 0; every rank gets its numbers. The confusion
+        # matrix rides along under metrics["confusion"] (not a scalar: epoch_scalars skips it).
+        if is_main_process():
+            metrics = coco_metrics(coco_gt, results, image_ids)
+            metrics[CONFUSION_KEY] = confusion_matrix(coco_gt, results, image_ids)  # type: ignore[assignment]
         metrics = broadcast_object(metrics)
     return val_losses, metrics

@@ -18,9 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from maskrcnn_coco.analysis.diagnostics import Diagnosis, diagnose
 from maskrcnn_coco.analysis.history import HISTORY_FILE
+from maskrcnn_coco.config import DiagnosticsConfig
 from maskrcnn_coco.engine.checkpoint import TrainingState, save_checkpoint, training_state
 from maskrcnn_coco.engine.loop import EpochProgress
+from maskrcnn_coco.evaluation.per_class import CONFUSION_KEY, save_confusion
 from maskrcnn_coco.tracking.backends import ExperimentTracker, NullTracker, log_scalars
 from maskrcnn_coco.tracking.scalars import LOSS_COMPONENTS, TRAIN_TOTAL, VAL_TOTAL, lower_is_better
 from maskrcnn_coco.utils.dist import is_main_process
@@ -214,6 +217,71 @@ class HistoryWriter(Sink):
         os.replace(tmp, self.path)
 
 
+DIAGNOSTICS_FILE = "diagnostics.jsonl"
+
+
+class DiagnosticsSink(Sink):
+    """The monitors of ``maskrcnn_coco.analysis.diagnostics`` after every epoch, over the history.
+
+    A finding is reported once per run (the first epoch it holds): as a warning under the epoch block
+    (console and ``train.log``) and as one JSON object in ``<run_dir>/diagnostics.jsonl`` (``epoch``,
+    ``kind``, ``components``, ``subject``, ``evidence``, ``cause``, ``config_key``, ``message``).
+    ``start``: the start-of-run audit's findings (epoch 0), written first; their logging is the
+    caller's. The file exists (possibly empty) once training starts: empty means nothing was found.
+    """
+
+    def __init__(self, run_dir: str | Path, config: DiagnosticsConfig | None = None, *, start: Sequence[Diagnosis] = ()):
+        self.path = Path(run_dir) / DIAGNOSTICS_FILE
+        self.config = config if config is not None else DiagnosticsConfig()
+        self.start = list(start)
+        self.reported: set[tuple[Any, ...]] = set()
+        self.confusions: list[Mapping[str, Any]] = []
+        self.failed = False
+
+    def _append(self, findings: Sequence[Diagnosis]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            for finding in findings:
+                f.write(json.dumps(finding.to_json()) + "\n")
+
+    def before_fit(self, state: TrainingState) -> None:
+        self._append(self.start)
+        self.reported.update(d.key for d in self.start)
+
+    def after_epoch(self, state: TrainingState, result: EpochResult) -> None:
+        confusion = (result.record.get("metrics") or {}).get(CONFUSION_KEY)
+        if confusion:
+            self.confusions = [*self.confusions, confusion][-max(self.config.patience_epochs, 1):]
+        try:
+            found = diagnose(state.history, loss_weights=result.record.get("loss_weights"),
+                             num_classes=state.mapping.num_classes - 1, config=self.config, confusions=self.confusions,
+                             steps_per_epoch=state.global_step / result.epoch if state.global_step else None)
+        except Exception as err:  # noqa: BLE001 - a monitor's bug must not stop training
+            if not self.failed:
+                log.warning("Diagnostics failed after epoch %d (%s: %s); training goes on without them.",
+                            result.epoch, type(err).__name__, err)
+            self.failed = True
+            return
+        new = [d for d in found if d.key not in self.reported]
+        for finding in new:
+            self.reported.add(finding.key)
+            log.warning("%s", finding.text())
+        self._append(new)
+
+
+class ConfusionWriter(Sink):
+    """``confusion_epoch_NNN.json`` and ``.png`` in the run folder after each evaluation: ground-truth
+    class x predicted class of matched detections (``maskrcnn_coco.evaluation.per_class``)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+
+    def after_epoch(self, state: TrainingState, result: EpochResult) -> None:
+        confusion = (result.record.get("metrics") or {}).get(CONFUSION_KEY)
+        if confusion:
+            save_confusion(confusion, self.run_dir / f"confusion_epoch_{result.epoch:03d}", title=f"epoch {result.epoch}")
+
+
 def default_sinks(
     run_dir: str | Path,
     tracker: ExperimentTracker | None = None,
@@ -222,13 +290,19 @@ def default_sinks(
     checkpoint_extra: Mapping[str, Any] | None = None,
     keep_last: int | None = None,
     best_metric: str | None = None,
+    diagnostics: DiagnosticsConfig | None = None,
+    audit: Sequence[Diagnosis] = (),
 ) -> list[Sink]:
-    """Checkpoints, the console block, the tracker and ``metrics.jsonl``, in that order."""
+    """Checkpoints, the console block, the diagnostics (unless ``diagnostics.enabled`` is false; ``audit``:
+    the start-of-run findings), the confusion matrices, the tracker and ``metrics.jsonl``, in that order."""
     run_dir = Path(run_dir)
+    enabled = diagnostics is None or diagnostics.enabled
     return [
         Checkpointer(run_dir / "checkpoints", every_n_epochs=checkpoint_every, extra=checkpoint_extra,
                      keep_last=keep_last, best_metric=best_metric),
         ConsoleSummary(),
+        *([DiagnosticsSink(run_dir, diagnostics, start=audit)] if enabled else []),
+        ConfusionWriter(run_dir),
         TrackerWriter(tracker),
         HistoryWriter(run_dir),
     ]

@@ -26,6 +26,7 @@ from pycocotools.cocoeval import COCOeval
 
 from maskrcnn_coco.data.coco import CategoryMapping
 from maskrcnn_coco.data.validate import usable_ground_truth
+from maskrcnn_coco.evaluation.per_class import class_metric_names, classes_with_ground_truth, per_class_ap
 from maskrcnn_coco.tracking.scalars import METRIC_NAMES
 
 log = logging.getLogger(__name__)
@@ -64,17 +65,21 @@ def predictions_to_coco(
 def coco_metrics(
     coco_gt: COCO, results: Sequence[Mapping[str, Any]], image_ids: Sequence[int], iou_types: Sequence[str] = ("bbox", "segm"), verbose: bool = False
 ) -> dict[str, dict[str, float]]:
-    """COCOeval's AP, AP50, AP75, APs, APm, APl per IoU type over ``image_ids``.
+    """COCOeval's AP, AP50, AP75, APs, APm, APl per IoU type over ``image_ids``, and the AP of each
+    category as ``AP_class_<name>`` (``evaluation.per_class``; tags ``mAP/segm_AP_class_<name>``).
 
-    Values COCO leaves undefined (-1, e.g. APl when no object is large) are returned as NaN. The
-    ground truth is ``coco_gt`` without the annotations training skips (``usable_ground_truth``).
+    Values COCO leaves undefined (-1, e.g. APl when no object is large, or a class with no ground
+    truth in ``image_ids``) are returned as NaN. The ground truth is ``coco_gt`` without the
+    annotations training skips (``usable_ground_truth``).
     """
     coco_gt = usable_ground_truth(coco_gt)
     metrics: dict[str, dict[str, float]] = {}
     for iou_type in iou_types:
         usable = results_for_loadres(coco_gt, results, iou_type)
         if not usable:
-            metrics[iou_type] = dict.fromkeys(METRIC_NAMES, 0.0)
+            present = classes_with_ground_truth(coco_gt, image_ids)
+            per_class = {name: 0.0 if cat in present else float("nan") for cat, name in class_metric_names(coco_gt).items()}
+            metrics[iou_type] = {**dict.fromkeys(METRIC_NAMES, 0.0), **per_class}
             continue
         sink = io.StringIO()
         with contextlib.redirect_stdout(sink):
@@ -89,6 +94,7 @@ def coco_metrics(
         metrics[iou_type] = {
             name: (float(v) if v >= 0 else float("nan")) for name, v in zip(METRIC_NAMES, ev.stats[:6])
         }
+        metrics[iou_type].update(per_class_ap(ev, coco_gt))
     return metrics
 
 

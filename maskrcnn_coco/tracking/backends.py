@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 # at close only those the run logged are listed).
 HPARAM_METRICS = tuple(dict.fromkeys((DEFAULT_OBJECTIVE, "mAP/segm_AP50", "mAP/bbox_AP", VAL_TOTAL, TRAIN_TOTAL)))
 
+
 @runtime_checkable
 class ExperimentTracker(Protocol):
     """What ``fit`` needs from a tracking backend."""

@@ -81,7 +81,8 @@ def epoch_scalars(record: Mapping[str, Any]) -> dict[str, float]:
     tags.update(_losses("val", record.get("val_loss"), record.get("val_total"), weights))
     for iou_type, values in (record.get("metrics") or {}).items():
         for name, value in (values or {}).items():
-            if value is not None and math.isfinite(value):
+            # Non-numeric entries (the confusion matrix ``evaluate`` returns as ``metrics["confusion"]``) are no scalars.
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 tags[f"mAP/{iou_type}_{name}"] = float(value)
     lr = record.get("lr")
     if isinstance(lr, Mapping):

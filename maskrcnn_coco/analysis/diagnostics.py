@@ -1,0 +1,478 @@
+"""Which part of the detector is failing, read from a run's history: pure monitor functions.
+
+Each monitor takes the history (``[{"epoch": e, <tag>: value}, ...]``, tags of
+``maskrcnn_coco.tracking.scalars``), the loss weights and ``DiagnosticsConfig`` thresholds, and
+returns ``Diagnosis`` objects for the latest epoch: what is seen (with its numbers), the likely
+cause and the config key to change. ``DiagnosticsSink`` (``engine/sinks.py``) runs ``diagnose``
+after every epoch, logs new findings as warnings and appends them to ``diagnostics.jsonl``.
+
+No monitor fires before ``min_epoch``, and a pattern must hold for ``patience_epochs`` consecutive
+epochs (a rise or a stall: that many epoch-to-epoch changes). Trend monitors also skip the epochs
+that start within the first ``min_steps`` optimizer steps (warmup; ``loss_box_reg`` rises while the
+RPN starts producing positives), so short and tiny runs stay quiet.
+The patterns and their fixes are described in docs/LOSS_BREAKDOWN.md; each warning links its section.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from maskrcnn_coco.config import LOSS_COMPONENTS, DiagnosticsConfig
+
+DOC = "docs/LOSS_BREAKDOWN.md"
+
+# Which config key trains each component (what a warning tells you to change).
+WEIGHT_KEY = "loss.weights.{}"
+# What each component trains (the modules whose parameters its gradient reaches first).
+PRODUCERS: dict[str, tuple[str, ...]] = {
+    "loss_objectness": ("rpn.head",),
+    "loss_rpn_box_reg": ("rpn.head",),
+    "loss_classifier": ("roi_heads.box_head", "roi_heads.box_predictor"),
+    "loss_box_reg": ("roi_heads.box_head", "roi_heads.box_predictor"),
+    "loss_mask": ("roi_heads.mask_head", "roi_heads.mask_predictor"),
+}
+# The lr config key of each component's producers with the default parameter groups.
+LR_KEY = {
+    "loss_objectness": "optimizer.groups.rpn.lr_mult",
+    "loss_rpn_box_reg": "optimizer.groups.rpn.lr_mult",
+    "loss_classifier": "optimizer.head_lr_multiplier",
+    "loss_box_reg": "optimizer.head_lr_multiplier",
+    "loss_mask": "optimizer.head_lr_multiplier",
+}
+
+
+def chance_values(num_classes: int) -> dict[str, float]:
+    """The loss of an untrained (uniform) prediction: binary cross-entropies ln 2, the box
+    classifier's (K + 1)-way cross-entropy ln(K + 1) for K object classes."""
+    return {"loss_mask": math.log(2.0), "loss_objectness": math.log(2.0), "loss_classifier": math.log(num_classes + 1.0)}
+
+
+@dataclass
+class Diagnosis:
+    """One finding: ``kind``, the ``components`` concerned, what is seen (``message``, with numbers),
+    the likely ``cause`` and the ``config_key`` to change; ``evidence`` holds the numbers."""
+
+    kind: str
+    components: tuple[str, ...]
+    message: str
+    cause: str
+    config_key: str | None
+    section: str
+    epoch: int = 0
+    evidence: dict[str, Any] = field(default_factory=dict)
+    subject: str | None = None  # a module or class name when the finding is about one
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """Identity for reporting a finding once per run."""
+        return (self.kind, self.components, self.subject)
+
+    def text(self) -> str:
+        change = f" Change: {self.config_key}." if self.config_key else ""
+        return f"{self.message} Likely cause: {self.cause}.{change} (see {DOC}#{self.section})"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "kind": self.kind,
+            "components": list(self.components),
+            "subject": self.subject,
+            "evidence": _plain(self.evidence),
+            "cause": self.cause,
+            "config_key": self.config_key,
+            "message": self.text(),
+        }
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return round(obj, 6) if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+# ------------------------------------------------------------------------------------ helpers
+def series(history: Sequence[Mapping[str, Any]], tag: str) -> list[tuple[int, float]]:
+    """``[(epoch, value)]`` of the epochs that have a finite ``tag``."""
+    out = []
+    for record in history:
+        value = record.get(tag)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            out.append((int(record["epoch"]), float(value)))
+    return out
+
+
+def _window(history: Sequence[Mapping[str, Any]], tag: str, n: int) -> list[float] | None:
+    """The last ``n`` values of ``tag``, only if the latest epoch has it."""
+    points = series(history, tag)
+    if len(points) < n or not history or points[-1][0] != int(history[-1]["epoch"]):
+        return None
+    return [v for _, v in points[-n:]]
+
+
+def _changes(values: Sequence[float]) -> list[float]:
+    """Relative epoch-to-epoch changes."""
+    return [(b - a) / abs(a) if a else (0.0 if b == a else math.inf) for a, b in itertools.pairwise(values)]
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return " -> ".join(f"{v:.4g}" for v in values)
+
+
+def _optimised(weights: Mapping[str, float]) -> list[str]:
+    return [c for c in LOSS_COMPONENTS if weights.get(c, 1.0) > 0]
+
+
+def _others_fall(history, weights, exclude: str, n: int, cfg: DiagnosticsConfig) -> tuple[bool, float | None]:
+    """Whether the other optimised components fell over the last ``n`` epochs: their median
+    relative change is below ``-others_fall_rel``. Returns (fell, median change)."""
+    drops = []
+    for c in _optimised(weights):
+        if c == exclude:
+            continue
+        values = _window(history, f"loss/train_{c}", n)
+        if values and values[0]:
+            drops.append(values[-1] / values[0] - 1.0)
+    if not drops:
+        return False, None
+    median = statistics.median(drops)
+    return median < -cfg.others_fall_rel, median
+
+
+def _epoch(history: Sequence[Mapping[str, Any]]) -> int:
+    return int(history[-1]["epoch"]) if history else 0
+
+
+def _too_early(history: Sequence[Mapping[str, Any]], cfg: DiagnosticsConfig) -> bool:
+    return not history or _epoch(history) < max(cfg.min_epoch, 2)
+
+
+# ----------------------------------------------------------------------------------- monitors
+def stuck_at_chance(history, weights, num_classes: int, cfg: DiagnosticsConfig) -> list[Diagnosis]:
+    """(b) An optimised component within ``chance_tolerance`` of its chance value and not falling for
+    ``patience_epochs`` epoch-to-epoch changes while the others fall: its producer is not learning."""
+    if _too_early(history, cfg):
+        return []
+    out = []
+    n = cfg.patience_epochs + 1
+    for c, chance in chance_values(num_classes).items():
+        if weights.get(c, 1.0) <= 0:
+            continue
+        values = _window(history, f"loss/train_{c}", n)
+        if values is None or not all(abs(v - chance) <= cfg.chance_tolerance * chance for v in values):
+            continue
+        if values[-1] / values[0] - 1.0 < -cfg.fall_rel:
+            continue  # still coming down through its chance value
+        fell, median = _others_fall(history, weights, c, n, cfg)
+        if not fell:
+            continue
+        producers = " and ".join(PRODUCERS[c])
+        out.append(Diagnosis(
+            kind="at_chance", components=(c,), section="stuck-at-chance", epoch=_epoch(history),
+            message=(f"{c} is stuck at its chance value {chance:.3f} ({_fmt(values)} over the last {n} epochs) "
+                     f"while the other components fell (median {median:+.0%})."),
+            cause=(f"{producers} {'does' if len(PRODUCERS[c]) == 1 else 'do'} not learn: frozen or at a near-zero "
+                   "learning rate (see the start-of-run audit), or its targets carry no signal"),
+            config_key=LR_KEY[c],
+            evidence={"values": values, "chance": chance, "others_median_change": median},
+        ))
+    return out
+
+
+def stalled_or_rising(history, weights, num_classes: int, cfg: DiagnosticsConfig) -> list[Diagnosis]:
+    """(a) An optimised component that rises, or stops falling, for ``patience_epochs`` epochs while
+    the other optimised components fall. (A component at its chance value is ``stuck_at_chance``'s.)"""
+    if _too_early(history, cfg):
+        return []
+    out = []
+    n = cfg.patience_epochs + 1
+    chances = chance_values(num_classes)
+    for c in _optimised(weights):
+        values = _window(history, f"loss/train_{c}", n)
+        if values is None:
+            continue
+        changes = _changes(values)
+        rising = all(d > cfg.rise_rel for d in changes)
+        stalled = all(d > -cfg.fall_rel for d in changes)
+        if not (rising or stalled):
+            continue
+        if c in chances and all(abs(v - chances[c]) <= cfg.chance_tolerance * chances[c] for v in values):
+            continue
+        fell, median = _others_fall(history, weights, c, n, cfg)
+        if not fell:
+            continue
+        verb = "rises" if rising else "stopped falling"
+        weight = weights.get(c, 1.0)
+        out.append(Diagnosis(
+            kind="rising" if rising else "stalled", components=(c,), section="rising-or-stalled", epoch=_epoch(history),
+            message=(f"{c} {verb} ({_fmt(values)} over the last {n} epochs) while the other optimised components "
+                     f"fell (median {median:+.0%})."),
+            cause=(f"its share of the optimised loss is too small to move {' and '.join(PRODUCERS[c])} "
+                   f"(weight {weight:g}), their learning rate is too low, or they are saturated"
+                   if not rising else
+                   f"the other components' gradients pull the shared features away from {c}, or its learning rate "
+                   "is too high for its head"),
+            config_key=f"{WEIGHT_KEY.format(c)} or {LR_KEY[c]}",
+            evidence={"values": values, "changes": changes, "others_median_change": median, "weight": weight},
+        ))
+    return out
+
+
+def train_val_gap(history, weights, num_classes: int, cfg: DiagnosticsConfig) -> list[Diagnosis]:
+    """(c) A component whose validation value does not fall while its training value falls, with the
+    val/train ratio widening every epoch for ``patience_epochs`` evaluations."""
+    if _too_early(history, cfg):
+        return []
+    out = []
+    n = cfg.patience_epochs + 1
+    for c in _optimised(weights):
+        val = _window(history, f"loss/val_{c}", n)
+        if val is None:
+            continue
+        epochs = [e for e, _ in series(history, f"loss/val_{c}")][-n:]
+        by_epoch = dict(series(history, f"loss/train_{c}"))
+        if any(e not in by_epoch or by_epoch[e] <= 0 for e in epochs):
+            continue
+        train = [by_epoch[e] for e in epochs]
+        ratios = [v / t for v, t in zip(val, train)]
+        train_fell = train[-1] / train[0] - 1.0 < -cfg.others_fall_rel
+        val_not_falling = val[-1] / val[0] - 1.0 > -cfg.fall_rel
+        widening = all(d > cfg.rise_rel for d in _changes(ratios))
+        if not (train_fell and val_not_falling and widening):
+            continue
+        rising = all(d > cfg.rise_rel for d in _changes(val))
+        out.append(Diagnosis(
+            kind="val_rising" if rising else "train_val_gap", components=(c,), section="train-val-gap", epoch=_epoch(history),
+            message=(f"validation {c} {'rises' if rising else 'does not fall'} ({_fmt(val)}) while training {c} falls "
+                     f"({_fmt(train)}) over epochs {epochs[0]}-{epochs[-1]}: val/train {_fmt(ratios)}."),
+            cause=("overfitting of its head to the training images, or validation annotations that differ from "
+                   "training's (other labelling rules, category ids, box/mask conventions)"),
+            config_key="data.augment.*, optimizer.weight_decay, epochs (fewer), or data.val_annotations",
+            evidence={"val": val, "train": train, "epochs": epochs, "ratio": ratios},
+        ))
+    return out
+
+
+def dominant_component(history, weights, num_classes: int, cfg: DiagnosticsConfig) -> list[Diagnosis]:
+    """(d) A weighted component at least ``dominance_factor`` times the median of the other optimised
+    weighted components and more than half the optimised loss, for ``patience_epochs`` epochs.
+    Zero-weight components are not optimised and never count in the median."""
+    if _too_early(history, cfg):
+        return []
+    n = max(cfg.patience_epochs, 1)
+    optimised = _optimised(weights)
+    if len(optimised) < 3:
+        return []
+    out = []
+    for c in optimised:
+        ratios: list[float] = []
+        shares: list[float] = []
+        for record in history[-n:]:
+            weighted = {o: weights.get(o, 1.0) * record[f"loss/train_{o}"] for o in optimised
+                        if isinstance(record.get(f"loss/train_{o}"), (int, float)) and math.isfinite(record[f"loss/train_{o}"])}
+            if c not in weighted or len(weighted) < 3:
+                break
+            median = statistics.median(v for o, v in weighted.items() if o != c)
+            total = sum(weighted.values())
+            if median <= 0 or total <= 0:
+                break
+            ratios.append(weighted[c] / median)
+            shares.append(weighted[c] / total)
+        # Late in a healthy run the RPN terms are ~50x below the heads' (README: 0.002 vs 0.17), so the
+        # median of 3-4 others can be an RPN term: dominating also means holding most of the optimised loss.
+        if len(ratios) < n or not all(r >= cfg.dominance_factor for r in ratios) or not all(f > 0.5 for f in shares):
+            continue
+        w = weights.get(c, 1.0)
+        raw = history[-1][f"loss/train_{c}"]
+        out.append(Diagnosis(
+            kind="dominant", components=(c,), section="dominant-component", epoch=_epoch(history),
+            message=(f"{c} dominates the optimised loss: weight {w:g} x {raw:.4g} = {w * raw:.4g}, {shares[-1]:.0%} of "
+                     f"it and {ratios[-1]:.0f}x the median of the other weighted components over the last {n} epochs "
+                     f"(ratios {_fmt(ratios)})."),
+            cause=(f"its loss weight is too large ({WEIGHT_KEY.format(c)}={w:g}): the shared backbone follows its "
+                   "gradient and the other heads get too little" if w > 1.0 else
+                   "its head cannot fit its targets (for the RPN: anchors that do not fit the objects, see the "
+                   "anchor-fit audit; for the heads: a too low learning rate)"),
+            config_key=WEIGHT_KEY.format(c) if w > 1.0 else f"{WEIGHT_KEY.format(c)} or {LR_KEY[c]}",
+            evidence={"ratios": ratios, "shares": shares, "weight": w, "value": raw},
+        ))
+    return out
+
+
+def unoptimised_rising(history, weights, num_classes: int, cfg: DiagnosticsConfig) -> list[Diagnosis]:
+    """(e) A component with loss weight 0 (not optimised) that rises for ``patience_epochs`` epochs."""
+    if _too_early(history, cfg):
+        return []
+    out = []
+    n = cfg.patience_epochs + 1
+    for c in LOSS_COMPONENTS:
+        if weights.get(c, 1.0) != 0:
+            continue
+        values = _window(history, f"loss/train_{c}", n)
+        if values is None or not all(d > cfg.rise_rel for d in _changes(values)):
+            continue
+        out.append(Diagnosis(
+            kind="unoptimised_rising", components=(c,), section="not-optimised", epoch=_epoch(history),
+            message=f"{c} rises ({_fmt(values)} over the last {n} epochs) and is not optimised (loss weight 0).",
+            cause=(f"{WEIGHT_KEY.format(c)}=0: nothing trains {' and '.join(PRODUCERS[c])} for it, and the shared "
+                   "features drift away from what they need"),
+            config_key=WEIGHT_KEY.format(c),
+            evidence={"values": values, "weight": 0.0},
+        ))
+    return out
+
+
+def lagging_classes(history, weights, num_classes: int, cfg: DiagnosticsConfig) -> list[Diagnosis]:
+    """A class whose AP (``mAP/<segm|bbox>_AP_class_<name>``) stays below ``class_ap_ratio`` times the
+    median class AP (when that median exceeds ``class_ap_min_median``) for ``patience_epochs`` evaluations."""
+    if _too_early(history, cfg) or not history:
+        return []
+    n = max(cfg.patience_epochs, 1)
+    latest = history[-1]
+    iou_type = next((t for t in ("segm", "bbox") if any(k.startswith(f"mAP/{t}_AP_class_") for k in latest)), None)
+    if iou_type is None:
+        return []
+    prefix = f"mAP/{iou_type}_AP_class_"
+    evaluated = [r for r in history if any(k.startswith(prefix) for k in r)][-n:]
+    if len(evaluated) < n:
+        return []
+    flagged: dict[str, list[tuple[float, float]]] = {}
+    for record in evaluated:
+        aps = {k[len(prefix):]: v for k, v in record.items() if k.startswith(prefix) and isinstance(v, (int, float))}
+        if len(aps) < 2:
+            return []
+        median = statistics.median(aps.values())
+        if median <= cfg.class_ap_min_median:
+            return []
+        for name, ap in aps.items():
+            if ap < cfg.class_ap_ratio * median:
+                flagged.setdefault(name, []).append((ap, median))
+    out = []
+    for name, points in flagged.items():
+        if len(points) < n:
+            continue
+        ap, median = points[-1]
+        out.append(Diagnosis(
+            kind="lagging_class", components=("loss_classifier", "loss_mask"), subject=name, section="per-class",
+            epoch=_epoch(history),
+            message=(f"class {name!r} lags: {iou_type} AP {ap:.3f} vs the median class AP {median:.3f} "
+                     f"(below {cfg.class_ap_ratio:g}x for {n} evaluations)."),
+            cause=("few or inconsistent training annotations for this class, objects of a size the anchors do not "
+                   "fit, or a class the confusion matrix shows mixed up with another"),
+            config_key="the class's training annotations (python scripts/check_dataset.py), model.anchor_sizes",
+            evidence={"iou_type": iou_type, "ap": [p[0] for p in points], "median": [p[1] for p in points]},
+        ))
+    return out
+
+
+def confused_with_another(history, confusions: Sequence[Mapping[str, Any]], num_classes: int,
+                          cfg: DiagnosticsConfig) -> list[Diagnosis]:
+    """A ground-truth class whose matched detections (at least ``confusion_min_matches``) are mostly
+    (> ``confusion_off_share``) given another class, in each of the last ``patience_epochs`` confusion
+    matrices. When several classes are each given one distinct other class, or the training classifier
+    loss is well below chance (the classifier does separate the classes), the validation labels are the
+    suspect; otherwise the classifier."""
+    if _too_early(history, cfg):
+        return []
+    n = max(cfg.patience_epochs, 1)
+    if len(confusions) < n:
+        return []
+    per_matrix = [{row["class"]: row for row in confused_classes(m, cfg.confusion_min_matches)} for m in confusions[-n:]]
+    names = set.intersection(*(set(rows) for rows in per_matrix)) if per_matrix else set()
+    train_cls = _window(history, "loss/train_loss_classifier", 1)
+    chance = chance_values(num_classes)["loss_classifier"]
+    confused = sorted(name for name in names if all(m[name]["off_share"] > cfg.confusion_off_share for m in per_matrix))
+    latest = [per_matrix[-1][name] for name in confused]
+    # Several classes each given (almost always) a distinct other class: a relabelling, not a weak
+    # classifier (which smears a class over others, or collapses several onto one).
+    swapped = (len(latest) >= 2 and len({r["most_given"] for r in latest}) == len(latest)
+               and all(r["most_given_count"] >= 0.8 * r["matched"] for r in latest))
+    learned = swapped or (bool(train_cls) and train_cls[-1] < 0.5 * chance)
+    out = []
+    for name in confused:
+        rows = [m[name] for m in per_matrix]
+        last = rows[-1]
+        out.append(Diagnosis(
+            kind="confused_class", components=("loss_classifier",), subject=name, section="per-class",
+            epoch=_epoch(history),
+            message=(f"ground-truth class {name!r}: {last['off_share']:.0%} of its {last['matched']} matched detections "
+                     f"are another class (mostly {last['most_given']!r}: {last['most_given_count']}) "
+                     f"in the last {n} evaluations."),
+            cause=(("the confused classes are swapped one-to-one, " if swapped else
+                    f"the classifier separates the classes on the training set (train loss_classifier "
+                    f"{train_cls[-1]:.3f}, chance {chance:.3f}), ") +
+                   "so the validation labels disagree with training's: category ids swapped or mapped differently "
+                   "in the validation annotation file"
+                   if learned else
+                   "the classifier has not learned to tell these classes apart (too few epochs, too low a heads "
+                   "learning rate, or classes that look alike)"),
+            config_key="data.val_annotations (category ids)" if learned else "optimizer.head_lr_multiplier, epochs",
+            evidence={"off_share": [r["off_share"] for r in rows], "matched": [r["matched"] for r in rows],
+                      "most_given": last["most_given"], "swapped": swapped,
+                      "train_loss_classifier": train_cls[-1] if train_cls else None},
+        ))
+    return out
+
+
+def confused_classes(confusion: Mapping[str, Any], min_matches: int = 5) -> list[dict[str, Any]]:
+    """Per ground-truth class of a confusion matrix (``evaluation.per_class.confusion_matrix``) with at
+    least ``min_matches`` matched detections: the share of them given another class, and which."""
+    names = list(confusion["ground_truth"])[:-1]
+    out = []
+    for i, name in enumerate(names):
+        row = [int(v) for v in confusion["matrix"][i][: len(names)]]
+        total = sum(row)
+        if total < min_matches:
+            continue
+        off = {names[j]: v for j, v in enumerate(row) if j != i}
+        most = max(off, key=off.get) if off else name
+        out.append({"class": name, "matched": total, "correct": row[i], "off_share": (total - row[i]) / total,
+                    "most_given": most, "most_given_count": off.get(most, 0)})
+    return out
+
+
+# Monitors of a loss trend: they read only the epochs past the first ``min_steps`` optimizer steps.
+TREND_MONITORS = (stuck_at_chance, stalled_or_rising, train_val_gap, unoptimised_rising)
+# Monitors of a level (dominance, per-class AP): from ``min_epoch`` with ``patience_epochs``.
+LEVEL_MONITORS = (dominant_component, lagging_classes)
+
+
+def settled(history: Sequence[Mapping[str, Any]], steps_per_epoch: float | None, min_steps: int) -> list[Mapping[str, Any]]:
+    """The epochs that start after ``min_steps`` optimizer steps (all when ``steps_per_epoch`` is unknown)."""
+    if not steps_per_epoch:
+        return list(history)
+    return [r for r in history if (int(r["epoch"]) - 1) * steps_per_epoch >= min_steps]
+
+
+def diagnose(
+    history: Sequence[Mapping[str, Any]],
+    *,
+    loss_weights: Mapping[str, float] | None = None,
+    num_classes: int,
+    config: DiagnosticsConfig | None = None,
+    confusions: Sequence[Mapping[str, Any]] = (),
+    steps_per_epoch: float | None = None,
+) -> list[Diagnosis]:
+    """Every monitor's findings for the latest epoch of ``history``. ``num_classes``: object classes
+    (K, background excluded); ``confusions``: the confusion matrices of the latest evaluations, oldest
+    first; ``steps_per_epoch``: optimizer steps per epoch (None: every epoch counts as settled)."""
+    cfg = config if config is not None else DiagnosticsConfig()
+    weights = {c: float((loss_weights or {}).get(c, 1.0)) for c in LOSS_COMPONENTS}
+    found: list[Diagnosis] = []
+    trend = settled(history, steps_per_epoch, cfg.min_steps)
+    if trend and history and trend[-1]["epoch"] == history[-1]["epoch"]:
+        for monitor in TREND_MONITORS:
+            found.extend(monitor(trend, weights, num_classes, cfg))
+    for monitor in LEVEL_MONITORS:
+        found.extend(monitor(history, weights, num_classes, cfg))
+    if confusions:
+        found.extend(confused_with_another(history, confusions, num_classes, cfg))
+    return found

@@ -1,0 +1,189 @@
+"""Planted faults in tiny seeded runs: the framework names the failing part by itself, and nothing else.
+
+Each run goes through ``run_training`` like the entry point does; what it found is read back from the
+run's ``diagnostics.jsonl`` and the log. Faults that need many epochs to show in the losses (a frozen
+head, a zero weight, anchors that do not fit) are caught by the start-of-run audit: one of them runs a
+whole one-step run, the others stop after the start. The table of what fires when is in
+docs/LOSS_BREAKDOWN.md.
+"""
+
+import itertools
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from maskrcnn_coco.analysis.sweep import register_resolvers
+from maskrcnn_coco.cli import experiment
+from maskrcnn_coco.cli.experiment import run_training
+from maskrcnn_coco.config import AugmentConfig, register_configs
+from maskrcnn_coco.data.coco import build_coco_dataset
+from maskrcnn_coco.data.shapes import ShapesParams, ensure_shapes_dataset
+from maskrcnn_coco.engine.sinks import DIAGNOSTICS_FILE
+
+from conftest import REPO, TINY_MODEL_OVERRIDES, TINY_OVERRIDES
+
+# One optimizer step, one validation image: enough for the audit, cheap on 2 cores.
+ONE_STEP = ["epochs=1", "data.num_train=2", "data.num_val=1", "checkpoint.every_n_epochs=0",
+            "scheduler.warmup_iters=0", "scheduler.milestones=[]"]
+ALL = {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
+
+
+def compose_cfg(*overrides, data=TINY_OVERRIDES):
+    register_configs()
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=[*data, "tracker=none", *overrides])
+
+
+def findings(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / DIAGNOSTICS_FILE).read_text().splitlines()]
+
+
+def start_only(monkeypatch):
+    """Stop a run after its start (audit, ``before_fit`` of the sinks): for faults the audit catches."""
+    from maskrcnn_coco.engine.sinks import call_sinks
+
+    def fit(*args, sinks, state, **kwargs):
+        call_sinks(sinks, "before_fit", state)
+        return []
+
+    monkeypatch.setattr(experiment, "fit", fit)
+
+
+def run(tmp_path, caplog, *overrides, name="run", data=TINY_OVERRIDES):
+    caplog.set_level(logging.INFO, logger="maskrcnn_coco")
+    run_dir = tmp_path / name
+    run_training(compose_cfg(f"runs_dir={tmp_path}", *overrides, data=data), run_dir)
+    found = findings(run_dir)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "LOSS_BREAKDOWN" in r.getMessage()]
+    # Every finding is a logged warning, and every diagnostic warning is in the file.
+    assert sorted(f["message"] for f in found) == sorted(warned)
+    return found
+
+
+def named(found) -> set[str]:
+    return {c for f in found for c in f["components"]}
+
+
+# ------------------------------------------------------------------------- caught at the start
+def test_box_predictor_frozen_by_a_zero_lr_mult(tmp_path, caplog):
+    """A whole (one-step) run: the audit's finding is in diagnostics.jsonl, training adds nothing."""
+    found = run(tmp_path, caplog, *ONE_STEP,
+                "+optimizer.groups.box_pred={prefixes:[roi_heads.box_predictor],lr_mult:0}",
+                "optimizer.groups.heads.prefixes=[roi_heads.box_head,roi_heads.mask_head,roi_heads.mask_predictor]")
+    assert [(f["epoch"], f["kind"], f["subject"]) for f in found] == [(0, "frozen_producer", "roi_heads.box_predictor")]
+    assert named(found) == {"loss_classifier", "loss_box_reg"}
+    assert found[0]["config_key"] == "optimizer.groups.box_pred.lr_mult"
+    # Under the parameter-group table.
+    assert caplog.text.index("Parameter groups:") < caplog.text.index("Loss audit:") < caplog.text.index("roi_heads.box_predictor feeds")
+
+
+def test_rpn_head_frozen(tmp_path, caplog, monkeypatch):
+    start_only(monkeypatch)
+    found = run(tmp_path, caplog, *ONE_STEP, "optimizer.groups.rpn.lr_mult=0")
+    assert [(f["kind"], f["subject"]) for f in found] == [("frozen_producer", "rpn.head")]
+    assert named(found) == {"loss_objectness", "loss_rpn_box_reg"}
+    assert found[0]["config_key"] == "optimizer.groups.rpn.lr_mult"
+
+
+def test_head_lr_multiplier_far_too_low(tmp_path, caplog, monkeypatch):
+    start_only(monkeypatch)
+    found = run(tmp_path, caplog, *ONE_STEP, "optimizer.head_lr_multiplier=0.001")
+    assert {f["kind"] for f in found} == {"slow_producer"}
+    assert named(found) == {"loss_classifier", "loss_box_reg", "loss_mask"}
+    assert {f["config_key"] for f in found} == {"optimizer.head_lr_multiplier"}
+
+
+def test_mask_loss_weight_zero(tmp_path, caplog, monkeypatch):
+    start_only(monkeypatch)
+    found = run(tmp_path, caplog, *ONE_STEP, "loss.weights.loss_mask=0")
+    assert [(f["kind"], f["components"]) for f in found] == [("zero_weight", ["loss_mask"])]
+    assert found[0]["config_key"] == "loss.weights.loss_mask" and "not optimised" in found[0]["message"]
+
+
+def test_anchors_far_too_small(tmp_path, caplog, monkeypatch):
+    start_only(monkeypatch)
+    found = run(tmp_path, caplog, *ONE_STEP, "model.anchor_sizes=[2,4,8]")
+    assert [(f["kind"], f["subject"]) for f in found] == [("anchor_fit", "rpn.anchor_generator")]
+    assert named(found) == {"loss_objectness", "loss_rpn_box_reg"}
+    assert found[0]["config_key"].startswith("model.anchor_sizes=[")
+    assert found[0]["evidence"]["unreachable_share"] == 1.0
+
+
+# ---------------------------------------------------------------------------- seen in training
+def test_objectness_weight_50_dominates(tmp_path, caplog):
+    found = run(tmp_path, caplog, *ONE_STEP, "epochs=2", "loss.weights.loss_objectness=50")
+    assert [(f["epoch"], f["kind"], f["components"]) for f in found] == [(2, "dominant", ["loss_objectness"])]
+    assert found[0]["config_key"] == "loss.weights.loss_objectness"
+
+
+def permuted_val_split(tmp_path):
+    """A shapes set as COCO files, with the validation category ids shifted (circle -> square -> triangle -> circle)."""
+    paths = ensure_shapes_dataset(ShapesParams(num_train=2, num_val=12, image_size=64, seed=0, min_objects=1, max_objects=4),
+                                  os.environ["MASKRCNN_COCO_CACHE"] + "/shapes", progress=False)
+    val = json.loads(Path(paths.val_annotations).read_text())
+    ids = sorted(c["id"] for c in val["categories"])
+    shift = dict(zip(ids, ids[1:] + ids[:1]))
+    for ann in val["annotations"]:
+        ann["category_id"] = shift[ann["category_id"]]
+    permuted = tmp_path / "instances_val_permuted.json"
+    permuted.write_text(json.dumps(val))
+    return paths, permuted
+
+
+def test_validation_labels_permuted(tmp_path, caplog, monkeypatch):
+    """A tiny run does not learn to detect in seconds, so the detector is stood in for by the true
+    (unpermuted) validation objects: what it predicts is right, the permuted file says otherwise."""
+    paths, permuted = permuted_val_split(tmp_path)
+    truth = build_coco_dataset(paths.val_images, paths.val_annotations, train=False, augment=AugmentConfig(), drop_empty=False)
+    outputs = [{"boxes": t["boxes"], "labels": t["labels"], "scores": t["labels"].new_ones(len(t["labels"])).float(),
+                "masks": t["masks"][:, None].float()} for _, t in (truth[i] for i in range(len(truth)))]
+    real_build = experiment.build_model
+
+    def build_with_true_detections(cfg, num_classes):
+        model = real_build(cfg, num_classes)
+        train_forward, cursor = model.forward, itertools.cycle(outputs)
+
+        def forward(images, targets=None):
+            return train_forward(images, targets) if model.training else [next(cursor) for _ in images]
+
+        model.forward = forward
+        return model
+
+    monkeypatch.setattr(experiment, "build_model", build_with_true_detections)
+    data = ["data=coco", f"data.root={tmp_path}", f"data.train_images={paths.train_images}",
+            f"data.train_annotations={paths.train_annotations}", f"data.val_images={paths.val_images}",
+            f"data.val_annotations={permuted}", "data.batch_size=2", "data.num_workers=0", "model.min_size=64", "model.max_size=64",
+            *TINY_MODEL_OVERRIDES]
+    found = run(tmp_path, caplog, "epochs=2", "checkpoint.every_n_epochs=0", "scheduler.warmup_iters=0",
+                "scheduler.milestones=[]", "eval.val_loss=false", data=data)
+    assert {f["kind"] for f in found} == {"confused_class"}
+    assert {f["subject"] for f in found} == {"circle", "square", "triangle"} and {f["epoch"] for f in found} == {2}
+    assert all("data.val_annotations" in f["config_key"] and "swapped one-to-one" in f["cause"] for f in found)
+    assert {(f["subject"], f["evidence"]["most_given"]) for f in found} == {("circle", "triangle"), ("square", "circle"), ("triangle", "square")}
+    assert (tmp_path / "run" / "confusion_epoch_002.png").is_file()
+
+
+def test_a_diverging_learning_rate_is_named_first(tmp_path, caplog):
+    """Clipped gradients keep a far too high lr finite: the divergence guard stops it, naming the lr."""
+    with pytest.raises(FloatingPointError) as err:
+        run(tmp_path, caplog, "epochs=2", "data.num_train=4", "optimizer.lr=1e4", "optimizer.clip_grad_norm=10",
+            "scheduler.warmup_iters=0", "train.max_loss_factor=100", "print_freq=1")
+    message = str(err.value)
+    assert "lower optimizer.lr" in message
+    if "check_dataset" in message:
+        assert message.index("optimizer.lr") < message.index("check_dataset")
+
+
+# ------------------------------------------------------------------------------------- healthy
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_healthy_short_runs_raise_nothing(tmp_path, caplog, seed):
+    found = run(tmp_path, caplog, f"seed={seed}", "epochs=3", "data.num_train=2", "data.num_val=1",
+                "checkpoint.every_n_epochs=0", "scheduler.warmup_iters=0", "scheduler.milestones=[]")
+    assert found == []
+    assert "Loss audit:" in caplog.text and "Anchor fit:" in caplog.text
+    assert not ALL & named(found)
