@@ -107,7 +107,8 @@ def write_split(params: ShapesParams, split: str, count: int, folder: Path, prog
     """Draw ``count`` images into ``folder`` and return their COCO annotation dict."""
     images, annotations = [], []
     split_id = {"train": 0, "val": 1}[split]
-    for idx in tqdm(range(count), desc=f"Generating shapes/{split}", disable=not progress, leave=False):
+    # disable=None: tqdm switches itself off when not writing to a terminal (no \r frames in log files).
+    for idx in tqdm(range(count), desc=f"Generating shapes/{split}", disable=None if progress else True, leave=False):
         rng = np.random.default_rng([params.seed, split_id, idx])
         image, instances = draw_image(rng, params)
         file_name = f"{idx:06d}.png"

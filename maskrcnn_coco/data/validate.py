@@ -431,7 +431,7 @@ def check_images(
         return {"image_id": img["id"], "file": img["file_name"], "kind": found[0], "problem": found[1]}
 
     out: list[dict[str, Any]] = []
-    bar = tqdm(total=len(images), desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
+    bar = tqdm(total=len(images), desc=desc, disable=None if progress else True, dynamic_ncols=True, leave=False)  # off outside a terminal
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for record in pool.map(one, images, chunksize=16):
             bar.update()
