@@ -59,7 +59,12 @@ class DataConfig:
     name: str = MISSING
     batch_size: int = 4
     val_batch_size: Optional[int] = None  # null: same as batch_size
-    num_workers: int = 0
+    # Loader worker processes, or auto: from the CPU count (resolve_num_workers). Workers persist across epochs.
+    num_workers: Any = 0
+    # Training batches of one aspect-ratio group (portrait/landscape and finer, from the annotation file's
+    # image sizes; no image is decoded), as torchvision's --aspect-ratio-group-factor: the bins are
+    # 2 ** linspace(-1, 1, 2k + 1); -1 disables. A set of one group (shapes) trains in the plain order.
+    aspect_ratio_group_factor: int = 3
     # Images with no (non-crowd) annotation: dropped from training (torchvision's reference recipe),
     # always kept for validation so COCO metrics cover the whole split.
     drop_empty_train_images: bool = True
@@ -168,6 +173,9 @@ class OptimizerConfig:
     # A torch.optim class as a Hydra partial, completed in code with params and lr. Empty here so
     # that the keys of one optimizer file (SGD's momentum) never leak into another (AdamW).
     factory: Dict[str, Any] = field(default_factory=dict)
+    # The optimizer's implementation: auto (fused where the class and every parameter's device support
+    # it, else torch's default) | fused | foreach | for_loop. A fused/foreach key in factory wins.
+    impl: str = "auto"
     # none: lr as given, whatever the number of processes; linear: lr * total batch / reference_batch_size
     # (total batch = data.batch_size x world size), so a recipe keeps its per-image step size.
     scale_lr: str = "none"
@@ -214,6 +222,8 @@ class EvalConfig:
     every_n_epochs: int = 1
     val_loss: bool = True
     mask_threshold: float = 0.5
+    # COCOeval implementation: auto (faster_coco_eval when installed) | pycocotools | faster_coco_eval.
+    backend: str = "auto"
 
 
 @dataclass
@@ -233,6 +243,14 @@ class TrainConfig:
     max_loss_factor: Optional[float] = 1.0e4
     # Distributed runs (torchrun / SLURM): BatchNorm statistics synchronised across processes (CUDA only).
     sync_bn: bool = False
+    # Mixed precision: off | bf16 | fp16 (autocast of the forward pass, on CUDA and CPU; fp16 adds a
+    # GradScaler, checkpointed with the run). bf16 needs no scaler.
+    amp: str = "off"
+    # Gradient norms (grad_norm/<group>, grad_norm/module.<name>) measured every N iterations; the logged
+    # value is their mean over the measured iterations of the epoch.
+    grad_norm_every: int = 1
+    # The model in channels_last memory format (convolutions in NHWC).
+    channels_last: bool = False
 
 
 @dataclass
@@ -297,7 +315,8 @@ class Config:
     epochs: int = 10
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = False  # mixed precision on CUDA
+    # Deprecated: use train.amp (off|bf16|fp16). amp=true still means fp16 on CUDA (off on CPU), as before.
+    amp: Optional[bool] = None
     # Resume from a checkpoint (e.g. runs/maskrcnn/<run>/checkpoints/last.pth), or auto: the newest
     # last.pth/interrupted.pth under <runs_dir>/maskrcnn (none: start fresh).
     resume: Optional[str] = None

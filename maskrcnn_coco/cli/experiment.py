@@ -25,12 +25,13 @@ from maskrcnn_coco.analysis.history import objective_value
 from maskrcnn_coco.data.coco import CategoryMapping, DataBundle, build_data
 from maskrcnn_coco.engine.checkpoint import TrainingState, load_training_checkpoint, restore_training_state
 from maskrcnn_coco.engine.fit import fit
-from maskrcnn_coco.engine.loop import DivergenceGuard
+from maskrcnn_coco.engine.loop import AMP_DTYPES, DivergenceGuard
 from maskrcnn_coco.engine.signals import StopRequested
 from maskrcnn_coco.engine.sinks import default_sinks
+from maskrcnn_coco.evaluation.coco_eval import BACKENDS
 from maskrcnn_coco.modeling.build import build_model
 from maskrcnn_coco.modeling.weights import WeightsError, is_local_path
-from maskrcnn_coco.solver.param_groups import build_optimizer, check_head_multiplier
+from maskrcnn_coco.solver.param_groups import OPTIMIZER_IMPLS, build_optimizer, check_head_multiplier
 from maskrcnn_coco.solver.schedule import build_lr_scheduler, check_schedule
 from maskrcnn_coco.tracking.backends import CompositeTracker, ExperimentTracker, GuardedTracker, NullTracker
 from maskrcnn_coco.tracking.hparams import Hyperparams, task_overrides
@@ -129,7 +130,11 @@ _RANGE_CHECKS: tuple[tuple[str, Any, str], ...] = (
     ("optimizer.lr", lambda v: v > 0, "positive"),
     ("data.batch_size", lambda v: v >= 1, "at least 1"),
     ("data.val_batch_size", lambda v: v is None or v >= 1, "at least 1 (or null: same as data.batch_size)"),
-    ("data.num_workers", lambda v: v >= 0, "0 or more"),
+    ("data.num_workers", lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0), "0 or more, or auto"),
+    ("train.amp", lambda v: v in AMP_DTYPES, f"one of {', '.join(AMP_DTYPES)}"),
+    ("train.grad_norm_every", lambda v: v >= 1, "at least 1"),
+    ("eval.backend", lambda v: v in BACKENDS, f"one of {', '.join(BACKENDS)}"),
+    ("optimizer.impl", lambda v: v in OPTIMIZER_IMPLS, f"one of {', '.join(OPTIMIZER_IMPLS)}"),
     ("print_freq", lambda v: v >= 1, "at least 1"),
     ("eval.every_n_epochs", lambda v: v >= 1, "at least 1"),
     ("checkpoint.every_n_epochs", lambda v: v >= 0, "0 (no epoch_NNN.pth) or more"),
@@ -246,6 +251,18 @@ def audit_start(cfg: DictConfig, model: nn.Module, optimizer: torch.optim.Optimi
     return report.warnings
 
 
+def resolve_amp(cfg: DictConfig, device: torch.device) -> str:
+    """``train.amp``; the deprecated top-level ``amp=true`` keeps its old meaning (fp16 with a
+    GradScaler on CUDA, nothing on CPU), with a warning."""
+    mode = cfg.train.amp
+    if OmegaConf.select(cfg, "amp", default=None):
+        if mode != "off":
+            raise ConfigError(f"amp=true and train.amp={mode} are both set: amp is deprecated, use train.amp only")
+        mode = "fp16" if device.type == "cuda" else "off"
+        log.warning("amp=true is deprecated: use train.amp=fp16 or train.amp=bf16 (now train.amp=%s, as amp=true did)", mode)
+    return mode
+
+
 def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
     """Train as configured, writing into ``run_dir``; return the objective for sweepers."""
     run_dir = Path(run_dir)
@@ -261,11 +278,15 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
     model, data, device = parts.model, parts.data, parts.device
     if cfg.train.sync_bn and dist.world_size() > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(scaled_optimizer_config(cfg), model)
     audit = audit_start(cfg, model, optimizer, parts)
     scheduler = build_lr_scheduler(cfg.scheduler, optimizer, len(data.train_loader), cfg.epochs)
     check_schedule(cfg.scheduler, len(data.train_loader), cfg.epochs)
-    scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
+    amp = resolve_amp(cfg, device)
+    # fp16 needs loss scaling (its range is too small for small gradients); bf16 has fp32's range.
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
     state = TrainingState(model, optimizer, scheduler, scaler, data.mapping, cfg.epochs)
 
     start_epoch, progress = 1, None
@@ -299,6 +320,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
             mask_threshold=cfg.eval.mask_threshold, print_freq=cfg.print_freq, progress=cfg.progress,
             state=state, start_progress=progress, divergence=guard,
             checkpoint_every_n_iters=cfg.checkpoint.every_n_iters,
+            amp=amp, grad_norm_every=cfg.train.grad_norm_every, eval_backend=cfg.eval.backend,
         )
     finally:
         tracker.close()

@@ -42,7 +42,7 @@ from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 
 from maskrcnn_coco.config import AugmentConfig, DataConfig
-from maskrcnn_coco.data.samplers import SeededSamples, ShardSampler, TrainSampler
+from maskrcnn_coco.data.samplers import SeededSamples, ShardSampler, TrainSampler, aspect_ratio_groups
 from maskrcnn_coco.data.shapes import ShapesParams, ensure_shapes_dataset
 from maskrcnn_coco.data.validate import (
     ON_INVALID,
@@ -351,13 +351,27 @@ def build_datasets(cfg: DataConfig, splits: Sequence[str] = ("train", "val"), pr
     return out
 
 
-def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, num_workers: int, seed: int, pin_memory: bool = False) -> DataLoader:
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    num_workers: int | str,
+    seed: int,
+    pin_memory: bool = False,
+    aspect_ratio_group_factor: int = -1,
+) -> DataLoader:
     """Training (``shuffle``): a resumable ``TrainSampler`` (order from seed and epoch, augmentation
-    seeded per sample); validation: the dataset in order. Both sharded over the ranks of a
-    distributed run (``maskrcnn_coco.utils.dist``)."""
+    seeded per sample), in batches of one aspect-ratio group when ``aspect_ratio_group_factor >= 0``
+    (from the annotation file's image sizes); validation: the dataset in order. Both sharded over
+    the ranks of a distributed run (``maskrcnn_coco.utils.dist``). ``num_workers``: a count or
+    ``auto`` (``resolve_num_workers``); workers persist across epochs."""
     rank, size = dist.rank(), dist.world_size()
+    num_workers = resolve_num_workers(num_workers)
     if shuffle:
-        sampler: Sampler = TrainSampler(len(dataset), seed, shuffle=True, rank=rank, world_size=size)
+        groups = image_aspect_groups(dataset, aspect_ratio_group_factor) if aspect_ratio_group_factor >= 0 else None
+        sampler: Sampler = TrainSampler(len(dataset), seed, shuffle=True, rank=rank, world_size=size,
+                                        group_ids=groups, batch_size=batch_size)
         dataset = SeededSamples(dataset)
     else:
         sampler = ShardSampler(len(dataset), rank=rank, world_size=size)
@@ -375,13 +389,37 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, num_workers
     )
 
 
+def resolve_num_workers(value: int | str) -> int:
+    """``data.num_workers``: a count, or ``auto``: half the CPUs this process may use, split over the
+    processes of this node, at most 8 (the other half computes; one CPU core per worker is plenty
+    for a Mask R-CNN batch)."""
+    if value != "auto":
+        return int(value)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(8, cpus // (2 * per_node)))
+
+
+def image_aspect_groups(dataset: Dataset, factor: int) -> list[int] | None:
+    """Aspect-ratio group of each sample of a COCO-format dataset (``coco.imgs`` sizes in ``ids``
+    order; no image is decoded); None for a dataset without them."""
+    coco, ids = getattr(dataset, "coco", None), getattr(dataset, "ids", None)
+    if coco is None or ids is None or len(ids) != len(dataset):
+        return None
+    return aspect_ratio_groups([(coco.imgs[i]["width"], coco.imgs[i]["height"]) for i in ids], factor)
+
+
 def build_data(cfg: DataConfig, seed: int = 0, progress: bool = True, pin_memory: bool = False) -> DataBundle:
     """Train and val loaders for ``cfg`` (``data=shapes`` or ``data=coco``); pin memory for CUDA."""
     datasets = build_datasets(cfg, progress=progress)
     val_bs = cfg.val_batch_size or cfg.batch_size
     loader = {"num_workers": cfg.num_workers, "seed": seed, "pin_memory": pin_memory}
+    groups = getattr(cfg, "aspect_ratio_group_factor", -1)
     return DataBundle(
-        train_loader=make_loader(datasets["train"], cfg.batch_size, shuffle=True, **loader),
+        train_loader=make_loader(datasets["train"], cfg.batch_size, shuffle=True, aspect_ratio_group_factor=groups, **loader),
         val_loader=make_loader(datasets["val"], val_bs, shuffle=False, **loader),
         mapping=datasets["train"].mapping,
     )

@@ -6,13 +6,20 @@ trained on. It yields ``(index, sample_seed)``; ``SeededSamples`` runs the wrapp
 augmentation under that seed. Augmentation is then a function of ``(seed, epoch, index)``: the same
 with 0 or 8 loader workers, persistent or not, and it never draws from the global RNG, which stays
 for the model's own samplers (and is checkpointed).
+
+With ``group_ids`` (e.g. ``aspect_ratio_groups``: portrait and landscape images) the epoch's order
+is rearranged into batches of one group each (``group_batches``), still a function of
+``(seed, epoch)`` only; the DataLoader's plain batching then cuts exactly those batches, and an
+interrupted epoch skips exactly the samples it trained (``skip_next`` counts positions of the
+rearranged order).
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -25,16 +32,57 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+def aspect_ratio_groups(sizes: Sequence[tuple[float, float]], factor: int = 3) -> list[int]:
+    """Group id per ``(width, height)``: the aspect ratio ``width / height`` quantised by the bins
+    ``2 ** linspace(-1, 1, 2 * factor + 1)`` (torchvision's ``--aspect-ratio-group-factor``; factor 0:
+    portrait vs landscape)."""
+    n = 2 * factor + 1
+    bins = sorted(2.0 ** (-1.0 + 2.0 * i / (n - 1)) for i in range(n)) if factor > 0 else [1.0]
+    return [bisect.bisect_right(bins, float(w) / float(h)) for w, h in sizes]
+
+
+def group_batches(order: Sequence[int], group_ids: Sequence[int], batch_size: int) -> list[list[int]]:
+    """``order`` cut into batches of one group each: a group's batch is emitted as soon as it has
+    ``batch_size`` indices, in the order batches complete; the rest (under a batch per group) follows in
+    ``order``'s order, in batches that may mix groups. Every index exactly once; all batches but the last
+    are full."""
+    position = {index: pos for pos, index in enumerate(order)}
+    buffers: dict[int, list[int]] = {}
+    batches: list[list[int]] = []
+    for index in order:
+        buffer = buffers.setdefault(group_ids[index], [])
+        buffer.append(index)
+        if len(buffer) == batch_size:
+            batches.append(buffer)
+            buffers[group_ids[index]] = []
+    left = sorted((i for buffer in buffers.values() for i in buffer), key=position.__getitem__)
+    batches += [left[i:i + batch_size] for i in range(0, len(left), batch_size)]
+    return batches
+
+
 class TrainSampler(Sampler):
     """Shuffled (or ordered) indices per epoch, sharded over ``world_size`` ranks like
-    ``DistributedSampler`` (padded by repeating indices so every rank gets the same count)."""
+    ``DistributedSampler`` (padded by repeating indices so every rank gets the same count).
 
-    def __init__(self, size: int, seed: int, *, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+    ``group_ids`` with ``batch_size``: the order is rearranged into batches of one group
+    (``group_batches``); with several ranks, whole batches are sharded (rank r takes batches
+    r, r + W, ...; padded with whole batches). Inactive when every index has the same group."""
+
+    def __init__(self, size: int, seed: int, *, shuffle: bool = True, rank: int = 0, world_size: int = 1,
+                 group_ids: Sequence[int] | None = None, batch_size: int = 1):
         self.size, self.seed, self.shuffle = size, seed, shuffle
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self._skip = 0  # positions of the global order already trained (resume mid-epoch); applies once
-        self.num_samples = math.ceil(size / world_size)
+        if group_ids is not None and len(group_ids) != size:
+            raise ValueError(f"TrainSampler: {len(group_ids)} group ids for {size} samples")
+        self.grouped = group_ids is not None and batch_size > 1 and len(set(group_ids)) > 1
+        self.group_ids, self.batch_size = (list(group_ids) if self.grouped else None), batch_size  # type: ignore[arg-type]
+        if self.grouped and world_size > 1:
+            # ceil(batches / W) whole batches per rank: what the DataLoader's len() must count.
+            self.num_samples = math.ceil(math.ceil(size / batch_size) / world_size) * batch_size
+        else:
+            self.num_samples = math.ceil(size / world_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -52,8 +100,17 @@ class TrainSampler(Sampler):
             order = torch.randperm(self.size, generator=g).tolist()
         else:
             order = list(range(self.size))
+        if self.grouped:
+            order = [i for batch in group_batches(order, self.group_ids, self.batch_size) for i in batch]  # type: ignore[arg-type]
         skip, self._skip = min(self._skip, self.size), 0
         rest = order[skip:]
+        if self.grouped and self.world_size > 1:
+            # Skipped positions are whole batches (iterations x batch x ranks): the rest cuts into the same batches.
+            b = self.batch_size
+            batches = [rest[i:i + b] for i in range(0, len(rest), b)]
+            pad = -len(batches) % self.world_size
+            batches += (batches * (pad // max(len(batches), 1) + 1))[:pad]
+            return [i for batch in batches[self.rank::self.world_size] for i in batch]
         pad = -len(rest) % self.world_size  # rank r takes positions r, r + W, ...: pad to equal counts
         rest += (order * (pad // max(len(order), 1) + 1))[:pad]
         return rest[self.rank::self.world_size]

@@ -19,8 +19,10 @@ from maskrcnn_coco.engine.loop import (
     DivergenceGuard,
     EpochProgress,
     GradNormMeter,
+    IterationTimer,
     TrainingStopped,
     evaluate,
+    module_lrs,
     train_one_epoch,
 )
 from maskrcnn_coco.engine.signals import GracefulStop, StopRequested
@@ -77,6 +79,9 @@ def fit(
     start_progress: EpochProgress | None = None,
     divergence: DivergenceGuard | None = None,
     checkpoint_every_n_iters: int | None = None,
+    amp: str | None = None,
+    grad_norm_every: int = 1,
+    eval_backend: str = "auto",
 ) -> list[dict[str, Any]]:
     """Train epochs ``start_epoch..epochs``; after each, evaluate (every ``eval_every`` epochs and at
     the last) and hand the epoch to ``sinks``.
@@ -91,6 +96,9 @@ def fit(
     sinks get ``on_progress(final=True)`` (the checkpointer writes ``interrupted.pth``) and
     ``RunInterrupted`` is raised. ``checkpoint_every_n_iters`` adds step-boundary checkpoints
     inside epochs. A non-finite or diverged loss (``divergence``) raises before any checkpoint of it.
+    ``amp`` (``off|bf16|fp16``) and ``scaler`` go to ``train_one_epoch``; gradient norms (of the
+    parameter groups and the loss-producing modules) are measured every ``grad_norm_every``
+    iterations; ``eval_backend`` is COCOeval's implementation.
     """
     if sinks is None:
         if run_dir is None:
@@ -107,7 +115,9 @@ def fit(
     guard = divergence or DivergenceGuard(factor=None)
     if guard.reference is None:
         guard.reference = state.fit.get("reference_loss")
-    grad_norms = GradNormMeter.from_optimizer(optimizer)
+    grad_norms = GradNormMeter.from_optimizer(optimizer, model=module, every=grad_norm_every)
+    # Data/iteration seconds of a DataLoader (tags time/data, time/iter); a plain list of batches has no loading to time.
+    timer = IterationTimer() if isinstance(train_loader, DataLoader) else None
     call_sinks(sinks, "before_fit", state)
 
     def after_step(_: int) -> None:
@@ -135,11 +145,14 @@ def fit(
                 if hasattr(state.sampler, "set_epoch"):
                     state.sampler.set_epoch(epoch)
                 grad_norms.reset()
+                if timer is not None:
+                    timer.reset()
                 t0 = time.perf_counter()
                 train_loss = _train_epoch(
                     model, state, stop, sinks, grad_norms, guard, train_loader, device, epoch, pending,
                     loss_weights=loss_weights, lr_scheduler=lr_scheduler, scaler=scaler, clip_grad_norm=clip_grad_norm,
                     print_freq=print_freq, progress=progress, should_stop=should_stop, after_step=after_step,
+                    amp=amp, timer=timer,
                 )
                 pending = None
                 state.fit["reference_loss"] = guard.reference
@@ -151,16 +164,16 @@ def fit(
                     call_sinks(sinks, "after_train", state, epoch)
                     val_loss, metrics = _evaluate(
                         module, val_loader, device, epoch, mapping=mapping, compute_losses=compute_val_loss,
-                        mask_threshold=mask_threshold, progress=progress,
+                        mask_threshold=mask_threshold, progress=progress, backend=eval_backend,
                     )
                 record = {
                     "train_loss": train_loss,
                     "val_loss": val_loss or None,
                     "metrics": metrics,
                     "loss_weights": dict(loss_weights or {}),
-                    "lr": group_lrs(optimizer),
+                    "lr": {**group_lrs(optimizer), **module_lrs(optimizer, grad_norms.modules)},
                     "grad_norm": grad_norms.compute(),
-                    "time": {"train_s": t1 - t0, "eval_s": time.perf_counter() - t1},
+                    "time": {"train_s": t1 - t0, "eval_s": time.perf_counter() - t1, **(timer.compute() if timer else {})},
                 }
                 result = EpochResult(epoch=epoch, record=record, scalars=epoch_scalars(record))
                 state.history.append({"epoch": epoch, **result.scalars})

@@ -6,8 +6,8 @@ the end of an epoch, so a GPU is never synchronised per iteration.
 
 from __future__ import annotations
 
-import contextlib
 import math
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from maskrcnn_coco.data.coco import CategoryMapping
+from maskrcnn_coco.engine.eval_step import evaluate_batch, loss_mode  # noqa: F401 - loss_mode: importable from here as before
 from maskrcnn_coco.engine.progress import Progress
 from maskrcnn_coco.evaluation.coco_eval import coco_metrics, predictions_to_coco
 from maskrcnn_coco.evaluation.per_class import CONFUSION_KEY, confusion_matrix
@@ -57,31 +58,105 @@ def _stack_losses(loss_dict: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack([loss_dict[k] for k in LOSS_COMPONENTS])
 
 
-class GradNormMeter:
-    """Epoch mean of the gradient L2 norm of each named parameter group, kept on the device."""
+# The modules that produce the five losses (the parameters each loss's gradient reaches first), by
+# their torchvision names; their gradient norms and lrs are logged as ``grad_norm/module.<name>``
+# and ``lr/module.<name>`` with ``.`` as ``_`` (``rpn.head`` -> ``module.rpn_head``).
+LOSS_MODULES = ("rpn.head", "roi_heads.box_head", "roi_heads.box_predictor", "roi_heads.mask_head", "roi_heads.mask_predictor")
 
-    def __init__(self, groups: Mapping[str, Sequence[torch.nn.Parameter]]):
+
+def module_key(name: str) -> str:
+    return "module." + name.replace(".", "_")
+
+
+def loss_module_parameters(model: nn.Module) -> dict[str, list[torch.nn.Parameter]]:
+    """``{module.<name>: trainable parameters}`` of the ``LOSS_MODULES`` the model has (DDP unwrapped)."""
+    model = getattr(model, "module", model)
+    out: dict[str, list[torch.nn.Parameter]] = {}
+    for name in LOSS_MODULES:
+        try:
+            sub = model.get_submodule(name)
+        except AttributeError:
+            continue
+        params = [p for p in sub.parameters() if p.requires_grad]
+        if params:
+            out[module_key(name)] = params
+    return out
+
+
+def module_lrs(optimizer: torch.optim.Optimizer, modules: Mapping[str, Sequence[torch.nn.Parameter]]) -> dict[str, float]:
+    """The lr of each module: that of the optimizer group holding most of its parameter elements."""
+    lr_of = {id(p): float(pg["lr"]) for pg in optimizer.param_groups for p in pg["params"]}
+    out = {}
+    for name, params in modules.items():
+        weight: dict[float, int] = {}
+        for p in params:
+            if id(p) in lr_of:
+                weight[lr_of[id(p)]] = weight.get(lr_of[id(p)], 0) + p.numel()
+        if weight:
+            out[name] = max(weight, key=weight.__getitem__)
+    return out
+
+
+class GradNormMeter:
+    """Epoch mean of the gradient L2 norm of named parameter sets (the optimizer's groups, and the
+    loss-producing modules), kept on the device and read back once, at ``compute``.
+
+    ``every``: the norms are measured at iterations ``0, every, 2 * every, ...`` of the epoch (``due``)
+    and the logged value is the mean over those iterations, an unbiased estimate of the epoch mean
+    at ``1/every`` of the cost. One ``_foreach_norm`` over all gradients and one small matmul give
+    every set's norm; no host sync.
+    """
+
+    def __init__(self, groups: Mapping[str, Sequence[torch.nn.Parameter]], every: int = 1,
+                 modules: Mapping[str, Sequence[torch.nn.Parameter]] | None = None):
+        if every < 1:
+            raise ValueError(f"GradNormMeter(every={every}): must be at least 1 (train.grad_norm_every)")
+        self.modules = {name: list(params) for name, params in (modules or {}).items() if params}
         self.groups = {name: list(params) for name, params in groups.items() if params}
+        self.groups.update(self.modules)
+        self.every = every
         self.sums: torch.Tensor | None = None
         self.count = 0
+        unique: dict[int, torch.nn.Parameter] = {}
+        for params in self.groups.values():
+            for p in params:
+                unique.setdefault(id(p), p)
+        self._params = list(unique.values())
+        self._membership: torch.Tensor | None = None  # parameters x sets, 1 where a parameter belongs to a set
 
     @classmethod
-    def from_optimizer(cls, optimizer: torch.optim.Optimizer) -> GradNormMeter:
-        """Groups by the ``group`` (else ``name``) key of each param group, e.g. from ``get_parameter_groups``."""
+    def from_optimizer(cls, optimizer: torch.optim.Optimizer, model: nn.Module | None = None, every: int = 1) -> GradNormMeter:
+        """Groups by the ``group`` (else ``name``) key of each param group, e.g. from ``get_parameter_groups``;
+        with ``model``, also the loss-producing modules it has (``LOSS_MODULES``)."""
         groups: dict[str, list[torch.nn.Parameter]] = {}
         for i, pg in enumerate(optimizer.param_groups):
             groups.setdefault(group_name(pg, i), []).extend(pg["params"])
-        return cls(groups)
+        return cls(groups, every=every, modules=loss_module_parameters(model) if model is not None else None)
+
+    def due(self, iteration: int) -> bool:
+        """Whether iteration ``iteration`` of the epoch (0-based) is measured."""
+        return iteration % self.every == 0
+
+    def _matrix(self, device: torch.device) -> torch.Tensor:
+        if self._membership is None or self._membership.device != device:
+            index = {id(p): i for i, p in enumerate(self._params)}
+            m = torch.zeros(len(self._params), len(self.groups))
+            for j, params in enumerate(self.groups.values()):
+                m[[index[id(p)] for p in params], j] = 1.0
+            self._membership = m.to(device)
+        return self._membership
 
     def update(self) -> None:
-        norms = []
-        for params in self.groups.values():
-            grads = [p.grad for p in params if p.grad is not None]
-            if grads:
-                norms.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
-            else:
-                norms.append(torch.zeros((), device=params[0].device))
-        vec = torch.stack(norms).float()
+        present = [i for i, p in enumerate(self._params) if p.grad is not None]
+        if present:
+            grads = [self._params[i].grad for i in present]
+            squares = torch.stack(torch._foreach_norm(grads)).float().square()
+            matrix = self._matrix(squares.device)
+            if len(present) < len(self._params):
+                matrix = matrix[present]
+            vec = (squares @ matrix).sqrt()
+        else:
+            vec = torch.zeros(len(self.groups), device=self._params[0].device if self._params else "cpu")
         self.sums = vec if self.sums is None else self.sums + vec
         self.count += 1
 
@@ -96,13 +171,49 @@ class GradNormMeter:
 
     def state_dict(self) -> dict[str, Any]:
         """Partial-epoch sums, so a resumed epoch's means stay exact."""
-        return {"sums": None if self.sums is None else self.sums.tolist(), "count": self.count}
+        return {"sums": None if self.sums is None else self.sums.tolist(), "count": self.count, "names": list(self.groups)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         device = next((p.device for params in self.groups.values() for p in params), torch.device("cpu"))
-        sums = state.get("sums")
+        sums, names = state.get("sums"), state.get("names")
+        if sums is not None and (len(sums) != len(self.groups) or (names is not None and list(names) != list(self.groups))):
+            # Another set of groups (a checkpoint of an older version): the partial epoch's norms are dropped.
+            sums, state = None, {}
         self.sums = None if sums is None else torch.tensor(sums, dtype=torch.float32, device=device)
         self.count = int(state.get("count", 0))
+
+
+class IterationTimer:
+    """Host-side seconds per training iteration: waiting for the batch (``data``) and the whole
+    iteration (``iter``), from ``time.perf_counter`` (no device sync: on a GPU an iteration's host
+    time follows the device at the read-back points, so the epoch mean is right)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.data_s, self.iter_s, self.count = 0.0, 0.0, 0
+
+    def add(self, data_s: float, iter_s: float) -> None:
+        self.data_s += data_s
+        self.iter_s += iter_s
+        self.count += 1
+
+    def compute(self) -> dict[str, float]:
+        """``{"data": mean s, "iter": mean s}`` per iteration (the tags ``time/data``, ``time/iter``)."""
+        if not self.count:
+            return {}
+        return {"data": self.data_s / self.count, "iter": self.iter_s / self.count}
+
+
+AMP_DTYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_dtype(amp: str | None) -> torch.dtype | None:
+    """The autocast dtype of ``train.amp`` (``off``, ``bf16``, ``fp16``); None for off."""
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"train.amp={amp!r}: use one of {', '.join(AMP_DTYPES)}")
+    return AMP_DTYPES[amp]
 
 
 @dataclass
@@ -178,6 +289,8 @@ def train_one_epoch(
     start: EpochProgress | None = None,
     should_stop: Callable[[], bool] | None = None,
     after_step: Callable[[int], None] | None = None,
+    amp: str | None = None,
+    timer: IterationTimer | None = None,
 ) -> dict[str, float]:
     """Train for one pass over ``data_loader``; return the epoch mean of each loss component.
 
@@ -190,9 +303,18 @@ def train_one_epoch(
     ``start`` continues an interrupted epoch (the loader must already skip its batches);
     ``should_stop`` is asked after every iteration (a host-side flag, no device sync) and ends the
     epoch with ``TrainingStopped``; ``after_step(iteration)`` is called after every optimizer step.
+
+    ``amp``: the forward pass under autocast in ``bf16`` or ``fp16`` (``off``: none); with ``scaler``
+    (a ``GradScaler``, needed for fp16) the loss is scaled. ``amp=None`` keeps the older contract:
+    autocast in the device's default dtype exactly when a scaler is given. ``grad_norms`` is updated
+    at the iterations its ``due`` picks; ``timer`` collects host-side data and iteration seconds.
+    No step reads a value back from the device except at the read-back points.
     """
     device = torch.device(device)
     model.train()
+    autocast = amp not in (None, "off") or (amp is None and scaler is not None)
+    dtype = amp_dtype(amp) if amp is not None else None
+    timer = timer if timer is not None else IterationTimer()
     weights = _weight_vector(loss_weights, device)
     start = start or EpochProgress()
     sums = torch.tensor(start.loss_sums, dtype=torch.float32, device=device)
@@ -209,9 +331,11 @@ def train_one_epoch(
     distributed = world_size() > 1
     progress = progress and is_main_process()
     bar = Progress(data_loader, f"Epoch {epoch}", enabled=progress, start=start.iterations)
+    t_prev = time.perf_counter()
     for it, (images, targets) in enumerate(bar, start=start.iterations):
+        t_data = time.perf_counter() - t_prev
         images, targets = move_to_device(images, targets, device)
-        with torch.autocast(device.type, enabled=scaler is not None):
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
             loss_dict = model(images, targets)
         components = _stack_losses(loss_dict)
         total = (components * weights).sum()
@@ -228,7 +352,7 @@ def train_one_epoch(
             scaler.unscale_(optimizer)
         else:
             total.backward()
-        if grad_norms is not None:
+        if grad_norms is not None and grad_norms.due(it):
             grad_norms.update()
         if clip_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
@@ -260,7 +384,11 @@ def train_one_epoch(
                 means = sums / n_batches
                 *values, total_mean = torch.cat([means, (means * weights).sum()[None]]).tolist()
                 postfix = {SHORT_NAMES[k]: f"{v:.3f}" for k, v in zip(LOSS_COMPONENTS, values)}
-                bar.update({**postfix, "total": f"{total_mean:.3f}", "lr": f"{optimizer.param_groups[0]['lr']:.4g}"}, it + 1)
+                times = {k: f"{1e3 * v:.0f}ms" for k, v in timer.compute().items()}  # host clock: no sync
+                bar.update({**postfix, "total": f"{total_mean:.3f}", "lr": f"{optimizer.param_groups[0]['lr']:.4g}", **times}, it + 1)
+        now = time.perf_counter()
+        timer.add(t_data, now - t_prev)
+        t_prev = now
         # Several processes must agree on where to stop: they ask at the read-back points only
         # (``should_stop`` then runs a collective); one process asks after every iteration.
         ask = should_stop is not None and (not distributed or (it + 1) % print_freq == 0)
@@ -337,22 +465,6 @@ def _check_finite(
 
 
 # ------------------------------------------------------------------------------ evaluation
-@contextlib.contextmanager
-def loss_mode(model: nn.Module):
-    """Train mode (torchvision returns losses only then) with every BatchNorm in eval mode, so
-    running statistics do not move; the model's previous modes are restored afterwards."""
-    modes = {m: m.training for m in model.modules()}
-    model.train()
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-    try:
-        yield model
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-
-
 def evaluate(
     model: nn.Module,
     data_loader: DataLoader,
@@ -365,13 +477,16 @@ def evaluate(
     mask_threshold: float = 0.5,
     seed: int = 0,
     progress: bool = True,
+    backend: str = "auto",
 ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """Validation losses (per component) and COCO metrics for ``bbox`` and ``segm``.
 
-    For the losses the model runs in training mode under ``torch.no_grad()`` with every BatchNorm
-    in eval mode; the RPN and RoI samplers draw from a forked RNG seeded with ``seed``, so the
-    value is reproducible and the caller's RNG stream is untouched. The model's parameters,
-    buffers and train/eval modes are the same afterwards. The components are raw (unweighted).
+    For the losses the model runs in training mode without gradients with every BatchNorm in eval
+    mode; the RPN and RoI samplers draw from a forked RNG seeded with ``seed``, so the value is
+    reproducible and the caller's RNG stream is untouched. A torchvision ``GeneralizedRCNN`` runs the
+    transform and the backbone once per batch for both losses and detections (``eval_step``). The
+    model's parameters, buffers and train/eval modes are the same afterwards. The components are raw
+    (unweighted). ``backend``: COCOeval's implementation (``coco_eval.BACKENDS``).
     """
     device = torch.device(device)
     coco_gt = coco_gt if coco_gt is not None else getattr(data_loader.dataset, "coco", None)
@@ -387,15 +502,12 @@ def evaluate(
             bar = Progress(data_loader, "Evaluating", enabled=progress and is_main_process())
             for images, targets in bar:
                 images, targets = move_to_device(images, targets, device)
-                if compute_losses:
-                    with loss_mode(model), torch.no_grad():
-                        # Weighted by images, so the mean does not depend on how batches (or ranks) split the set.
-                        sums += _stack_losses(model(images, targets)) * len(images)
+                loss_dict, outputs = evaluate_batch(model, images, targets, losses=compute_losses, detections=compute_metrics)
+                if loss_dict is not None:
+                    # Weighted by images, so the mean does not depend on how batches (or ranks) split the set.
+                    sums += _stack_losses(loss_dict) * len(images)
                     n_images += len(images)
-                if compute_metrics:
-                    model.eval()
-                    with torch.inference_mode():
-                        outputs = model(images)
+                if outputs is not None:
                     ids = [int(t["image_id"]) for t in targets]
                     image_ids.extend(ids)
                     results.extend(predictions_to_coco(outputs, ids, mapping, mask_threshold))
@@ -417,7 +529,7 @@ def evaluate(
         # COCOeval once over the whole set, on rank 0; every rank gets its numbers. The confusion
         # matrix rides along under metrics["confusion"] (not a scalar: epoch_scalars skips it).
         if is_main_process():
-            metrics = coco_metrics(coco_gt, results, image_ids)
+            metrics = coco_metrics(coco_gt, results, image_ids, backend=backend)
             metrics[CONFUSION_KEY] = confusion_matrix(coco_gt, results, image_ids)  # type: ignore[assignment]
         metrics = broadcast_object(metrics)
     return val_losses, metrics

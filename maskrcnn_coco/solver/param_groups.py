@@ -13,6 +13,7 @@ exactly one group; frozen parameters are skipped. Default placement (``default_p
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -164,7 +165,49 @@ def build_optimizer(cfg: Any, model: nn.Module, verbose: bool = True) -> torch.o
     if verbose:
         log.info("%s", format_parameter_groups(groups))
     factory = instantiate(cfg.factory, _convert_="all")
-    return factory(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    impl = implementation_kwargs(factory, groups, getattr(cfg, "impl", "auto"))
+    return factory(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **impl)
+
+
+# How the optimizer's step runs: one fused kernel per parameter list, torch's multi-tensor
+# (foreach) ops, or a Python loop over parameters. auto: fused where it exists.
+OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "for_loop")
+
+
+def implementation_kwargs(factory: Any, groups: Sequence[Mapping[str, Any]], impl: str = "auto") -> dict[str, bool]:
+    """The ``fused``/``foreach`` keywords for ``optimizer.impl``. ``auto`` is ``fused=True`` when the
+    class takes it (SGD, Adam, AdamW, Adagrad) and every parameter is a floating-point tensor on a
+    device with fused kernels (CPU and CUDA in recent torch), else torch's own default. A ``fused``
+    or ``foreach`` key in ``optimizer.factory`` wins over ``impl``."""
+    if impl not in OPTIMIZER_IMPLS:
+        raise ConfigError(f"optimizer.impl={impl!r}: use one of {', '.join(OPTIMIZER_IMPLS)}")
+    keywords = getattr(factory, "keywords", {}) or {}
+    if "fused" in keywords or "foreach" in keywords:
+        return {}
+    cls = getattr(factory, "func", factory)
+    try:
+        accepts = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        accepts = {}
+    name = getattr(cls, "__name__", str(cls))
+    if impl == "for_loop":
+        return {"foreach": False} if "foreach" in accepts else {}
+    if impl == "foreach":
+        if "foreach" not in accepts:
+            raise ConfigError(f"optimizer.impl=foreach: {name} has no foreach implementation")
+        return {"foreach": True}
+    if impl == "fused":
+        if "fused" not in accepts:
+            raise ConfigError(f"optimizer.impl=fused: {name} has no fused implementation (use auto, foreach or for_loop)")
+        return {"fused": True}
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    supported = set(_get_fused_kernels_supported_devices())
+    params = [p for g in groups for p in g["params"]]
+    fusable = "fused" in accepts and bool(params) and all(
+        p.device.type in supported and torch.is_floating_point(p) for p in params
+    )
+    return {"fused": True} if fusable else {}
 
 
 

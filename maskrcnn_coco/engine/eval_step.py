@@ -1,0 +1,119 @@
+"""One validation step: the losses and the detections of a batch from one pass through the
+transform and the backbone.
+
+torchvision's ``GeneralizedRCNN`` returns losses only in training mode and detections only in eval
+mode, so the obvious validation loop runs the model twice per batch. Here the transform and the
+backbone (most of the cost) run once; the RPN and the RoI heads then run in their loss setting and
+in their inference setting on the same features (they choose by ``self.training``). BatchNorm stays
+in eval mode throughout (``loss_mode``), so the losses are the same numbers as
+``model(images, targets)`` under ``loss_mode``: the same ops in the same order, the same random
+draws (the training-mode transform draws its resize choice from the global RNG, the samplers draw
+after it), bit for bit (``tests/test_perf.py``).
+
+The features can be shared only when the transform resizes alike in both modes: one ``min_size``
+(a training-mode transform picks one of several at random) and no ``_skip_resize``. Otherwise, and
+for any model that is not a ``GeneralizedRCNN`` (a wrapper, a test double), ``evaluate_batch``
+runs the two passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+
+
+@contextlib.contextmanager
+def restored_modes(model: nn.Module) -> Iterator[nn.Module]:
+    """Whatever the body does to the train/eval modes of ``model``'s modules is undone afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        yield model
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+@contextlib.contextmanager
+def loss_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Train mode (torchvision returns losses only then) with every BatchNorm in eval mode, so
+    running statistics do not move; the model's previous modes are restored afterwards."""
+    with restored_modes(model):
+        model.train()
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        yield model
+
+
+def shares_features(model: nn.Module) -> bool:
+    """Whether ``evaluate_batch`` can run the transform and backbone once for losses and detections."""
+    if not isinstance(model, GeneralizedRCNN):
+        return False
+    transform = model.transform
+    return len(transform.min_size) == 1 and not getattr(transform, "_skip_resize", False)
+
+
+def evaluate_batch(
+    model: nn.Module,
+    images: Sequence[torch.Tensor],
+    targets: Sequence[Mapping[str, Any]],
+    *,
+    losses: bool = True,
+    detections: bool = True,
+) -> tuple[dict[str, torch.Tensor] | None, list[dict[str, torch.Tensor]] | None]:
+    """``(loss_dict, detections)`` of one batch, without gradients; either is None when not asked
+    for. The losses are ``model(images, targets)`` under ``loss_mode``, the detections
+    ``model(images)`` in eval mode. The model's modes are restored afterwards."""
+    with torch.inference_mode(), restored_modes(model):
+        if not shares_features(model):
+            loss_dict = out = None
+            if losses:
+                with loss_mode(model):
+                    loss_dict = model(images, targets)
+            if detections:
+                model.eval()
+                out = model(images)
+            return loss_dict, out
+        return _shared_pass(model, images, targets, losses=losses, detections=detections)  # type: ignore[arg-type]
+
+
+def _shared_pass(
+    model: GeneralizedRCNN,
+    images: Sequence[torch.Tensor],
+    targets: Sequence[Mapping[str, Any]],
+    *,
+    losses: bool,
+    detections: bool,
+) -> tuple[dict[str, torch.Tensor] | None, list[dict[str, torch.Tensor]] | None]:
+    """GeneralizedRCNN.forward with the transform and the backbone shared by both settings."""
+    original_sizes = [(img.shape[-2], img.shape[-1]) for img in images]
+    loss_dict = out = None
+    if losses:
+        # The whole model in loss mode, as model(images, targets) would run: the training-mode
+        # transform (resize choice drawn as in training) and the samplers' draws in the same order.
+        with loss_mode(model):
+            batch, prepared = model.transform(list(images), [dict(t) for t in targets])
+            features = _features(model, batch.tensors)
+            proposals, rpn_losses = model.rpn(batch, features, prepared)
+            _, roi_losses = model.roi_heads(features, proposals, batch.image_sizes, prepared)
+        loss_dict = {**roi_losses, **rpn_losses}
+    if detections:
+        model.eval()
+        if not losses:
+            batch, _ = model.transform(list(images))
+            features = _features(model, batch.tensors)
+        proposals, _ = model.rpn(batch, features)
+        dets, _ = model.roi_heads(features, proposals, batch.image_sizes)
+        out = model.transform.postprocess(dets, batch.image_sizes, original_sizes)
+    return loss_dict, out
+
+
+def _features(model: GeneralizedRCNN, tensors: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+    features = model.backbone(tensors)
+    return OrderedDict([("0", features)]) if isinstance(features, torch.Tensor) else features
