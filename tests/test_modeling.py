@@ -114,3 +114,17 @@ def test_named_weights_without_network_give_a_clear_error(monkeypatch):
         build_model(r50_cfg(weights="DEFAULT"), 3)
     with pytest.raises(WeightsError, match="'COCO_V9' is neither a local file nor a MaskRCNN_ResNet50_FPN_Weights name"):
         build_model(r50_cfg(weights="COCO_V9"), 3)
+
+
+def test_fresh_small_model_starts_loss_mask_at_chance(tiny_data):
+    """detectron2's init of the mask logits: a fresh model's loss_mask is ln 2, not ~3.6 (Kaiming)."""
+    import math
+
+    torch.manual_seed(0)
+    model = build_model(tiny_model_cfg(), tiny_data.mapping.num_classes)
+    assert float(model.roi_heads.mask_predictor.mask_fcn_logits.weight.std()) < 0.002
+    model.train()
+    images, targets = next(iter(tiny_data.train_loader))
+    with torch.no_grad():
+        losses = model(images, targets)
+    assert float(losses["loss_mask"]) == pytest.approx(math.log(2), abs=0.01)

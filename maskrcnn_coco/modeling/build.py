@@ -114,9 +114,22 @@ def _build_small(cfg: SmallModelConfig, num_classes: int) -> MaskRCNN:
         box_predictor=FastRCNNPredictor(cfg.box_head_dim, num_classes),
         mask_roi_pool=MultiScaleRoIAlign(featmaps, output_size=14, sampling_ratio=cfg.roi_sampling_ratio),
         mask_head=MaskRCNNHeads(cfg.fpn_channels, mask_dims, dilation=1),
-        mask_predictor=MaskRCNNPredictor(mask_dims[-1], cfg.mask_predictor_dim, num_classes),
+        mask_predictor=_mask_predictor(mask_dims[-1], cfg.mask_predictor_dim, num_classes),
         **_common_kwargs(cfg),
     )
+
+
+def _mask_predictor(in_channels: int, dim: int, num_classes: int) -> MaskRCNNPredictor:
+    """torchvision's predictor with detectron2's init of the logits layer (normal, std 0.001; bias 0).
+
+    torchvision's Kaiming init gives mask logits of several units at the start, so a fresh model's
+    loss_mask is ~3.6, far above chance (ln 2 = 0.69): a probe at init then cannot tell a fault
+    from a healthy model. With small logits loss_mask starts at ln 2.
+    """
+    predictor = MaskRCNNPredictor(in_channels, dim, num_classes)
+    nn.init.normal_(predictor.mask_fcn_logits.weight, std=0.001)
+    nn.init.zeros_(predictor.mask_fcn_logits.bias)
+    return predictor
 
 
 def _common_kwargs(cfg: ModelConfig) -> dict[str, Any]:
