@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from torch import nn
 
 from maskrcnn_coco.analysis.sweep import register_resolvers
 from maskrcnn_coco.cli import experiment
@@ -135,6 +136,23 @@ def permuted_val_split(tmp_path):
     return paths, permuted
 
 
+class TrueDetections(nn.Module):
+    """The real model for training (same submodules, same parameter names), ``outputs`` in turn as
+    its detections in eval mode."""
+
+    def __init__(self, model, outputs):
+        super().__init__()
+        self.transform, self.backbone, self.rpn, self.roi_heads = model.transform, model.backbone, model.rpn, model.roi_heads
+        self.__dict__["real"] = model  # not a submodule: its parameters are the ones above
+        self.__dict__["cursor"] = itertools.cycle(outputs)
+
+    def forward(self, images, targets=None):
+        if self.training:
+            self.real.training = True
+            return self.real(images, targets)
+        return [next(self.cursor) for _ in images]
+
+
 def test_validation_labels_permuted(tmp_path, caplog, monkeypatch):
     """A tiny run does not learn to detect in seconds, so the detector is stood in for by the true
     (unpermuted) validation objects: what it predicts is right, the permuted file says otherwise."""
@@ -145,14 +163,7 @@ def test_validation_labels_permuted(tmp_path, caplog, monkeypatch):
     real_build = experiment.build_model
 
     def build_with_true_detections(cfg, num_classes):
-        model = real_build(cfg, num_classes)
-        train_forward, cursor = model.forward, itertools.cycle(outputs)
-
-        def forward(images, targets=None):
-            return train_forward(images, targets) if model.training else [next(cursor) for _ in images]
-
-        model.forward = forward
-        return model
+        return TrueDetections(real_build(cfg, num_classes), outputs)
 
     monkeypatch.setattr(experiment, "build_model", build_with_true_detections)
     data = ["data=coco", f"data.root={tmp_path}", f"data.train_images={paths.train_images}",

@@ -330,9 +330,14 @@ def unoptimised_rising(history, weights, num_classes: int, cfg: DiagnosticsConfi
     return out
 
 
+# A lagging class whose AP / median AP grew by more than this over the window is catching up.
+CATCHING_UP = 0.1
+
+
 def lagging_classes(history, weights, num_classes: int, cfg: DiagnosticsConfig) -> list[Diagnosis]:
     """A class whose AP (``mAP/<segm|bbox>_AP_class_<name>``) stays below ``class_ap_ratio`` times the
-    median class AP (when that median exceeds ``class_ap_min_median``) for ``patience_epochs`` evaluations."""
+    median class AP (when that median exceeds ``class_ap_min_median``) for ``patience_epochs``
+    evaluations, and is not catching up (its AP / median grew by at most ``CATCHING_UP``)."""
     if _too_early(history, cfg) or not history:
         return []
     n = max(cfg.patience_epochs, 1)
@@ -359,16 +364,19 @@ def lagging_classes(history, weights, num_classes: int, cfg: DiagnosticsConfig) 
     for name, points in flagged.items():
         if len(points) < n:
             continue
+        ratios = [ap / median for ap, median in points]
+        if n > 1 and ratios[-1] - ratios[0] > CATCHING_UP:
+            continue  # a class learned later than the others, closing the gap: not (yet) lagging
         ap, median = points[-1]
         out.append(Diagnosis(
-            kind="lagging_class", components=("loss_classifier", "loss_mask"), subject=name, section="per-class",
+            kind="lagging_class", components=(), subject=name, section="per-class",
             epoch=_epoch(history),
             message=(f"class {name!r} lags: {iou_type} AP {ap:.3f} vs the median class AP {median:.3f} "
                      f"(below {cfg.class_ap_ratio:g}x for {n} evaluations)."),
             cause=("few or inconsistent training annotations for this class, objects of a size the anchors do not "
                    "fit, or a class the confusion matrix shows mixed up with another"),
             config_key="the class's training annotations (python scripts/check_dataset.py), model.anchor_sizes",
-            evidence={"iou_type": iou_type, "ap": [p[0] for p in points], "median": [p[1] for p in points]},
+            evidence={"iou_type": iou_type, "ap": [p[0] for p in points], "median": [p[1] for p in points], "ratio": ratios},
         ))
     return out
 

@@ -22,7 +22,14 @@ from maskrcnn_coco.analysis.sweep import register_resolvers
 from maskrcnn_coco.cli.experiment import build_components, check_config
 from maskrcnn_coco.config import config_dir, register_configs
 from maskrcnn_coco.probe.core import run_probe
-from maskrcnn_coco.probe.report import format_batch, format_comparison, format_summary, load_records, write_reports
+from maskrcnn_coco.probe.report import (
+    format_batch,
+    format_comparison,
+    format_split_comparison,
+    format_summary,
+    load_records,
+    write_reports,
+)
 from maskrcnn_coco.utils.errors import ConfigError, UserError
 
 
@@ -41,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, help="full model weights: a checkpoint of ours or a torchvision state dict")
     p.add_argument("--backbone-weights", default=None, help="backbone weights (a ResNet state dict)")
     p.add_argument("--seed", type=int, default=None, help="seed for data order, init and samplers (default: the config's)")
-    p.add_argument("--split", choices=("train", "val"), default="train", help="which pipeline to probe (default train)")
+    p.add_argument("--split", choices=("train", "val"), action="append", default=None,
+                   help="which pipeline to probe (default train); twice (--split train --split val) probes both "
+                   "and compares them component by component")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two probe outputs (folders or files) and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -121,28 +130,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_config(cfg)
         progress = not args.no_progress
         parts = build_components(cfg, progress=progress)
-        loader = parts.data.train_loader if args.split == "train" else parts.data.val_loader
-        records = run_probe(
-            parts.model, loader, parts.device, num_batches=args.num_batches,
-            loss_weights=parts.loss_weights, seed=cfg.seed, progress=progress,
-        )
+        splits = list(dict.fromkeys(args.split or ["train"]))
+        by_split = {}
+        for split in splits:
+            loader = parts.data.train_loader if split == "train" else parts.data.val_loader
+            by_split[split] = run_probe(
+                parts.model, loader, parts.device, num_batches=args.num_batches,
+                loss_weights=parts.loss_weights, seed=cfg.seed, progress=progress,
+            )
     except (UserError, FileNotFoundError) as err:
         print(f"Error: {err}", file=sys.stderr)
         return 2
 
-    for record in records:
-        print(format_batch(record, verbose=args.verbose))
-    print(format_summary(records))
-    run = {
-        "config": args.config or "config",
-        "config_overrides": overrides,
-        "weights": cfg.model.weights,
-        "backbone_weights": cfg.model.backbone_weights,
-        "seed": cfg.seed,
-        "split": args.split,
-        "loss_weights": OmegaConf.to_container(cfg.loss.weights),
-    }
-    written = write_reports(records, run, args.output_dir or default_output_dir(), args.format)
+    output_dir = Path(args.output_dir) if args.output_dir else default_output_dir()
+    written = []
+    for split, records in by_split.items():
+        if len(by_split) > 1:
+            print(f"== split: {split} ==")
+        for record in records:
+            print(format_batch(record, verbose=args.verbose))
+        print(format_summary(records))
+        run = {
+            "config": args.config or "config",
+            "config_overrides": overrides,
+            "weights": cfg.model.weights,
+            "backbone_weights": cfg.model.backbone_weights,
+            "seed": cfg.seed,
+            "split": split,
+            "loss_weights": OmegaConf.to_container(cfg.loss.weights),
+        }
+        # One split: the reports go straight into the folder; several: one sub-folder per split.
+        folder = output_dir / split if len(by_split) > 1 else output_dir
+        written += write_reports(records, run, folder, args.format)
+    if {"train", "val"} <= set(by_split):
+        print(format_split_comparison(by_split["train"], by_split["val"]))
     print("Wrote " + ", ".join(str(p) for p in written))
     return 0
 

@@ -23,12 +23,26 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection import roi_heads as tv_roi_heads
 from torchvision.models.detection.roi_heads import project_masks_on_boxes
+from torchvision.ops import box_iou
 
 from maskrcnn_coco.data.coco import find_invalid_annotations
 from maskrcnn_coco.engine.loop import move_to_device
 from maskrcnn_coco.tracking.scalars import LOSS_COMPONENTS, weighted_total
 
+# A weighted component this many times the median of the other optimised ones dominates.
 DOMINANCE_FACTOR = 5.0
+# Chance values at initialisation: a fresh binary head predicts p = 0.5 (BCE = ln 2), a fresh
+# classifier a uniform distribution over K+1 classes (CE = ln(K+1), filled in per batch). A raw value
+# within CHANCE_MARGIN of its chance value is a fresh predictor's baseline, not a fault.
+CHANCE_VALUES: dict[str, float] = {"loss_objectness": math.log(2), "loss_mask": math.log(2)}
+CHANCE_MARGIN = 1.25
+# Anchor fit: an object whose best anchor IoU stays below the RPN's background threshold gets positives
+# only from low-quality matching; more than this share of a batch's objects means the anchors do not fit.
+ANCHOR_MISFIT_SHARE = 0.5
+# RPN sampler saturated: positives reach this share of the sampler's positive_fraction.
+SATURATION_SHARE = 0.9
+# Proposal collapse: fewer sampled RoI proposals than this share of box_batch_size_per_image x images.
+COLLAPSE_SHARE = 0.25
 # Usual values of each component for a Mask R-CNN in training (torchvision/detectron2 recipes on
 # COCO-like data); outside them is reported as information, not as a fault.
 TYPICAL_RANGES: dict[str, tuple[float, float]] = {
@@ -75,6 +89,8 @@ class _Recorded:
     box_proposals: list[torch.Tensor] | None = None
     fastrcnn_inputs: tuple | None = None
     maskrcnn_inputs: tuple | None = None
+    anchors: list[torch.Tensor] | None = None
+    rpn_proposals: list[int] | None = None
 
 
 class _RecordingSampler:
@@ -108,6 +124,12 @@ def _recording(model: nn.Module) -> Iterator[_Recorded]:
     def on_backbone(_module, _args, output):
         rec.feature_shapes = {k: tuple(v.shape[-2:]) for k, v in output.items()}
 
+    def on_anchors(_module, _args, output):
+        rec.anchors = [a.detach() for a in output]
+
+    def on_rpn(_module, _args, output):
+        rec.rpn_proposals = [len(b) for b in output[0]]
+
     def on_box_pool(_module, args):
         if rec.box_proposals is None:
             rec.box_proposals = [p.detach() for p in args[1]]
@@ -132,6 +154,8 @@ def _recording(model: nn.Module) -> Iterator[_Recorded]:
         model.transform.register_forward_hook(on_transform),
         model.backbone.register_forward_hook(on_backbone),
         heads.box_roi_pool.register_forward_pre_hook(on_box_pool),
+        rpn.anchor_generator.register_forward_hook(on_anchors),
+        rpn.register_forward_hook(on_rpn),
     ]
     original_sampler = rpn.fg_bg_sampler
     rpn.compute_loss = compute_loss
@@ -238,6 +262,34 @@ def _box_terms(model: nn.Module, rec: _Recorded, names: list[str]) -> dict[str, 
         "sampled": n,
         "positive": pos.numel(),
         "class_logits_std": float(class_logits.float().std(dim=0).max()) if n > 1 else 0.0,
+        "num_classes": int(class_logits.shape[-1]),  # K + 1, background included
+    }
+
+
+def _anchor_fit(model: nn.Module, rec: _Recorded) -> dict[str, Any]:
+    """How well the anchors cover the ground truth: each object's best IoU with any anchor of its image,
+    against the RPN matcher's thresholds (an object below the background threshold gets positive
+    anchors only from low-quality matching, i.e. from anchors that barely overlap it)."""
+    matcher = model.rpn.proposal_matcher
+    best = []
+    for target, anchors in zip(rec.targets, rec.anchors or []):
+        boxes = target["boxes"].float()
+        if len(boxes) and len(anchors):
+            best.append(box_iou(boxes, anchors.float().to(boxes.device)).max(dim=1).values.cpu())
+    best_iou = torch.cat(best) if best else torch.zeros(0)
+    boxes = torch.cat([t["boxes"].float().cpu() for t in rec.targets]) if rec.targets else torch.zeros(0, 4)
+    sides = ((boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)).sqrt()
+    sides = sides[torch.isfinite(sides)]
+    finite = best_iou[torch.isfinite(best_iou)]
+    return {
+        "objects": int(finite.numel()),
+        "below_bg_iou": int((finite < matcher.low_threshold).sum()),
+        "below_fg_iou": int((finite < matcher.high_threshold).sum()),
+        "best_iou_median": float(finite.median()) if finite.numel() else math.nan,
+        "rpn_bg_iou_thresh": float(matcher.low_threshold),
+        "rpn_fg_iou_thresh": float(matcher.high_threshold),
+        "object_sizes": [float(sides.min()), float(sides.max())] if sides.numel() else [],
+        "anchor_sizes": [list(level) for level in getattr(model.rpn.anchor_generator, "sizes", ())],
     }
 
 
@@ -394,8 +446,18 @@ def probe_batch(
             "mask_resolution": mask["resolution"],
         },
         "per_level_losses": per_level,
+        # What the samplers aim for (from the model): the per-level counts are read against these.
+        "sampler": {
+            "rpn_batch_size_per_image": model.rpn.fg_bg_sampler.batch_size_per_image,
+            "rpn_positive_fraction": model.rpn.fg_bg_sampler.positive_fraction,
+            "box_batch_size_per_image": model.roi_heads.fg_bg_sampler.batch_size_per_image,
+            "box_positive_fraction": model.roi_heads.fg_bg_sampler.positive_fraction,
+        },
+        "anchor_fit": _anchor_fit(model, rec),
+        "chance_values": {**CHANCE_VALUES, "loss_classifier": math.log(box["num_classes"])},
         "warnings": [],
     }
+    record["sampling"]["rpn_proposals"] = sum(rec.rpn_proposals or [])
     record["warnings"] = diagnose(record, rpn_std=rpn["objectness_std"], cls_std=box["class_logits_std"], gt_problems=_gt_problems(rec.targets, rec.image_sizes, image_ids), coco=coco)
     return record
 
@@ -429,7 +491,7 @@ def diagnose(record: Mapping[str, Any], *, rpn_std: float, cls_std: float, gt_pr
     """Warnings and information for one batch record (see docs/loss_probe.md)."""
     out: list[dict[str, Any]] = []
     batch, ids = record["batch_idx"], record["image_ids"]
-    raw, weighted = record["loss_components"], record["weighted_components"]
+    raw = record["loss_components"]
 
     bad = [k for k in LOSS_COMPONENTS if not math.isfinite(raw[k])]
     if bad:
@@ -452,21 +514,8 @@ def diagnose(record: Mapping[str, Any], *, rpn_std: float, cls_std: float, gt_pr
                             "(skipped by the data pipeline, so the model never sees this object)"),
             })
 
-    finite = {k: weighted[k] for k in LOSS_COMPONENTS if math.isfinite(weighted[k])}
-    for name, value in finite.items():
-        others = [v for k, v in finite.items() if k != name]
-        med = statistics.median(others) if others else 0.0
-        if med > 0 and value >= DOMINANCE_FACTOR * med:
-            hint = ADVICE[name]
-            if name == "loss_objectness":
-                starved = [s["level"] for s in record["batch_stats"]["per_level_stats"] if s["gt_objects"] and not s["positive_anchors"]]
-                if starved:
-                    hint += f"; levels with objects but no positive anchor: {starved}"
-            out.append({
-                "severity": "warning", "code": "dominant_component", "component": name, "image_ids": ids,
-                "message": (f"batch {batch}: {name} dominates: weighted {value:.4g} is {value / med:.1f}x the median "
-                            f"of the other components ({med:.4g}); {hint}"),
-            })
+    out += _dominance(record)
+    out += _anchor_and_sampling(record)
 
     if rpn_std < 1e-6 or cls_std < 1e-6:
         which = "RPN objectness" if rpn_std < 1e-6 else "box classifier"
@@ -482,6 +531,109 @@ def diagnose(record: Mapping[str, Any], *, rpn_std: float, cls_std: float, gt_pr
             out.append({
                 "severity": "info", "code": "out_of_range", "component": name,
                 "message": f"batch {batch}: {name} = {value:.4g} is outside its usual range [{lo}, {hi}] for Mask R-CNN",
+            })
+    return out
+
+
+def _dominance(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Dominance among the optimised components (weight > 0), judged on weighted values.
+
+    A zero-weight component is not optimised: it is reported as information and left out of the
+    median, so it cannot make the others look dominant. A component at its chance value (a fresh
+    predictor) whose weight is no larger than the others' is the model's starting point, not a fault:
+    information, not a warning.
+    """
+    out: list[dict[str, Any]] = []
+    batch, ids = record["batch_idx"], record["image_ids"]
+    raw, weighted, weights = record["loss_components"], record["weighted_components"], record["scaling_coefficients"]
+    chance = record.get("chance_values", {})
+    for name in LOSS_COMPONENTS:
+        if weights[name] == 0:
+            out.append({
+                "severity": "info", "code": "not_optimised", "component": name,
+                "message": f"batch {batch}: {name} is not optimised (loss.weights.{name}=0): left out of the dominance check",
+            })
+    optimised = {k: weighted[k] for k in LOSS_COMPONENTS if weights[k] != 0 and math.isfinite(weighted[k])}
+    for name, value in optimised.items():
+        others = [v for k, v in optimised.items() if k != name]
+        med = statistics.median(others) if others else 0.0
+        if not (med > 0 and value >= DOMINANCE_FACTOR * med):
+            continue
+        level = chance.get(name)
+        other_weights = [abs(weights[k]) for k in optimised if k != name]
+        if level is not None and raw[name] <= CHANCE_MARGIN * level and abs(weights[name]) <= max(other_weights):
+            out.append({
+                "severity": "info", "code": "at_chance", "component": name,
+                "message": (f"batch {batch}: {name} = {raw[name]:.4g} is at its chance value {level:.3g} (a fresh "
+                            f"predictor) and {value / med:.1f}x the median of the others: the starting point of "
+                            "training, not a fault; with trained weights it means this head has not learnt"),
+            })
+            continue
+        hint = ADVICE[name]
+        if name == "loss_objectness":
+            starved = [s["level"] for s in record["batch_stats"]["per_level_stats"] if s["gt_objects"] and not s["positive_anchors"]]
+            if starved:
+                hint += f"; levels with objects but no positive anchor: {starved}"
+        if level is not None and raw[name] > 3 * level:
+            hint += (f"; {raw[name]:.3g} is far above chance ({level:.3g}): a predictor initialised with large "
+                     "logits gives that at the start (torchvision's Kaiming-initialised MaskRCNNPredictor: "
+                     "loss_mask 7-9 for a fresh maskrcnn_r50_fpn), otherwise the predictions are confidently wrong")
+        out.append({
+            "severity": "warning", "code": "dominant_component", "component": name, "image_ids": ids,
+            "message": (f"batch {batch}: {name} dominates: weighted {value:.4g} is {value / med:.1f}x the median "
+                        f"of the other optimised components ({med:.4g}); {hint}"),
+        })
+    return out
+
+
+def _anchor_and_sampling(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Anchor fit, RPN sampler saturation and RoI proposal collapse, from the batch's own counts.
+
+    These hold with any weights: which anchors are positive depends only on anchors and ground truth.
+    """
+    out: list[dict[str, Any]] = []
+    batch, ids = record["batch_idx"], record["image_ids"]
+    sampling, sampler, fit = record.get("sampling", {}), record.get("sampler"), record.get("anchor_fit")
+    levels = record["batch_stats"]["per_level_stats"]
+    images = record["batch_stats"]["batch_size"]
+    if fit and fit["objects"] and fit["below_bg_iou"] > ANCHOR_MISFIT_SHARE * fit["objects"]:
+        starved = [s["level"] for s in levels if s["gt_objects"] and not s["positive_anchors"]]
+        stray = [s["level"] for s in levels if s["positive_anchors"] and not s["gt_objects"]]
+        sizes = fit["object_sizes"]
+        anchor_sizes = sorted({a for level in fit["anchor_sizes"] for a in level})
+        detail = [f"best anchor IoU median {fit['best_iou_median']:.2f}"]
+        if sizes and anchor_sizes:
+            detail.append(f"objects {sizes[0]:.0f}-{sizes[1]:.0f} px, anchors {anchor_sizes[0]:g}-{anchor_sizes[-1]:g} px")
+        if starved:
+            detail.append(f"levels with objects but no positive anchor: {starved}")
+        if stray:
+            detail.append(f"positive anchors on levels without objects: {stray}")
+        out.append({
+            "severity": "warning", "code": "anchor_fit", "image_ids": ids,
+            "message": (f"batch {batch}: no positive anchor for {fit['below_bg_iou']} of {fit['objects']} objects "
+                        f"(no anchor reaches IoU {fit['rpn_bg_iou_thresh']:g}; their positives are low-quality matches): "
+                        f"anchors do not fit the objects (model.anchor_sizes, model.aspect_ratios); {'; '.join(detail)}"),
+        })
+    if sampler and sampling.get("rpn_sampled_anchors"):
+        pos, sampled = sampling["rpn_positive_anchors"], sampling["rpn_sampled_anchors"]
+        fraction = sampler["rpn_positive_fraction"]
+        if pos / sampled >= SATURATION_SHARE * fraction:
+            out.append({
+                "severity": "warning", "code": "rpn_sampler_saturated", "image_ids": ids,
+                "message": (f"batch {batch}: RPN sampler saturated: positives are {pos / sampled:.0%} of sampled anchors "
+                            f"({pos}/{sampled}; its positive_fraction caps them at {fraction:.0%}, healthy is a few %): "
+                            "many anchors tie as best matches of objects they barely overlap, check model.anchor_sizes"),
+            })
+    if sampler and "roi_sampled_proposals" in sampling:
+        expected = sampler["box_batch_size_per_image"] * images
+        got = sampling["roi_sampled_proposals"]
+        if expected and got < COLLAPSE_SHARE * expected:
+            out.append({
+                "severity": "warning", "code": "proposal_collapse", "image_ids": ids,
+                "message": (f"batch {batch}: proposal collapse: {got} RoI proposals sampled of {expected} expected "
+                            f"(model.box_batch_size_per_image x {images} images); the RPN passed "
+                            f"{sampling.get('rpn_proposals', '?')} proposals after NMS: the RoI heads learn from few "
+                            "boxes, check model.anchor_sizes and the RPN's proposal counts (model.rpn_post_nms_top_n_train)"),
             })
     return out
 

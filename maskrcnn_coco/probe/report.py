@@ -354,6 +354,51 @@ def format_comparison(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, A
     return "\n".join(lines)
 
 
+# A component's val/train ratio stands out above this factor x the median ratio of the others, or
+# above SPLIT_ABSOLUTE on its own.
+SPLIT_RELATIVE = 2.0
+SPLIT_ABSOLUTE = 3.0
+
+
+def split_ratios(train: Sequence[Mapping[str, Any]], val: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float | bool]]:
+    """Per component: mean on train and on val, val/train, the median ratio of the other components,
+    and whether this ratio stands out (``> SPLIT_RELATIVE`` x that median, or ``> SPLIT_ABSOLUTE``)."""
+    mt, mv = component_means(train), component_means(val)
+    ratios = {k: _ratio(mv[k], mt[k]) for k in LOSS_COMPONENTS}
+    out: dict[str, dict[str, float | bool]] = {}
+    for k in LOSS_COMPONENTS:
+        others = [r for c, r in ratios.items() if c != k and math.isfinite(r)]
+        med = statistics.median(others) if others else math.nan
+        ratio = ratios[k]
+        flagged = math.isfinite(ratio) and (ratio > SPLIT_ABSOLUTE or (math.isfinite(med) and ratio > SPLIT_RELATIVE * med))
+        out[k] = {"train": mt[k], "val": mv[k], "ratio": ratio, "others_median": med, "flagged": flagged}
+    return out
+
+
+def format_split_comparison(train: Sequence[Mapping[str, Any]], val: Sequence[Mapping[str, Any]]) -> str:
+    """The two splits side by side (component means, val/train), with a warning for a component whose
+    ratio stands out from the others': the split-specific failure (augmentation, annotations of one split)."""
+    rows = split_ratios(train, val)
+    lines = [
+        f"Splits compared ({len(train)} train batches, {len(val)} val batches):",
+        f"{'component':<20} {'train':>10} {'val':>10} {'val/train':>10}",
+        "-" * 53,
+    ]
+    for k, row in rows.items():
+        mark = "!" if row["flagged"] else ""
+        lines.append(f"{k:<20} {_num(row['train'], 10)} {_num(row['val'], 10)} {_num(row['ratio'], 9, '.2f')}{mark}")
+    for k, row in rows.items():
+        if row["flagged"]:
+            lines.append(
+                f"[warning] {k}: val/train = {row['ratio']:.2f}, against a median of {row['others_median']:.2f} for the "
+                f"other components (flagged above {SPLIT_RELATIVE:g}x that median or {SPLIT_ABSOLUTE:g} on its own): "
+                "look at what differs between the splits for this component (annotations, augmentation, object sizes)"
+            )
+    if not any(row["flagged"] for row in rows.values()):
+        lines.append("No component's val/train ratio stands out.")
+    return "\n".join(lines)
+
+
 def plot_title(records: Sequence[Mapping[str, Any]], run: Mapping[str, Any]) -> str:
     """What the plot was probed with: weights, split, config, seed and batch count."""
     weights = run.get("weights") or "none (random init)"
