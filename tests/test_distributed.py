@@ -87,7 +87,9 @@ def run_torchrun(args, cwd, nproc=2, timeout=300, **popen):
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed next to this Python")
 def test_torchrun_two_processes_write_one_run(tmp_path):
     runs = tmp_path / "runs"
-    args = [*TINY_OVERRIDES, "data.num_val=5", "epochs=2", "device=cpu", f"runs_dir={runs}"]
+    # Validation batches of 1: batched convolutions of other sizes round differently, and the
+    # barely trained tiny model's scores sit near its thresholds.
+    args = [*TINY_OVERRIDES, "data.num_val=5", "data.val_batch_size=1", "epochs=2", "device=cpu", f"runs_dir={runs}"]
     proc = run_torchrun(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # One console block per epoch (rank 0 only), one run folder, one event file, one checkpoint folder.
@@ -106,7 +108,7 @@ def test_torchrun_two_processes_write_one_run(tmp_path):
     from maskrcnn_coco.cli.experiment import build_components
     from maskrcnn_coco.engine.loop import evaluate
 
-    parts = build_components(compose_cfg("data.num_val=5", "device=cpu"), progress=False)
+    parts = build_components(compose_cfg("data.num_val=5", "data.val_batch_size=1", "device=cpu"), progress=False)
     parts.model.load_state_dict(state["model"])
     val_losses, metrics = evaluate(parts.model, parts.data.val_loader, "cpu", mapping=parts.mapping, progress=False)
     assert len(parts.data.val_loader.dataset) == 5

@@ -30,7 +30,7 @@ from maskrcnn_coco.engine.sinks import EpochResult, Sink, call_sinks, default_si
 from maskrcnn_coco.solver.param_groups import group_lrs
 from maskrcnn_coco.tracking.backends import ExperimentTracker
 from maskrcnn_coco.tracking.scalars import epoch_scalars
-from maskrcnn_coco.utils.dist import all_reduce_sum, is_main_process, world_size
+from maskrcnn_coco.utils.dist import all_reduce_sum, broadcast_buffers, is_main_process, world_size
 from maskrcnn_coco.utils.errors import UserError
 from maskrcnn_coco.utils.logs import ensure_console_logging
 
@@ -162,6 +162,8 @@ def fit(
                 if val_loader is not None and (epoch % eval_every == 0 or epoch == epochs):
                     # The trained epoch is on disk before evaluation can fail.
                     call_sinks(sinks, "after_train", state, epoch)
+                    # Every rank evaluates rank 0's model, the one that is checkpointed.
+                    broadcast_buffers(module)
                     val_loss, metrics = _evaluate(
                         module, val_loader, device, epoch, mapping=mapping, compute_losses=compute_val_loss,
                         mask_threshold=mask_threshold, progress=progress, backend=eval_backend,

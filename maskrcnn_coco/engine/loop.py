@@ -519,8 +519,10 @@ def evaluate(
         totals = all_reduce_sum(torch.cat([sums, torch.full((1,), float(n_images), device=device)]))
         sums, n_images = totals[:-1], int(totals[-1])
         shards = all_gather_objects((results, image_ids))
-        results = [r for shard, _ in shards for r in shard]
-        image_ids = [i for _, ids in shards for i in ids]
+        # In image-id order, as one process would have produced them: COCOeval breaks score ties
+        # by the order of the results, so the metrics then equal a single-process evaluation.
+        results = sorted((r for shard, _ in shards for r in shard), key=lambda r: r["image_id"])
+        image_ids = sorted(i for _, ids in shards for i in ids)
     val_losses = dict(zip(LOSS_COMPONENTS, (sums / max(n_images, 1)).tolist())) if compute_losses else {}
     metrics: dict[str, dict[str, float]] = {}
     if compute_metrics:

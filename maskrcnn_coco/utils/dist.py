@@ -132,3 +132,11 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     torch_dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Rank ``src``'s buffers (BatchNorm running statistics) on every rank: DDP syncs gradients, but
+    each rank's last forward updated its own running statistics."""
+    if _initialized() and torch_dist.get_world_size() > 1:
+        for buffer in module.buffers():
+            torch_dist.broadcast(buffer, src=src)
