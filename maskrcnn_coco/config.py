@@ -243,12 +243,13 @@ class TrainConfig:
     max_loss_factor: Optional[float] = 1.0e4
     # Distributed runs (torchrun / SLURM): BatchNorm statistics synchronised across processes (CUDA only).
     sync_bn: bool = False
-    # Mixed precision: off | bf16 | fp16 (autocast of the forward pass, on CUDA and CPU; fp16 adds a
-    # GradScaler, checkpointed with the run). bf16 needs no scaler.
-    amp: str = "off"
+    # Mixed precision: off | bf16 | fp16 | auto (autocast of the forward pass, on CUDA and CPU; fp16 adds a
+    # GradScaler, checkpointed with the run; bf16 needs none). auto: bf16 on a CPU with native bf16
+    # (AVX512-BF16/AMX), else off (cli/experiment.py resolve_amp).
+    amp: str = "auto"
     # Gradient norms (grad_norm/<group>, grad_norm/module.<name>) measured every N iterations; the logged
-    # value is their mean over the measured iterations of the epoch.
-    grad_norm_every: int = 1
+    # value is their mean over the measured iterations of the epoch (10: 25 samples of a 250-iteration epoch).
+    grad_norm_every: int = 10
     # The model in channels_last memory format (convolutions in NHWC).
     channels_last: bool = False
 
@@ -282,7 +283,7 @@ class DiagnosticsConfig:
     # grows by more than `rise_rel`; "the others fall" means their median drop over the window exceeds `others_fall_rel`.
     fall_rel: float = 0.02
     rise_rel: float = 0.05
-    others_fall_rel: float = 0.10
+    others_fall_rel: float = 0.20
     # Start-of-run audit: a producer at less than this fraction of the largest group lr is effectively frozen.
     min_lr_ratio: float = 0.01
     # Anchor fit: warn when more than `anchor_unreachable_share` of the training objects cannot reach the

@@ -376,7 +376,7 @@ def test_config_keys_and_the_deprecated_amp_flag():
     from hydra import compose, initialize_config_dir
 
     from maskrcnn_coco.analysis.sweep import register_resolvers
-    from maskrcnn_coco.cli.experiment import check_values, resolve_amp
+    from maskrcnn_coco.cli.experiment import check_values, cpu_has_bf16, resolve_amp
     from maskrcnn_coco.config import config_dir, register_configs
     from maskrcnn_coco.data.coco import resolve_num_workers
     from maskrcnn_coco.utils.errors import ConfigError
@@ -389,6 +389,10 @@ def test_config_keys_and_the_deprecated_amp_flag():
         assert resolve_amp(cfg, torch.device("cpu")) == "bf16"
         off = compose("config", overrides=["train.amp=off"])
         assert off.train.amp == "off"
+        default = compose("config")
+        assert default.train.amp == "auto" and default.train.grad_norm_every == 10
+        assert resolve_amp(default, torch.device("cuda")) == "off"  # no mode measured on CUDA: off unless asked
+        assert resolve_amp(default, torch.device("cpu")) == ("bf16" if cpu_has_bf16() else "off")
         legacy = compose("config", overrides=["amp=true"])
         assert resolve_amp(legacy, torch.device("cuda")) == "fp16" and resolve_amp(legacy, torch.device("cpu")) == "off"
         for bad in (["train.amp=fp32"], ["eval.backend=fast"], ["optimizer.impl=magic"], ["data.num_workers=-1"],

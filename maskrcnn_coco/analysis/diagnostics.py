@@ -227,8 +227,9 @@ def stalled_or_rising(history, weights, num_classes: int, cfg: DiagnosticsConfig
 
 
 def train_val_gap(history, weights, num_classes: int, cfg: DiagnosticsConfig) -> list[Diagnosis]:
-    """(c) A component whose validation value does not fall while its training value falls, with the
-    val/train ratio widening every epoch for ``patience_epochs`` evaluations."""
+    """(c) A component whose validation value does not fall while its training value falls (by more
+    than ``fall_rel`` per evaluation), with the val/train ratio widening by more than ``rise_rel`` at
+    each of ``patience_epochs`` evaluations."""
     if _too_early(history, cfg):
         return []
     out = []
@@ -243,7 +244,7 @@ def train_val_gap(history, weights, num_classes: int, cfg: DiagnosticsConfig) ->
             continue
         train = [by_epoch[e] for e in epochs]
         ratios = [v / t for v, t in zip(val, train)]
-        train_fell = train[-1] / train[0] - 1.0 < -cfg.others_fall_rel
+        train_fell = train[-1] / train[0] - 1.0 < -cfg.fall_rel * (n - 1)
         val_not_falling = val[-1] / val[0] - 1.0 > -cfg.fall_rel
         widening = all(d > cfg.rise_rel for d in _changes(ratios))
         if not (train_fell and val_not_falling and widening):

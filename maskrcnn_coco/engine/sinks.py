@@ -177,12 +177,28 @@ def format_epoch_summary(epoch: int, epochs: int, scalars: Mapping[str, float], 
     return "\n".join(lines)
 
 
+def format_class_aps(scalars: Mapping[str, float], most: int = 12) -> str | None:
+    """One line of per-class AP (``mAP/segm_AP_class_<name>``, else bbox), lowest first beyond ``most`` classes."""
+    for iou_type in ("segm", "bbox"):
+        prefix = f"mAP/{iou_type}_AP_class_"
+        aps = {tag[len(prefix):]: v for tag, v in scalars.items() if tag.startswith(prefix)}
+        if aps:
+            shown = list(aps.items()) if len(aps) <= most else sorted(aps.items(), key=lambda kv: kv[1])[:5]
+            head = f"🏷️ AP per class ({iou_type})" + ("" if len(aps) <= most else f", lowest 5 of {len(aps)}")
+            return f"{head}: " + " | ".join(f"{name} {v:.3f}" for name, v in shown)
+    return None
+
+
 class ConsoleSummary(Sink):
-    """The epoch block, through logging (rank-zero filtered, also in the run's log file)."""
+    """The epoch block, through logging (rank-zero filtered, also in the run's log file), then the
+    per-class AP line when the epoch was evaluated."""
 
     def after_epoch(self, state: FitState, result: EpochResult) -> None:
         saved = _display_path(result.checkpoint) if result.checkpoint is not None else None
         log.info("%s", format_epoch_summary(result.epoch, state.epochs, result.scalars, saved))
+        per_class = format_class_aps(result.scalars)
+        if per_class:
+            log.info("%s", per_class)
 
 
 class TrackerWriter(Sink):

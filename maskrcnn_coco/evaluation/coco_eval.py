@@ -159,7 +159,7 @@ def _cocoeval(coco_gt: COCO, results: list[dict[str, Any]], iou_type: str, backe
     from faster_coco_eval import COCOeval_faster
 
     def quiet(*args: Any, **kwargs: Any) -> None:
-        print(*args, file=sink)
+        sink.write(" ".join(str(a) for a in args) + "\n")  # print's output, kept off the console
 
     gt = FasterCOCO(coco_gt.dataset, print_function=quiet)  # shares the annotation dicts, no copy
     return COCOeval_faster(gt, gt.loadRes(results), iouType=iou_type, print_function=quiet)
