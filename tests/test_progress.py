@@ -16,7 +16,7 @@ from conftest import TINY_OVERRIDES, run_entry, tiny_data_cfg
 
 LINE = re.compile(
     r"^Epoch (\d+) \[(\d+)/(\d+)\] cls=[\d.]+ box=[\d.]+ mask=[\d.]+ obj=[\d.]+ rpn=[\d.]+ total=[\d.]+ lr=\S+ "
-    r"\| [\d.]+ s/it \| ETA \d+:\d\d:\d\d$",
+    r"(?:data=\d+ms iter=\d+ms )?\| [\d.]+ s/it \| ETA \d+:\d\d:\d\d$",
     re.MULTILINE,
 )
 
