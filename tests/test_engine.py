@@ -109,7 +109,7 @@ def test_evaluate_leaves_model_state_and_modes_unchanged(tiny_model, tiny_data):
     assert torch.equal(torch.random.get_rng_state(), rng_before)
     assert list(val_losses) == list(LOSS_COMPONENTS) and all(math.isfinite(v) for v in val_losses.values())
     assert {"bbox", "segm"} <= set(metrics)  # plus the confusion matrix
-    assert set(metrics["segm"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(metrics["segm"])  # plus AP_class_<name>
     # Reproducible: the samplers draw from a fixed seed.
     again, _ = evaluate(model, tiny_data.val_loader, "cpu", mapping=tiny_data.mapping, progress=False, compute_metrics=False)
     assert again == val_losses
