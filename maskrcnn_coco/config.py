@@ -298,6 +298,11 @@ class DiagnosticsConfig:
     class_ap_min_median: float = 0.1
     confusion_min_matches: int = 5
     confusion_off_share: float = 0.5
+    # Iteration-level spikes (checked at each read-back, every print_freq iterations): a window's largest
+    # total loss at least `spike_loss_factor` x the run's lowest window mean, or a measured gradient norm
+    # at least `spike_grad_factor` x the median of its recent window means. 0 turns a check off.
+    spike_loss_factor: float = 5.0
+    spike_grad_factor: float = 10.0
 
 
 @dataclass

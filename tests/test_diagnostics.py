@@ -194,7 +194,12 @@ def test_a_lagging_class():
 
 
 def confusion(matrix, names=("circle", "square", "triangle")):
-    return {"ground_truth": [*names, "background"], "predicted": [*names, "missed"], "matrix": matrix}
+    return {"ground_truth": [*names, "background"], "predicted": [*names, "missed"], "matrix": matrix,
+            "metric_names": [f"AP_class_{n}" for n in names]}
+
+
+def class_aps(**aps):
+    return {f"mAP/segm_AP_class_{name}": ap for name, ap in aps.items()}
 
 
 def test_a_one_to_one_swap_of_classes_points_at_the_validation_labels():
@@ -206,17 +211,31 @@ def test_a_one_to_one_swap_of_classes_points_at_the_validation_labels():
     found = diagnose(history, num_classes=K, confusions=[swapped, swapped])
     assert sorted(d.subject for d in found) == ["circle", "square", "triangle"]
     assert all(d.kind == "confused_class" and "data.val_annotations" in d.config_key for d in found)
-    assert "swapped one-to-one" in found[0].cause
+    assert "swapped one-to-one" in found[0].cause  # whatever the classes' APs
     # One evaluation is not yet a pattern (patience).
     assert diagnose(history[:2], num_classes=K, confusions=[swapped]) == []
 
 
 def test_a_collapsed_classifier_is_not_blamed_on_the_labels():
     collapsed = confusion([[9, 0, 0, 0], [8, 1, 0, 0], [7, 0, 1, 0], [0, 0, 0, 0]])
-    history = make_history(falling(2, start=(1.39, 0.14, 1.0, 0.69, 0.03), rate=0.99))
+    aps = {2: class_aps(circle=0.5, square=0.1, triangle=0.3)}  # square lags, triangle does not
+    history = make_history(falling(2, start=(1.39, 0.14, 1.0, 0.69, 0.03), rate=0.99), extra=aps)
     found = diagnose(history, num_classes=K, confusions=[collapsed, collapsed])
-    assert sorted(d.subject for d in found) == ["square", "triangle"]
-    assert all("optimizer.head_lr_multiplier" in d.config_key for d in found)
+    assert [d.subject for d in found] == ["square"]
+    assert "optimizer.head_lr_multiplier" in found[0].config_key and "does not tell 'square' from 'circle'" in found[0].cause
+    assert "its segm AP 0.100 vs the median class AP 0.300" in found[0].text()
+
+
+def test_a_classifier_still_sorting_classes_out_is_not_a_finding():
+    """The default run (measured): at epochs 2 and 3 most matched squares are detected as circles, while
+    the square AP is close to the others'; by epoch 4 it has sorted them out."""
+    epoch2 = confusion([[40, 14, 10, 15], [23, 10, 10, 21], [1, 5, 28, 18], [9, 32, 26, 0]])
+    epoch3 = confusion([[72, 2, 1, 4], [45, 4, 11, 4], [7, 2, 37, 6], [13, 20, 10, 0]])
+    aps = {2: class_aps(circle=0.517, square=0.274, triangle=0.169), 3: class_aps(circle=0.634, square=0.347, triangle=0.403)}
+    rows = [(0.4172, 0.3145, 0.5404, 0.1301, 0.0064), (0.33, 0.2893, 0.3626, 0.0305, 0.0048), (0.2387, 0.226, 0.2411, 0.0103, 0.0035)]
+    history = make_history(rows, extra=aps)
+    assert [r["class"] for r in confused_classes(epoch3) if r["off_share"] > 0.5] == ["square"]
+    assert diagnose(history, num_classes=K, confusions=[epoch2, epoch3], steps_per_epoch=250) == []
 
 
 def test_thresholds_come_from_the_config():

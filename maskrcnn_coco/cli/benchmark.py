@@ -15,8 +15,8 @@ Sections (``--sections``, all by default):
 * ``optimizer``: one optimizer step per implementation (for_loop, foreach, fused).
 
 Wall time and process CPU time (``time.process_time``, all threads) are reported side by side: on a
-shared machine the CPU time is the steadier of the two. Ratios are per interleaved pair; their
-median and spread (min..max) are printed and written to the JSON (``--output``).
+shared machine the CPU time is the steadier of the two. Pairs alternate their order (A B, B A, ...);
+ratios are per pair, their median and spread (min..max) printed and written to the JSON (``--output``).
 
 On CPU the default is the training config (``model=small``, shapes data) with one thread; on CUDA
 torchvision's ``maskrcnn_r50_fpn`` on synthetic 800x1333 images (``--data synthetic``), every amp mode.
@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from maskrcnn_coco.cli.args import parse_with_overrides
 from maskrcnn_coco.cli.experiment import build_components, check_config, resolve_device, seed_everything
 from maskrcnn_coco.cli.probe import compose_config
 from maskrcnn_coco.data.coco import CategoryMapping
@@ -347,10 +348,13 @@ def bench_train(setup: Setup, args: argparse.Namespace, modes: Sequence[str], lo
     for rep in range(args.repeats):
         for v in variants:
             ours_t, bare_t = timings[v]
-            ours_t.add(*bench.ours(*v))
-            after_ours = bench.state()
-            bare_t.add(*bench.bare(*v))
-            identical[v] = identical[v] and same_state(after_ours, bench.state())
+            # A B, then B A: an effect of going first or second (caches, allocator, clock) cancels in the median.
+            order = [("ours", ours_t, bench.ours), ("bare", bare_t, bench.bare)][:: 1 if rep % 2 == 0 else -1]
+            states = {}
+            for label, timing, trial in order:
+                timing.add(*trial(*v))
+                states[label] = bench.state()
+            identical[v] = identical[v] and same_state(states["ours"], states["bare"])
             log(f"  train {name(v)} repeat {rep + 1}: ours {ours_t.wall[-1]:.2f}s (cpu {ours_t.cpu[-1]:.2f}s), "
                 f"bare {bare_t.wall[-1]:.2f}s (cpu {bare_t.cpu[-1]:.2f}s)")
     base = timings.get(("off", False), (None, None))[0]
@@ -444,8 +448,8 @@ def bench_eval(setup: Setup, args: argparse.Namespace, log: Callable[[str], None
         ours()
         bare()
     for rep in range(args.repeats):
-        ours_t.add(*timed(ours, s.device)[1:])
-        bare_t.add(*timed(bare, s.device)[1:])
+        for timing, trial in [(ours_t, ours), (bare_t, bare)][:: 1 if rep % 2 == 0 else -1]:
+            timing.add(*timed(trial, s.device)[1:])
         log(f"  eval repeat {rep + 1}: ours {ours_t.wall[-1]:.2f}s (cpu {ours_t.cpu[-1]:.2f}s), "
             f"bare {bare_t.wall[-1]:.2f}s (cpu {bare_t.cpu[-1]:.2f}s)")
     _, metrics = holder["ours"]
@@ -575,10 +579,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    flags = [a for a in extra if a.startswith("-")]
-    if flags:
-        parser.error(f"unrecognized arguments: {' '.join(flags)}")
+    args, extra = parse_with_overrides(parser, argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     try:
         unknown = [s for s in sections if s not in SECTIONS]

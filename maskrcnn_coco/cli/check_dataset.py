@@ -21,6 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from maskrcnn_coco.cli.args import parse_with_overrides
 from maskrcnn_coco.cli.probe import compose_config
 from maskrcnn_coco.data.coco import CategoryMapping, load_coco, resolve_paths
 from maskrcnn_coco.data.validate import ON_INVALID, SplitCheck, check_split, format_record
@@ -117,10 +118,7 @@ def check_one_split(split: str, paths: dict[str, Path], cfg: DictConfig, args: a
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    flags = [a for a in extra if a.startswith("-")]
-    if flags:
-        parser.error(f"unrecognized arguments: {' '.join(flags)}")
+    args, extra = parse_with_overrides(parser, argv)
     try:
         if args.examples < 0:
             raise ConfigError("--examples must be >= 0")

@@ -25,7 +25,7 @@ from maskrcnn_coco.analysis.history import objective_value
 from maskrcnn_coco.data.coco import CategoryMapping, DataBundle, build_data
 from maskrcnn_coco.engine.checkpoint import TrainingState, load_training_checkpoint, restore_training_state
 from maskrcnn_coco.engine.fit import fit
-from maskrcnn_coco.engine.loop import AMP_DTYPES, DivergenceGuard
+from maskrcnn_coco.engine.loop import AMP_DTYPES, DivergenceGuard, SpikeMonitor
 from maskrcnn_coco.engine.signals import StopRequested
 from maskrcnn_coco.engine.sinks import default_sinks
 from maskrcnn_coco.evaluation.coco_eval import BACKENDS
@@ -332,6 +332,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
             state=state, start_progress=progress, divergence=guard,
             checkpoint_every_n_iters=cfg.checkpoint.every_n_iters,
             amp=amp, grad_norm_every=cfg.train.grad_norm_every, eval_backend=cfg.eval.backend,
+            spikes=SpikeMonitor(cfg.diagnostics) if cfg.diagnostics.enabled else None,
         )
     finally:
         tracker.close()

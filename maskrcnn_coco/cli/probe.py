@@ -19,6 +19,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from maskrcnn_coco.analysis.sweep import register_resolvers
+from maskrcnn_coco.cli.args import parse_with_overrides
 from maskrcnn_coco.cli.experiment import build_components, check_config
 from maskrcnn_coco.config import config_dir, register_configs
 from maskrcnn_coco.probe.core import run_probe
@@ -108,10 +109,7 @@ def _label(path: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    flags = [a for a in extra if a.startswith("-")]
-    if flags:
-        parser.error(f"unrecognized arguments: {' '.join(flags)}")
+    args, extra = parse_with_overrides(parser, argv)
     try:
         if args.compare:
             a, b = args.compare

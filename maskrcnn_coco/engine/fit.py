@@ -20,6 +20,7 @@ from maskrcnn_coco.engine.loop import (
     EpochProgress,
     GradNormMeter,
     IterationTimer,
+    SpikeMonitor,
     TrainingStopped,
     evaluate,
     module_lrs,
@@ -82,6 +83,7 @@ def fit(
     amp: str | None = None,
     grad_norm_every: int = 1,
     eval_backend: str = "auto",
+    spikes: SpikeMonitor | None = None,
 ) -> list[dict[str, Any]]:
     """Train epochs ``start_epoch..epochs``; after each, evaluate (every ``eval_every`` epochs and at
     the last) and hand the epoch to ``sinks``.
@@ -98,7 +100,8 @@ def fit(
     inside epochs. A non-finite or diverged loss (``divergence``) raises before any checkpoint of it.
     ``amp`` (``off|bf16|fp16``) and ``scaler`` go to ``train_one_epoch``; gradient norms (of the
     parameter groups and the loss-producing modules) are measured every ``grad_norm_every``
-    iterations; ``eval_backend`` is COCOeval's implementation.
+    iterations; ``eval_backend`` is COCOeval's implementation. ``spikes`` watches every iteration's
+    loss and gradient norms; its findings go to the sinks' ``on_finding`` as soon as they are seen.
     """
     if sinks is None:
         if run_dir is None:
@@ -118,6 +121,9 @@ def fit(
     grad_norms = GradNormMeter.from_optimizer(optimizer, model=module, every=grad_norm_every)
     # Data/iteration seconds of a DataLoader (tags time/data, time/iter); a plain list of batches has no loading to time.
     timer = IterationTimer() if isinstance(train_loader, DataLoader) else None
+    if spikes is not None:
+        spikes.on_spike = lambda finding: call_sinks(sinks, "on_finding", state, finding)
+        spikes.load_state_dict(state.fit.get("spikes") or {})
     call_sinks(sinks, "before_fit", state)
 
     def after_step(_: int) -> None:
@@ -152,7 +158,7 @@ def fit(
                     model, state, stop, sinks, grad_norms, guard, train_loader, device, epoch, pending,
                     loss_weights=loss_weights, lr_scheduler=lr_scheduler, scaler=scaler, clip_grad_norm=clip_grad_norm,
                     print_freq=print_freq, progress=progress, should_stop=should_stop, after_step=after_step,
-                    amp=amp, timer=timer,
+                    amp=amp, timer=timer, spikes=spikes,
                 )
                 pending = None
                 state.fit["reference_loss"] = guard.reference
@@ -176,7 +182,10 @@ def fit(
                     "lr": {**group_lrs(optimizer), **module_lrs(optimizer, grad_norms.modules)},
                     "grad_norm": grad_norms.compute(),
                     "time": {"train_s": t1 - t0, "eval_s": time.perf_counter() - t1, **(timer.compute() if timer else {})},
+                    "spike": spikes.pop_peaks() if spikes is not None else {},
                 }
+                if spikes is not None:
+                    state.fit["spikes"] = spikes.state_dict()  # after pop_peaks: the next epoch starts afresh
                 result = EpochResult(epoch=epoch, record=record, scalars=epoch_scalars(record))
                 state.history.append({"epoch": epoch, **result.scalars})
                 call_sinks(sinks, "after_epoch", state, result)
@@ -223,6 +232,9 @@ def _train_epoch(
             # Every rank trained the same number of full batches (the sampler pads the shards).
             pending.samples_done = pending.iterations * (train_loader.batch_size or 1) * world_size()
             state.fit["reference_loss"] = guard.reference
+            spikes = kwargs.get("spikes")
+            if spikes is not None:
+                state.fit["spikes"] = spikes.state_dict()
             paths = [p for s in sinks if (p := _call_progress(s, state, epoch, pending, stop.requested)) is not None]
             if stop.requested:
                 raise RunInterrupted(stop.signum, epoch, pending.iterations, paths[0] if paths else None) from None  # type: ignore[arg-type]

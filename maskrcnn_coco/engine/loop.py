@@ -6,7 +6,9 @@ the end of an epoch, so a GPU is never synchronised per iteration.
 
 from __future__ import annotations
 
+import logging
 import math
+import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +19,8 @@ from pycocotools.coco import COCO
 from torch import nn
 from torch.utils.data import DataLoader
 
+from maskrcnn_coco.analysis.diagnostics import Diagnosis, iteration_spikes
+from maskrcnn_coco.config import DiagnosticsConfig
 from maskrcnn_coco.data.coco import CategoryMapping
 from maskrcnn_coco.engine.eval_step import evaluate_batch, loss_mode  # noqa: F401 - loss_mode: importable from here as before
 from maskrcnn_coco.engine.progress import Progress
@@ -25,6 +29,8 @@ from maskrcnn_coco.evaluation.per_class import CONFUSION_KEY, confusion_matrix
 from maskrcnn_coco.solver.param_groups import group_name
 from maskrcnn_coco.tracking.scalars import LOSS_COMPONENTS
 from maskrcnn_coco.utils.dist import all_gather_objects, all_reduce_sum, broadcast_object, is_main_process, world_size
+
+log = logging.getLogger(__name__)
 
 SHORT_NAMES = {
     "loss_classifier": "cls",
@@ -116,6 +122,7 @@ class GradNormMeter:
         self.groups.update(self.modules)
         self.every = every
         self.sums: torch.Tensor | None = None
+        self.last: torch.Tensor | None = None
         self.count = 0
         unique: dict[int, torch.nn.Parameter] = {}
         for params in self.groups.values():
@@ -157,6 +164,7 @@ class GradNormMeter:
             vec = (squares @ matrix).sqrt()
         else:
             vec = torch.zeros(len(self.groups), device=self._params[0].device if self._params else "cpu")
+        self.last = vec  # this iteration's norms, for the SpikeMonitor
         self.sums = vec if self.sums is None else self.sums + vec
         self.count += 1
 
@@ -181,6 +189,135 @@ class GradNormMeter:
             sums, state = None, {}
         self.sums = None if sums is None else torch.tensor(sums, dtype=torch.float32, device=device)
         self.count = int(state.get("count", 0))
+
+
+class SpikeMonitor:
+    """Iteration-level spikes of the total loss and of the measured gradient norms, before they become
+    a NaN or a divergence (``analysis.diagnostics.iteration_spikes``).
+
+    On the device, per window between two read-back points: the largest finite weighted total, its
+    iteration and components, the window's loss sums, and per gradient-norm set the largest measured
+    norm and its iteration. ``read`` (at a read-back point, one host copy) compares the window with
+    the references kept on the host (the lowest window-mean total so far, each set's median of its
+    recent window means),
+    hands each finding to ``on_spike`` (default: a logged warning) and starts the next window. The
+    references live across epochs; ``state_dict`` keeps them in checkpoints.
+    """
+
+    # A gradient norm is judged against the median of its last GRAD_WINDOWS window means (norms drift
+    # over training: in the default run they grow several-fold during the first epoch), once it has
+    # MIN_GRAD_WINDOWS of them.
+    GRAD_WINDOWS = 10
+    MIN_GRAD_WINDOWS = 3
+
+    def __init__(self, config: DiagnosticsConfig | None = None,
+                 on_spike: Callable[[Diagnosis], None] | None = None):
+        self.config = config if config is not None else DiagnosticsConfig()
+        self.on_spike = on_spike or (lambda finding: log.warning("%s", finding.text()))
+        self.loss_reference: tuple[float, list[float]] | None = None
+        self.grad_references: dict[str, list[float]] = {}  # set -> its latest window means (GRAD_WINDOWS)
+        self.peaks: dict[str, float] = {}  # the epoch's largest ratios (tags spike/loss, spike/grad_norm)
+        self._loss: torch.Tensor | None = None  # [max total, its iteration, its 5 components, sum total, finite count, 5 sums]
+        self._grad: torch.Tensor | None = None  # per set: [max, iteration, sum, count]
+        self._iterations = 0
+
+    def update_loss(self, total: torch.Tensor, components: torch.Tensor, iteration: torch.Tensor) -> None:
+        finite = torch.isfinite(total)
+        value = torch.where(finite, total, torch.zeros_like(total))
+        if self._loss is None:
+            self._loss = torch.zeros(2 * len(LOSS_COMPONENTS) + 4, device=total.device)
+            self._loss[0] = -math.inf
+        elif self._loss.device != total.device:  # restored from a checkpoint
+            self._loss = self._loss.to(total.device)
+        k = len(LOSS_COMPONENTS)
+        w = self._loss
+        higher = finite & (value > w[0])
+        w[: k + 2] = torch.where(higher, torch.cat([value[None], iteration.to(w.dtype)[None], components.float()]), w[: k + 2])
+        w[k + 2] += value
+        w[k + 3] += finite.to(w.dtype)
+        w[k + 4:] += torch.where(finite, components.float(), torch.zeros_like(components, dtype=w.dtype))
+        self._iterations += 1
+
+    def update_grad(self, norms: torch.Tensor, iteration: torch.Tensor) -> None:
+        norms = norms.float()
+        if self._grad is None:
+            self._grad = torch.zeros(4, norms.numel(), device=norms.device)
+        elif self._grad.device != norms.device:
+            self._grad = self._grad.to(norms.device)
+        g = self._grad
+        finite = torch.isfinite(norms)
+        value = torch.where(finite, norms, torch.zeros_like(norms))
+        higher = finite & (value > g[0])
+        g[0] = torch.where(higher, value, g[0])
+        g[1] = torch.where(higher, iteration.to(g.dtype).expand_as(value), g[1])
+        g[2] += value
+        g[3] += finite.to(g.dtype)
+
+    def read(self, epoch: int, grad_names: Sequence[str] = ()) -> list[Diagnosis]:
+        """Close the window: compare, report, update the references (a host sync: read-back points only)."""
+        if self._iterations == 0:
+            return []
+        parts = [t.flatten() for t in (self._loss, self._grad) if t is not None]
+        values = torch.cat(parts).tolist() if parts else []
+        k = len(LOSS_COMPONENTS)
+        loss_values, grad_values = (values[: 2 * k + 4], values[2 * k + 4:]) if self._loss is not None else ([], values)
+        window, self._iterations, self._loss, self._grad = self._iterations, 0, None, None
+        loss = loss_reference = None
+        if loss_values and loss_values[k + 3] > 0:
+            loss = (loss_values[0], int(loss_values[1]), dict(zip(LOSS_COMPONENTS, loss_values[2: k + 2])))
+            loss_reference = self.loss_reference
+            count = loss_values[k + 3]
+            mean, means = loss_values[k + 2] / count, [v / count for v in loss_values[k + 4:]]
+            if self.loss_reference is None or mean < self.loss_reference[0]:
+                self.loss_reference = (mean, means)
+            if loss_reference is not None and loss_reference[0] > 0:
+                self.peaks["loss"] = max(self.peaks.get("loss", 0.0), loss[0] / loss_reference[0])
+        grads, grad_refs, window_means = {}, {}, {}
+        n = len(grad_values) // 4
+        for j, name in enumerate(list(grad_names)[:n]):
+            peak, at, total, count = (grad_values[r * n + j] for r in range(4))
+            if count <= 0:
+                continue
+            window_means[name] = total / count
+            recent = self.grad_references.get(name)
+            if recent and len(recent) >= self.MIN_GRAD_WINDOWS:
+                grads[name], grad_refs[name] = (peak, int(at)), statistics.median(recent)
+                if grad_refs[name] > 0:
+                    self.peaks["grad_norm"] = max(self.peaks.get("grad_norm", 0.0), peak / grad_refs[name])
+        found = iteration_spikes(epoch, loss=loss, loss_reference=(
+            (loss_reference[0], dict(zip(LOSS_COMPONENTS, loss_reference[1]))) if loss_reference else None),
+            grad_norms=grads, grad_references=grad_refs, window=window, config=self.config)
+        spiked = {f.subject for f in found if f.kind == "grad_norm_spike"}
+        for name, mean in window_means.items():
+            if name not in spiked:  # a spiking window would raise the reference it is judged by
+                recent = self.grad_references.setdefault(name, [])
+                recent.append(mean)
+                del recent[: -self.GRAD_WINDOWS]
+        for finding in found:
+            self.on_spike(finding)
+        return found
+
+    def pop_peaks(self) -> dict[str, float]:
+        """The epoch's largest spike ratios (``spike/loss``, ``spike/grad_norm``), then start afresh."""
+        peaks, self.peaks = self.peaks, {}
+        return peaks
+
+    def state_dict(self) -> dict[str, Any]:
+        """References, the epoch's peaks and the open window (a host copy: call it at a stop, not per
+        iteration), so a run resumed mid-epoch judges and reports exactly as an uninterrupted one."""
+        return {"loss_reference": self.loss_reference, "grad_references": self.grad_references, "peaks": dict(self.peaks),
+                "window": {"loss": None if self._loss is None else self._loss.tolist(),
+                           "grad": None if self._grad is None else self._grad.tolist(), "iterations": self._iterations}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        ref = state.get("loss_reference")
+        self.loss_reference = (float(ref[0]), [float(v) for v in ref[1]]) if ref else None
+        self.grad_references = {k: [float(v) for v in means] for k, means in (state.get("grad_references") or {}).items()}
+        self.peaks = {k: float(v) for k, v in (state.get("peaks") or {}).items()}
+        window = state.get("window") or {}
+        self._loss = None if window.get("loss") is None else torch.tensor(window["loss"], dtype=torch.float32)
+        self._grad = None if window.get("grad") is None else torch.tensor(window["grad"], dtype=torch.float32)
+        self._iterations = int(window.get("iterations", 0))
 
 
 class IterationTimer:
@@ -291,6 +428,7 @@ def train_one_epoch(
     after_step: Callable[[int], None] | None = None,
     amp: str | None = None,
     timer: IterationTimer | None = None,
+    spikes: SpikeMonitor | None = None,
 ) -> dict[str, float]:
     """Train for one pass over ``data_loader``; return the epoch mean of each loss component.
 
@@ -307,7 +445,10 @@ def train_one_epoch(
     ``amp``: the forward pass under autocast in ``bf16`` or ``fp16`` (``off``: none); with ``scaler``
     (a ``GradScaler``, needed for fp16) the loss is scaled. ``amp=None`` keeps the older contract:
     autocast in the device's default dtype exactly when a scaler is given. ``grad_norms`` is updated
-    at the iterations its ``due`` picks; ``timer`` collects host-side data and iteration seconds.
+    at the iterations its ``due`` picks; ``timer`` collects host-side data and iteration seconds;
+    ``spikes`` watches each iteration's loss and measured gradient norms and reports spikes at the
+    read-back points, before the NaN check (a spike that precedes a NaN is said first); at a stop its
+    open window is left for ``spikes.state_dict`` (a resumed epoch continues it).
     No step reads a value back from the device except at the read-back points.
     """
     device = torch.device(device)
@@ -331,6 +472,7 @@ def train_one_epoch(
     distributed = world_size() > 1
     progress = progress and is_main_process()
     bar = Progress(data_loader, f"Epoch {epoch}", enabled=progress, start=start.iterations)
+    spike_sets = list(grad_norms.groups) if grad_norms is not None else []
     t_prev = time.perf_counter()
     for it, (images, targets) in enumerate(bar, start=start.iterations):
         t_data = time.perf_counter() - t_prev
@@ -354,6 +496,8 @@ def train_one_epoch(
             total.backward()
         if grad_norms is not None and grad_norms.due(it):
             grad_norms.update()
+            if spikes is not None and grad_norms.last is not None:
+                spikes.update_grad(grad_norms.last, it_device)
         if clip_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
         if scaler is not None:
@@ -372,12 +516,16 @@ def train_one_epoch(
         bad = (~torch.isfinite(total_d) | (total_d > limit)) & (first_bad < 0)
         first_bad = torch.where(bad, it_device, first_bad)
         bad_losses = torch.where(bad, detached, bad_losses)
+        if spikes is not None:
+            spikes.update_loss(total_d, detached, it_device)
         it_device += 1
         recent_ids[it] = [t.get("image_id") for t in targets]
         if after_step is not None:
             after_step(it)
 
         if (it + 1) % print_freq == 0:
+            if spikes is not None:
+                spikes.read(epoch, spike_sets)
             _check_finite(first_bad, bad_losses, recent_ids, epoch, weights, guard)  # host sync point
             recent_ids.clear()
             if progress:
@@ -400,6 +548,8 @@ def train_one_epoch(
     bar.close()
     if n_batches == 0:
         raise ValueError("train_one_epoch got an empty data loader")
+    if spikes is not None:
+        spikes.read(epoch, spike_sets)
     # One collective at the end: every rank's bad flag, loss sums and batch count.
     totals = _check_finite(first_bad, bad_losses, recent_ids, epoch, weights, guard,
                            extra=torch.cat([sums, torch.full((1,), float(n_batches), device=device)]))

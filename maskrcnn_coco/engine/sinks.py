@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from maskrcnn_coco.analysis.diagnostics import Diagnosis, diagnose
+from maskrcnn_coco.analysis.diagnostics import DIAGNOSTICS_FILE, Diagnosis, diagnose
 from maskrcnn_coco.analysis.history import HISTORY_FILE
 from maskrcnn_coco.config import DiagnosticsConfig
 from maskrcnn_coco.engine.checkpoint import TrainingState, save_checkpoint, training_state
 from maskrcnn_coco.engine.loop import EpochProgress
 from maskrcnn_coco.evaluation.per_class import CONFUSION_KEY, save_confusion
-from maskrcnn_coco.tracking.backends import ExperimentTracker, NullTracker, log_scalars
+from maskrcnn_coco.tracking.backends import ExperimentTracker, NullTracker, log_scalars, log_text
 from maskrcnn_coco.tracking.scalars import LOSS_COMPONENTS, TRAIN_TOTAL, VAL_TOTAL, lower_is_better
 from maskrcnn_coco.utils.dist import is_main_process
 
@@ -54,7 +54,8 @@ class Sink:
     Order of calls per epoch: ``after_train`` (trained, before evaluation; only when the epoch is
     evaluated), then ``after_epoch`` (with the evaluated record). ``on_progress`` marks a step
     boundary inside an epoch (``checkpoint.every_n_iters``, or a stop signal when ``final``);
-    ``on_interrupt`` an interrupt inside an iteration (weights not at a step boundary).
+    ``on_interrupt`` an interrupt inside an iteration (weights not at a step boundary);
+    ``on_finding`` a diagnosis made inside an epoch (an iteration-level spike), as soon as it is seen.
     """
 
     main_process_only = True
@@ -72,6 +73,9 @@ class Sink:
         return None
 
     def on_interrupt(self, state: TrainingState, epoch: int) -> None:
+        pass
+
+    def on_finding(self, state: TrainingState, finding: Diagnosis) -> None:
         pass
 
     def after_fit(self, state: TrainingState) -> None:
@@ -233,9 +237,6 @@ class HistoryWriter(Sink):
         os.replace(tmp, self.path)
 
 
-DIAGNOSTICS_FILE = "diagnostics.jsonl"
-
-
 class DiagnosticsSink(Sink):
     """The monitors of ``maskrcnn_coco.analysis.diagnostics`` after every epoch, over the history.
 
@@ -246,8 +247,10 @@ class DiagnosticsSink(Sink):
     caller's. The file exists (possibly empty) once training starts: empty means nothing was found.
     """
 
-    def __init__(self, run_dir: str | Path, config: DiagnosticsConfig | None = None, *, start: Sequence[Diagnosis] = ()):
+    def __init__(self, run_dir: str | Path, config: DiagnosticsConfig | None = None, *, start: Sequence[Diagnosis] = (),
+                 tracker: ExperimentTracker | None = None):
         self.path = Path(run_dir) / DIAGNOSTICS_FILE
+        self.tracker = tracker
         self.config = config if config is not None else DiagnosticsConfig()
         self.start = list(start)
         self.reported: set[tuple[Any, ...]] = set()
@@ -259,10 +262,25 @@ class DiagnosticsSink(Sink):
         with self.path.open("a") as f:
             for finding in findings:
                 f.write(json.dumps(finding.to_json()) + "\n")
+        if self.tracker is not None:
+            for finding in findings:
+                # TensorBoard's Text tab: one tag per kind (and subject), at the epoch it was found (0: audit).
+                tag = "diagnostics/" + finding.kind + (f"/{finding.subject}" if finding.subject else "")
+                log_text(self.tracker, tag, finding.text(), finding.epoch)
+
+    def _report(self, findings: Sequence[Diagnosis]) -> None:
+        new = [d for d in findings if d.key not in self.reported]
+        for finding in new:
+            self.reported.add(finding.key)
+            log.warning("%s", finding.text())
+        self._append(new)
 
     def before_fit(self, state: TrainingState) -> None:
         self._append(self.start)
         self.reported.update(d.key for d in self.start)
+
+    def on_finding(self, state: TrainingState, finding: Diagnosis) -> None:
+        self._report([finding])
 
     def after_epoch(self, state: TrainingState, result: EpochResult) -> None:
         confusion = (result.record.get("metrics") or {}).get(CONFUSION_KEY)
@@ -278,11 +296,7 @@ class DiagnosticsSink(Sink):
                             result.epoch, type(err).__name__, err)
             self.failed = True
             return
-        new = [d for d in found if d.key not in self.reported]
-        for finding in new:
-            self.reported.add(finding.key)
-            log.warning("%s", finding.text())
-        self._append(new)
+        self._report(found)
 
 
 class ConfusionWriter(Sink):
@@ -317,7 +331,7 @@ def default_sinks(
         Checkpointer(run_dir / "checkpoints", every_n_epochs=checkpoint_every, extra=checkpoint_extra,
                      keep_last=keep_last, best_metric=best_metric),
         ConsoleSummary(),
-        *([DiagnosticsSink(run_dir, diagnostics, start=audit)] if enabled else []),
+        *([DiagnosticsSink(run_dir, diagnostics, start=audit, tracker=tracker)] if enabled else []),
         ConfusionWriter(run_dir),
         TrackerWriter(tracker),
         HistoryWriter(run_dir),

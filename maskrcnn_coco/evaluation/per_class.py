@@ -118,6 +118,8 @@ def confusion_matrix(
         "ground_truth": [*names, BACKGROUND],
         "predicted": [*names, MISSED],
         "category_ids": cat_ids,
+        # Each class's AP metric name (``AP_class_<name>``), so readers find its ``mAP/..._AP_class_`` tag.
+        "metric_names": [class_metric_names(coco_gt)[c] for c in cat_ids],
         "matrix": matrix.tolist(),
         # No bare number at this level: ``epoch_scalars`` turns numbers under ``metrics`` into tags.
         "params": {"iou_threshold": iou_threshold, "score_threshold": score_threshold},

@@ -91,6 +91,10 @@ class TensorBoardTracker:
         self.writer.add_scalar(tag, value, global_step=step)
         self._tags.add(tag)
 
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        """Markdown in TensorBoard's Text tab (the diagnostics' findings)."""
+        self.writer.add_text(tag, text, global_step=step)
+
     def log_hyperparams(self, params: Mapping[str, Any]) -> None:
         from torch.utils.tensorboard.summary import hparams
 
@@ -201,6 +205,10 @@ class CompositeTracker:
         for t in self.trackers:
             t.log_scalar(tag, value, step)
 
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        for t in self.trackers:
+            log_text(t, tag, text, step)
+
     def log_hyperparams(self, params: Mapping[str, Any]) -> None:
         for t in self.trackers:
             t.log_hyperparams(params)
@@ -251,6 +259,10 @@ class GuardedTracker:
     def log_scalar(self, tag: str, value: float, step: int) -> None:
         self._call("log_scalar", tag, value, step)
 
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        if hasattr(self.tracker, "log_text"):
+            self._call("log_text", tag, text, step)
+
     def log_hyperparams(self, params: Mapping[str, Any]) -> None:
         self._call("log_hyperparams", params)
 
@@ -265,6 +277,13 @@ class GuardedTracker:
             self.tracker.close()
         except Exception:
             log.debug("Closing the failed tracker %r raised too", self.name, exc_info=True)
+
+
+def log_text(tracker: ExperimentTracker, tag: str, text: str, step: int) -> None:
+    """Text to the trackers that take text (``log_text`` is optional in the protocol); the others skip it."""
+    method = getattr(tracker, "log_text", None)
+    if method is not None:
+        method(tag, text, step)
 
 
 def log_scalars(tracker: ExperimentTracker, scalars: Mapping[str, float], step: int) -> None:

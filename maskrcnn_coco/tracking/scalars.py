@@ -9,6 +9,8 @@ objective, anything that reads a run back) uses these tags:
 * ``mAP/<bbox|segm>_<AP|AP50|AP75|APs|APm|APl>`` (finite values only: COCO's undefined ones are left out)
 * ``lr`` (the backbone group's, else the first group's) and ``lr/<group>``
 * ``grad_norm/<group>``, ``time/<name>``
+* ``spike/loss``, ``spike/grad_norm``: the epoch's largest iteration-level ratio (a window's peak over
+  its reference, ``engine.loop.SpikeMonitor``); what the spike warnings compare with their factors
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def epoch_scalars(record: Mapping[str, Any]) -> dict[str, float]:
     ``record`` keys (all optional): ``train_loss`` / ``val_loss`` (a dict of raw components, or a
     float total), ``loss_weights`` (for the weighted totals; 1.0 where absent), ``metrics``
     (``{"bbox": {"AP": ...}, "segm": {...}}``), ``lr`` (``{group: lr}`` or a float),
-    ``grad_norm`` (``{group: norm}``), ``time`` (``{name: seconds}``). Records written by older
+    ``grad_norm`` (``{group: norm}``), ``time`` (``{name: seconds}``), ``spike`` (``{name: ratio}``). Records written by older
     versions (``metrics.json``) carry ``train_total``/``val_total`` instead of ``loss_weights``.
     """
     weights = record.get("loss_weights")
@@ -91,7 +93,7 @@ def epoch_scalars(record: Mapping[str, Any]) -> dict[str, float]:
         tags.update({f"lr/{group}": float(v) for group, v in lr.items()})
     elif lr is not None:
         tags["lr"] = float(lr)
-    for prefix in ("grad_norm", "time"):
+    for prefix in ("grad_norm", "time", "spike"):
         tags.update({f"{prefix}/{name}": float(v) for name, v in (record.get(prefix) or {}).items()})
     return tags
 
