@@ -123,6 +123,10 @@ class ModelConfig:
     box_batch_size_per_image: int = 512
     box_detections_per_img: int = 100
     box_score_thresh: float = 0.05
+    # RoIAlign of the RoI heads: auto = one sparse matrix product per pooler when training on CPU
+    # (torchvision's CPU backward was 36% of an iteration; same values), torchvision's kernel elsewhere;
+    # torchvision = always torchvision's kernel.
+    roi_align: str = "auto"
 
 
 @dataclass

@@ -21,6 +21,7 @@ from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from maskrcnn_coco.config import ModelConfig, SmallModelConfig
+from maskrcnn_coco.modeling.roi_align import use_roi_align
 from maskrcnn_coco.modeling.weights import (
     backbone_state_dict,
     download,
@@ -67,6 +68,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> MaskRCNN:
         raise ConfigError(f"Unknown model.arch={cfg.arch!r}; choose one of: {known}")
     if cfg.weights is not None and is_local_path(cfg.weights):
         load_model_weights(model, cfg.weights, num_classes)
+    use_roi_align(model, cfg.roi_align)
     return model
 
 
