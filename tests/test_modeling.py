@@ -122,7 +122,7 @@ def test_fresh_small_model_starts_loss_mask_at_chance(tiny_data):
 
     torch.manual_seed(0)
     model = build_model(tiny_model_cfg(), tiny_data.mapping.num_classes)
-    assert float(model.roi_heads.mask_predictor.mask_fcn_logits.weight.std()) < 0.002
+    assert float(model.roi_heads.mask_predictor.mask_fcn_logits.weight.detach().std()) < 0.002
     model.train()
     images, targets = next(iter(tiny_data.train_loader))
     with torch.no_grad():
