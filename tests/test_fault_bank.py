@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -188,6 +189,20 @@ def test_a_diverging_learning_rate_is_named_first(tmp_path, caplog):
     assert "lower optimizer.lr" in message
     if "check_dataset" in message:
         assert message.index("optimizer.lr") < message.index("check_dataset")
+
+
+def test_a_loss_spike_is_said_before_the_divergence_it_precedes(tmp_path, caplog):
+    """lr 3 without clipping: iteration 1's loss is hundreds of times the first one's, the guard stops
+    the run one iteration later; the spike warning (in the log and diagnostics.jsonl) comes first."""
+    with pytest.raises(FloatingPointError) as err:
+        run(tmp_path, caplog, "epochs=2", "data.num_train=8", "optimizer.lr=3", "scheduler.warmup_iters=0", "print_freq=1")
+    stopped_at = int(re.search(r"iteration (\d+)", str(err.value)).group(1))
+    found = findings(tmp_path / "run")
+    spikes = [f for f in found if f["kind"] == "loss_spike"]
+    assert spikes and spikes[0]["evidence"]["iteration"] < stopped_at
+    assert spikes[0]["evidence"]["ratio"] > 5 and spikes[0]["config_key"].startswith("optimizer.lr")
+    # Logged while training went on: the warning is there before the exception stops the run.
+    assert "Loss spike in epoch 1 at iteration" in caplog.text and "Loss diverged" in str(err.value)
 
 
 # ------------------------------------------------------------------------------------- healthy
