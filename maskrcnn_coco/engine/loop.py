@@ -19,6 +19,7 @@ from pycocotools.coco import COCO
 from torch import nn
 from torch.utils.data import DataLoader
 
+from maskrcnn_coco.analysis.audit import LOSS_MODULES as AUDITED_MODULES
 from maskrcnn_coco.analysis.diagnostics import Diagnosis, iteration_spikes
 from maskrcnn_coco.config import DiagnosticsConfig
 from maskrcnn_coco.data.coco import CategoryMapping
@@ -67,7 +68,7 @@ def _stack_losses(loss_dict: Mapping[str, torch.Tensor]) -> torch.Tensor:
 # The modules that produce the five losses (the parameters each loss's gradient reaches first), by
 # their torchvision names; their gradient norms and lrs are logged as ``grad_norm/module.<name>``
 # and ``lr/module.<name>`` with ``.`` as ``_`` (``rpn.head`` -> ``module.rpn_head``).
-LOSS_MODULES = ("rpn.head", "roi_heads.box_head", "roi_heads.box_predictor", "roi_heads.mask_head", "roi_heads.mask_predictor")
+LOSS_MODULES = tuple(AUDITED_MODULES)
 
 
 def module_key(name: str) -> str:
