@@ -306,7 +306,8 @@ class DiagnosticsConfig:
     # total loss at least `spike_loss_factor` x the run's lowest window mean, or a measured gradient norm
     # at least `spike_grad_factor` x the median of its recent window means. 0 turns a check off.
     spike_loss_factor: float = 5.0
-    spike_grad_factor: float = 10.0
+    # Healthy default runs peaked at 8.4 (epoch 1, norms still growing fast); a diverging lr gives 100x and more.
+    spike_grad_factor: float = 20.0
 
 
 @dataclass

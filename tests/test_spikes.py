@@ -27,7 +27,7 @@ def test_a_loss_spike_names_the_component_that_rose():
 
 
 def test_below_the_factor_or_switched_off_nothing_is_said():
-    kwargs = {"loss_reference": (1.0, PARTS), "grad_norms": {"heads": (9.9, 3)}, "grad_references": {"heads": 1.0}, "window": 20}
+    kwargs = {"loss_reference": (1.0, PARTS), "grad_norms": {"heads": (19.9, 3)}, "grad_references": {"heads": 1.0}, "window": 20}
     assert iteration_spikes(1, loss=(4.9, 3, PARTS), **kwargs) == []
     off = DiagnosticsConfig(spike_loss_factor=0, spike_grad_factor=0)
     assert iteration_spikes(1, loss=(50.0, 3, PARTS), **(kwargs | {"grad_norms": {"heads": (99.0, 3)}}), config=off) == []
@@ -37,11 +37,11 @@ def test_below_the_factor_or_switched_off_nothing_is_said():
 
 def test_a_gradient_norm_spike_names_the_components_of_its_module():
     found = iteration_spikes(2, loss=None, loss_reference=None,
-                             grad_norms={"module.rpn_head": (30.0, 40), "backbone": (1.0, 40)},
+                             grad_norms={"module.rpn_head": (50.0, 40), "backbone": (1.0, 40)},
                              grad_references={"module.rpn_head": 2.0, "backbone": 1.0}, window=20)
     assert [(f.kind, f.subject, f.components) for f in found] == [
         ("grad_norm_spike", "module.rpn_head", ("loss_objectness", "loss_rpn_box_reg"))]
-    assert "grad_norm/module.rpn_head 30 is 15.0x its recent mean (2)" in found[0].text()
+    assert "grad_norm/module.rpn_head 50 is 25.0x its recent mean (2)" in found[0].text()
 
 
 class Scripted(nn.Module):
@@ -89,7 +89,7 @@ def test_a_healthy_noisy_epoch_raises_no_spike():
 
 def test_a_spike_is_said_before_the_nan_that_follows_it():
     rows = noisy_rows(60)
-    rows[33] = [0.2, 0.2, 9.0, 0.2, 0.2]  # loss_mask jumps at iteration 33 ...
+    rows[33] = [0.2, 0.2, 20.0, 0.2, 0.2]  # loss_mask jumps at iteration 33 ...
     rows[47] = [float("nan")] * 5  # ... and the run goes NaN 14 iterations later
     found, _, err = run(rows)
     assert isinstance(err, FloatingPointError) and "iteration 47" in str(err)
