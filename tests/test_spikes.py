@@ -21,7 +21,7 @@ def test_a_loss_spike_names_the_component_that_rose():
                              window=20)
     assert [(f.kind, f.components, f.epoch) for f in found] == [("loss_spike", ("loss_mask",), 3)]
     text = found[0].text()
-    assert "iteration 57" in text and "5.0x the lowest 20-iteration mean" in text and "loss_mask 4.2 (21.0x)" in text
+    assert "iteration 57" in text and "5.0x the run's lowest mean over 20 iterations" in text and "loss_mask 4.2 (21.0x)" in text
     assert "optimizer.lr" in text and "optimizer.clip_grad_norm" in text and "#iteration-spikes" in text
     assert found[0].evidence["ratio"] == 5.0
 
@@ -148,3 +148,17 @@ def test_fit_writes_spikes_to_diagnostics_jsonl_and_tensorboard_text(tmp_path, c
     resumed = SpikeMonitor()
     resumed.load_state_dict(spikes.state_dict())
     assert resumed.state_dict() == spikes.state_dict() and resumed.loss_reference is not None
+
+
+def test_a_spike_is_reported_once_per_epoch_and_subject(tmp_path):
+    from maskrcnn_coco.engine.sinks import DiagnosticsSink
+
+    def spike(epoch, component):
+        return iteration_spikes(epoch, loss=(9.0, 5, PARTS | {component: 8.2}), loss_reference=(1.0, PARTS),
+                                grad_norms={}, grad_references={}, window=1)[0]
+
+    sink = DiagnosticsSink(tmp_path)
+    for finding in (spike(1, "loss_mask"), spike(1, "loss_classifier"), spike(2, "loss_mask")):
+        sink.on_finding(None, finding)
+    lines = [json.loads(line) for line in (tmp_path / DIAGNOSTICS_FILE).read_text().splitlines()]
+    assert [(line["epoch"], line["components"]) for line in lines] == [(1, ["loss_mask"]), (2, ["loss_mask"])]

@@ -54,6 +54,9 @@ def chance_values(num_classes: int) -> dict[str, float]:
     return {"loss_mask": math.log(2.0), "loss_objectness": math.log(2.0), "loss_classifier": math.log(num_classes + 1.0)}
 
 
+SPIKE_KINDS = ("loss_spike", "grad_norm_spike")
+
+
 @dataclass
 class Diagnosis:
     """One finding: ``kind``, the ``components`` concerned, what is seen (``message``, with numbers),
@@ -71,7 +74,10 @@ class Diagnosis:
 
     @property
     def key(self) -> tuple[Any, ...]:
-        """Identity for reporting a finding once per run."""
+        """Identity for reporting a finding once per run; a spike once per epoch and subject (the
+        components a spike names vary from one iteration to the next)."""
+        if self.kind in SPIKE_KINDS:
+            return (self.kind, self.subject, self.epoch)
         return (self.kind, self.components, self.subject)
 
     def text(self) -> str:
@@ -522,7 +528,7 @@ def iteration_spikes(
             out.append(Diagnosis(
                 kind="loss_spike", components=named, subject="loss", section="iteration-spikes", epoch=epoch,
                 message=(f"Loss spike in epoch {epoch} at iteration {iteration}: total {value:.4g} is "
-                         f"{value / ref:.1f}x the lowest {window}-iteration mean so far ({ref:.4g}); "
+                         f"{value / ref:.1f}x the run's lowest mean over {window} iteration{'s' if window != 1 else ''} ({ref:.4g}); "
                          f"rose most: {detail or 'no single component'}."),
                 cause=("a step too large for the loss surface (learning rate, a warmup too short, no gradient "
                        "clipping); if it recurs at a low lr, a batch with unusual targets in that component"),

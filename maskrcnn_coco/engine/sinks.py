@@ -240,7 +240,7 @@ class HistoryWriter(Sink):
 class DiagnosticsSink(Sink):
     """The monitors of ``maskrcnn_coco.analysis.diagnostics`` after every epoch, over the history.
 
-    A finding is reported once per run (the first epoch it holds): as a warning under the epoch block
+    A finding is reported once per run (the first epoch it holds; a spike once per epoch and subject): as a warning under the epoch block
     (console and ``train.log``) and as one JSON object in ``<run_dir>/diagnostics.jsonl`` (``epoch``,
     ``kind``, ``components``, ``subject``, ``evidence``, ``cause``, ``config_key``, ``message``).
     ``start``: the start-of-run audit's findings (epoch 0), written first; their logging is the
