@@ -209,3 +209,17 @@ def test_sigterm_to_the_entry_point_then_resume_auto(tmp_path):
     finals = [p for p in (tmp_path / "pre").rglob("last.pth") if p.parent.parent != interrupted.parent.parent]
     assert len(finals) == 1
     assert_same_weights(weights(final_straight), weights(finals[0]))
+
+
+def test_fp16_resume_restores_the_grad_scaler(tmp_path, monkeypatch):
+    """train.amp=fp16 trains with a GradScaler whose state (scale, growth tracker) is checkpointed and
+    restored on resume; the resumed run ends bit-identical to the straight one."""
+    straight = train(tmp_path, "straight", "epochs=2", "train.amp=fp16")
+    saved = torch.load(straight / "checkpoints" / "epoch_001.pth", map_location="cpu", weights_only=True)["scaler"]
+    assert saved is not None and saved["scale"] > 0 and "_growth_tracker" in saved
+    loaded = []
+    original = torch.amp.GradScaler.load_state_dict
+    monkeypatch.setattr(torch.amp.GradScaler, "load_state_dict", lambda self, state: loaded.append(dict(state)) or original(self, state))
+    resumed = train(tmp_path, "resumed", "epochs=2", "train.amp=fp16", f"resume={straight / 'checkpoints' / 'epoch_001.pth'}")
+    assert loaded == [saved]
+    assert_same_weights(weights(straight / "checkpoints" / "last.pth"), weights(resumed / "checkpoints" / "last.pth"))
