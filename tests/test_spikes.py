@@ -5,7 +5,7 @@ import logging
 
 import pytest
 import torch
-from torch import nn
+from test_engine import ScriptedLosses, scripted_loader  # loss_k = w * c_k, c_k scripted per batch
 
 from maskrcnn_coco.analysis.diagnostics import DIAGNOSTICS_FILE, iteration_spikes
 from maskrcnn_coco.config import LOSS_COMPONENTS, DiagnosticsConfig
@@ -44,22 +44,6 @@ def test_a_gradient_norm_spike_names_the_components_of_its_module():
     assert "grad_norm/module.rpn_head 50 is 25.0x its recent mean (2)" in found[0].text()
 
 
-class Scripted(nn.Module):
-    """loss_k = w * c_k, c_k from the batch: the loss and the gradient (sum of weighted c_k) are scripted."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.ones(()))
-
-    def forward(self, images, targets=None):
-        c = targets[0]["scripted"]
-        return {k: self.w * c[i] for i, k in enumerate(LOSS_COMPONENTS)}
-
-
-def loader(rows):
-    return [([torch.zeros(3, 4, 4)], [{"image_id": i, "scripted": torch.tensor(r)}]) for i, r in enumerate(rows)]
-
-
 def noisy_rows(n, seed=0):
     g = torch.Generator().manual_seed(seed)
     # A falling loss with +-30 % batch-to-batch noise: healthy.
@@ -67,13 +51,13 @@ def noisy_rows(n, seed=0):
 
 
 def run(rows, print_freq=10, config=None):
-    model = Scripted()
+    model = ScriptedLosses()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # w stays 1: the scripted values are the losses
     meter = GradNormMeter({"heads": [model.w]}, every=1)
     found = []
     monitor = SpikeMonitor(config, on_spike=found.append)
     try:
-        train_one_epoch(model, opt, loader(rows), "cpu", 1, progress=False, print_freq=print_freq,
+        train_one_epoch(model, opt, scripted_loader(rows), "cpu", 1, progress=False, print_freq=print_freq,
                         grad_norms=meter, spikes=monitor)
     except FloatingPointError as err:
         return found, monitor, err
@@ -125,11 +109,11 @@ def test_fit_writes_spikes_to_diagnostics_jsonl_and_tensorboard_text(tmp_path, c
     caplog.set_level(logging.WARNING, logger="maskrcnn_coco")
     rows = noisy_rows(40)
     rows[25] = [0.2, 0.2, 0.2, 0.2, 8.0]
-    model = Scripted()
+    model = ScriptedLosses()
     opt = torch.optim.SGD([{"params": [model.w], "lr": 0.0, "name": "heads"}])
     tracker = TensorBoardTracker(tmp_path / "tb")
     spikes = SpikeMonitor(DiagnosticsConfig())
-    history = fit(model, opt, loader(rows), None, epochs=1, device="cpu", mapping=CategoryMapping([{"id": 1, "name": "a"}]),
+    history = fit(model, opt, scripted_loader(rows), None, epochs=1, device="cpu", mapping=CategoryMapping([{"id": 1, "name": "a"}]),
                   sinks=default_sinks(tmp_path, tracker), progress=False, print_freq=10, spikes=spikes)
     tracker.close()
     assert history[0]["spike/loss"] == pytest.approx(8.8 / 1.0, rel=0.3)  # the peak's ratio is a tag
