@@ -295,7 +295,10 @@ class TrainBench:
         return wall, cpu
 
     def bare(self, amp: str, channels_last: bool) -> tuple[float, float]:
-        """torchvision's loop: forward, (weighted) sum, backward, step, scheduler."""
+        """torchvision's loop: forward, (weighted) sum, backward, step, scheduler.
+
+        It restates ``train_one_epoch``'s step on purpose, without our bookkeeping: it is the baseline
+        the loop is timed against and must end with bit-identical weights, so it cannot call the loop."""
         cfg, s = self.s.cfg, self.s
         optimizer, scheduler = self.restore(channels_last)
         scaler = torch.amp.GradScaler(s.device.type) if amp == "fp16" else None

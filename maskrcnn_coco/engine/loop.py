@@ -200,8 +200,7 @@ class SpikeMonitor:
     iteration and components, the window's loss sums, and per gradient-norm set the largest measured
     norm and its iteration. ``read`` (at a read-back point, one host copy) compares the window with
     the references kept on the host (the lowest window-mean total so far, each set's median of its
-    recent window means),
-    hands each finding to ``on_spike`` (default: a logged warning) and starts the next window. The
+    recent window means), hands each finding to ``on_spike`` (default: a logged warning) and starts the next window. The
     references live across epochs; ``state_dict`` keeps them in checkpoints.
     """
 
@@ -215,7 +214,7 @@ class SpikeMonitor:
                  on_spike: Callable[[Diagnosis], None] | None = None):
         self.config = config if config is not None else DiagnosticsConfig()
         self.on_spike = on_spike or (lambda finding: log.warning("%s", finding.text()))
-        self.loss_reference: tuple[float, list[float]] | None = None
+        self.loss_reference: tuple[float, dict[str, float]] | None = None  # lowest window mean, its component means
         self.grad_references: dict[str, list[float]] = {}  # set -> its latest window means (GRAD_WINDOWS)
         self.peaks: dict[str, float] = {}  # the epoch's largest ratios (tags spike/loss, spike/grad_norm)
         self._loss: torch.Tensor | None = None  # [max total, its iteration, its 5 components, sum total, finite count, 5 sums]
@@ -268,7 +267,7 @@ class SpikeMonitor:
             loss = (loss_values[0], int(loss_values[1]), dict(zip(LOSS_COMPONENTS, loss_values[2: k + 2])))
             loss_reference = self.loss_reference
             count = loss_values[k + 3]
-            mean, means = loss_values[k + 2] / count, [v / count for v in loss_values[k + 4:]]
+            mean, means = loss_values[k + 2] / count, {c: v / count for c, v in zip(LOSS_COMPONENTS, loss_values[k + 4:])}
             if self.loss_reference is None or mean < self.loss_reference[0]:
                 self.loss_reference = (mean, means)
             if loss_reference is not None and loss_reference[0] > 0:
@@ -285,9 +284,8 @@ class SpikeMonitor:
                 grads[name], grad_refs[name] = (peak, int(at)), statistics.median(recent)
                 if grad_refs[name] > 0:
                     self.peaks["grad_norm"] = max(self.peaks.get("grad_norm", 0.0), peak / grad_refs[name])
-        found = iteration_spikes(epoch, loss=loss, loss_reference=(
-            (loss_reference[0], dict(zip(LOSS_COMPONENTS, loss_reference[1]))) if loss_reference else None),
-            grad_norms=grads, grad_references=grad_refs, window=window, config=self.config)
+        found = iteration_spikes(epoch, loss=loss, loss_reference=loss_reference, grad_norms=grads,
+                                 grad_references=grad_refs, window=window, config=self.config)
         spiked = {f.subject for f in found if f.kind == "grad_norm_spike"}
         for name, mean in window_means.items():
             if name not in spiked:  # a spiking window would raise the reference it is judged by
@@ -312,7 +310,7 @@ class SpikeMonitor:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         ref = state.get("loss_reference")
-        self.loss_reference = (float(ref[0]), [float(v) for v in ref[1]]) if ref else None
+        self.loss_reference = (float(ref[0]), {c: float(v) for c, v in ref[1].items()}) if ref else None
         self.grad_references = {k: [float(v) for v in means] for k, means in (state.get("grad_references") or {}).items()}
         self.peaks = {k: float(v) for k, v in (state.get("peaks") or {}).items()}
         window = state.get("window") or {}
