@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from maskrcnn_coco.cli.benchmark import JSON_KEYS, cli, main
+from maskrcnn_coco.engine.eval_step import STAGES
 
 from conftest import TINY_OVERRIDES
 
@@ -31,11 +32,15 @@ def test_benchmark_smoke_writes_the_json_report(tmp_path, capsys, restore_thread
         assert entry["ours"]["images_per_s"]["median"] > 0 and len(entry["ours"]["cpu_s"]) == 1
     assert report["train"]["off"]["overhead"]["grad_norm_update_ms"] > 0
     assert report["eval"]["metrics_equal"] is True and report["eval"]["ratio"]["cpu"]["median"] > 0
+    stages = report["eval"]["stages"]
+    assert set(STAGES) | {"to COCO", "COCOeval", "losses_over_rest"} == set(stages)
+    assert all(stages[n]["wall"]["median"] > 0 for n in STAGES) and stages["losses_over_rest"]["median"] > 0
     assert 0 < report["data"]["fraction"] < 1
     assert report["cocoeval"]["identical"] is True and "pycocotools" in report["cocoeval"]["backends"]
     assert {"fused", "foreach", "for_loop"} <= set(report["optimizer"])
     text = capsys.readouterr().out
     assert "bit-identical: True" in text and f"Wrote {out}" in text
+    assert "no exact val loss can bring the ratio below" in text
 
 
 def test_benchmark_rejects_unknown_sections(capsys):

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from maskrcnn_coco.config import LOSS_COMPONENTS, OptimizerConfig, SchedulerConfig, default_param_groups
-from maskrcnn_coco.engine.eval_step import evaluate_batch, loss_mode, shares_features
+from maskrcnn_coco.engine.eval_step import STAGES, evaluate_batch, loss_mode, shares_features
 from maskrcnn_coco.engine.loop import (
     DivergenceGuard,
     GradNormMeter,
@@ -207,7 +207,9 @@ def test_evaluation_losses_and_detections_equal_the_two_pass_computation(tiny_mo
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         for (images, targets), expected in zip(batches, expected_outputs):
-            _, outputs = evaluate_batch(model, images, targets)
+            marks: list[str] = []  # the benchmark times these stages
+            _, outputs = evaluate_batch(model, images, targets, mark=marks.append)
+            assert marks == (["losses", "detections"] if multi_scale else list(STAGES))
             assert len(outputs) == len(expected) and sum(len(o["boxes"]) for o in outputs) > 0
             for got, want in zip(outputs, expected):
                 assert got.keys() == want.keys()

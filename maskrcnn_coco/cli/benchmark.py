@@ -57,6 +57,7 @@ from maskrcnn_coco.engine.loop import (
     move_to_device,
     train_one_epoch,
 )
+from maskrcnn_coco.engine.eval_step import STAGES, evaluate_batch
 from maskrcnn_coco.evaluation.coco_eval import coco_metrics, predictions_to_coco, resolve_backend, results_for_loadres
 from maskrcnn_coco.modeling.build import build_model
 from maskrcnn_coco.solver.param_groups import OPTIMIZER_IMPLS, build_optimizer
@@ -455,14 +456,73 @@ def bench_eval(setup: Setup, args: argparse.Namespace, log: Callable[[str], None
             timing.add(*timed(trial, s.device)[1:])
         log(f"  eval repeat {rep + 1}: ours {ours_t.wall[-1]:.2f}s (cpu {ours_t.cpu[-1]:.2f}s), "
             f"bare {bare_t.wall[-1]:.2f}s (cpu {bare_t.cpu[-1]:.2f}s)")
+    stages = eval_stages(s, backend, args.repeats)
     _, metrics = holder["ours"]
     ours_stats = [metrics[t][k] for t in ("bbox", "segm") for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
     bare_six = [v for i in range(0, len(holder["bare_stats"]), 12) for v in holder["bare_stats"][i:i + 6]]
     bare_six = [v if v >= 0 else float("nan") for v in bare_six]
     equal = len(ours_stats) == len(bare_six) and all(
         (math.isnan(a) and math.isnan(b)) or a == b for a, b in zip(ours_stats, bare_six))
-    return {"ours": ours_t.summary(images), "bare": bare_t.summary(images), "ratio": ratios(ours_t, bare_t),
+    return {"ours": ours_t.summary(images), "bare": bare_t.summary(images), "ratio": ratios(ours_t, bare_t), "stages": stages,
             "backend": backend, "images": images, "detections": len(holder["results"]), "metrics_equal": equal}, holder["results"]
+
+
+class StageClock:
+    """Wall and CPU seconds between ``mark`` calls, summed per stage name (synchronised on CUDA)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.totals: dict[str, list[float]] = {}
+        self.restart()
+
+    def restart(self) -> None:
+        synchronize(self.device)
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def __call__(self, stage: str) -> None:
+        synchronize(self.device)
+        wall, cpu = time.perf_counter(), time.process_time()
+        total = self.totals.setdefault(stage, [0.0, 0.0])
+        total[0] += wall - self._wall
+        total[1] += cpu - self._cpu
+        self._wall, self._cpu = wall, cpu
+
+
+def eval_stages(setup: Setup, backend: str, repeats: int) -> dict[str, Any]:
+    """Where ``evaluate``'s time goes, stage by stage over the validation batches (median of
+    ``repeats`` passes), and the floor that exact val losses put under the evaluation ratio: their
+    stages (the RPN and RoI heads in their loss setting) over everything bare inference + COCOeval
+    also does."""
+    s = setup
+    runs: list[dict[str, list[float]]] = []
+    for _ in range(repeats):
+        clock = StageClock(s.device)
+        results: list[dict[str, Any]] = []
+        ids: list[int] = []
+        with torch.random.fork_rng(devices=[s.device.index or 0] if s.device.type == "cuda" else []):
+            torch.manual_seed(s.cfg.seed)
+            for images, targets in s.val_batches:
+                clock.restart()
+                images, targets = move_to_device(images, targets, s.device)
+                _, outputs = evaluate_batch(s.model, images, targets, mark=clock)
+                batch_ids = [int(t["image_id"]) for t in targets]
+                results.extend(predictions_to_coco(outputs, batch_ids, s.mapping, s.cfg.eval.mask_threshold))  # type: ignore[arg-type]
+                ids.extend(batch_ids)
+                clock("to COCO")
+        clock.restart()
+        coco_metrics(s.coco_gt, results, ids, backend=backend)
+        clock("COCOeval")
+        runs.append(clock.totals)
+    names = [n for n in (*STAGES, "losses", "detections", "to COCO", "COCOeval") if n in runs[0]]
+    out: dict[str, Any] = {n: {"wall": spread([r[n][0] for r in runs]), "cpu": spread([r[n][1] for r in runs])} for n in names}
+    loss_stages = ("rpn loss", "roi_heads loss", "losses")
+    fractions = []
+    for r in runs:
+        losses = sum(wall for n, (wall, _) in r.items() if n in loss_stages)
+        rest = sum(wall for n, (wall, _) in r.items() if n not in loss_stages)
+        fractions.append(losses / rest if rest > 0 else float("nan"))
+    out["losses_over_rest"] = spread(fractions)
+    return out
 
 
 def bench_cocoeval(setup: Setup, results: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
@@ -563,6 +623,12 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"eval ({ev['backend']}, {ev['images']} images, {ev['detections']} detections): ours {_fmt(ev['ours']['wall'], ' s')} "
                      f"(cpu {_fmt(ev['ours']['cpu'], ' s')}), bare {_fmt(ev['bare']['wall'], ' s')} (cpu {_fmt(ev['bare']['cpu'], ' s')}); "
                      f"ratio wall {_fmt(ev['ratio']['wall'])} cpu {_fmt(ev['ratio']['cpu'])}; metrics equal: {ev['metrics_equal']}")
+        st = ev.get("stages") or {}
+        parts = ", ".join(f"{n} {v['wall']['median']:.3f}" for n, v in st.items() if isinstance(v, dict) and "wall" in v)
+        lines.append(f"      stages (wall s over {ev['images']} images): {parts}")
+        if st.get("losses_over_rest", {}).get("median") is not None:
+            lines.append(f"      the val losses' own stages are x{st['losses_over_rest']['median']:.3f} of the rest: "
+                         f"no exact val loss can bring the ratio below {1 + st['losses_over_rest']['median']:.3f}")
     data = report.get("data")
     if data and "per_batch" in data:
         frac = data.get("fraction")

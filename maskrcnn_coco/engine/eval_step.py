@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -66,21 +66,27 @@ def evaluate_batch(
     *,
     losses: bool = True,
     detections: bool = True,
+    mark: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor] | None, list[dict[str, torch.Tensor]] | None]:
     """``(loss_dict, detections)`` of one batch, without gradients; either is None when not asked
     for. The losses are ``model(images, targets)`` under ``loss_mode``, the detections
-    ``model(images)`` in eval mode. The model's modes are restored afterwards."""
+    ``model(images)`` in eval mode. The model's modes are restored afterwards.
+
+    ``mark(stage)``, when given, is called as each stage of the shared pass ends (``STAGES``), so a
+    benchmark can time them; the two-pass fallback marks only ``"losses"`` and ``"detections"``."""
     with torch.inference_mode(), restored_modes(model):
         if not shares_features(model):
             loss_dict = out = None
             if losses:
                 with loss_mode(model):
                     loss_dict = model(images, targets)
+                _mark(mark, "losses")
             if detections:
                 model.eval()
                 out = model(images)
+                _mark(mark, "detections")
             return loss_dict, out
-        return _shared_pass(model, images, targets, losses=losses, detections=detections)  # type: ignore[arg-type]
+        return _shared_pass(model, images, targets, losses=losses, detections=detections, mark=mark)  # type: ignore[arg-type]
 
 
 def _shared_pass(
@@ -90,6 +96,7 @@ def _shared_pass(
     *,
     losses: bool,
     detections: bool,
+    mark: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor] | None, list[dict[str, torch.Tensor]] | None]:
     """GeneralizedRCNN.forward with the transform and the backbone shared by both settings."""
     original_sizes = [(img.shape[-2], img.shape[-1]) for img in images]
@@ -100,18 +107,33 @@ def _shared_pass(
         with loss_mode(model):
             batch, prepared = model.transform(list(images), [dict(t) for t in targets])
             features = _features(model, batch.tensors)
+            _mark(mark, "transform+backbone")
             proposals, rpn_losses = model.rpn(batch, features, prepared)
+            _mark(mark, "rpn loss")
             _, roi_losses = model.roi_heads(features, proposals, batch.image_sizes, prepared)
+            _mark(mark, "roi_heads loss")
         loss_dict = {**roi_losses, **rpn_losses}
     if detections:
         model.eval()
         if not losses:
             batch, _ = model.transform(list(images))
             features = _features(model, batch.tensors)
+            _mark(mark, "transform+backbone")
         proposals, _ = model.rpn(batch, features)
+        _mark(mark, "rpn inference")
         dets, _ = model.roi_heads(features, proposals, batch.image_sizes)
+        _mark(mark, "roi_heads inference")
         out = model.transform.postprocess(dets, batch.image_sizes, original_sizes)
+        _mark(mark, "postprocess")
     return loss_dict, out
+
+
+STAGES = ("transform+backbone", "rpn loss", "roi_heads loss", "rpn inference", "roi_heads inference", "postprocess")
+
+
+def _mark(mark: Callable[[str], None] | None, stage: str) -> None:
+    if mark is not None:
+        mark(stage)
 
 
 def _features(model: GeneralizedRCNN, tensors: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
