@@ -216,6 +216,38 @@ def test_evaluation_losses_and_detections_equal_the_two_pass_computation(tiny_mo
                 assert all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_the_rpn_head_runs_once_for_both_settings_unless_a_layer_depends_on_the_mode(tiny_model, tiny_data):
+    model = tiny_model
+    (images, targets), = batches_of(tiny_data.val_loader, 1)
+    calls = []  # cls_logits runs once per FPN level each time the head really computes
+    model.rpn.head.cls_logits.register_forward_pre_hook(lambda module, args: calls.append(1))
+    evaluate_batch(model, images, targets, losses=False)
+    once = len(calls)
+    calls.clear()
+    with torch.random.fork_rng(devices=[]):
+        losses, outputs = evaluate_batch(model, images, targets)
+    assert once > 0 and len(calls) == once and losses and outputs
+    assert "forward" not in model.rpn.head.__dict__  # the cache is gone afterwards
+
+    # A Dropout in the head acts differently in the loss setting (train mode): computed per setting.
+    model.rpn.head.conv.append(nn.Dropout(0.5))
+    calls.clear()
+    with torch.random.fork_rng(devices=[]):
+        evaluate_batch(model, images, targets)
+    assert len(calls) == 2 * once
+
+
+def test_torchvision_rpn_heads_are_shared(tiny_model):
+    import torchvision
+
+    from maskrcnn_coco.engine.eval_step import MODE_FREE_LAYERS
+
+    for builder in (torchvision.models.detection.maskrcnn_resnet50_fpn, torchvision.models.detection.maskrcnn_resnet50_fpn_v2):
+        head = builder(weights=None, weights_backbone=None, num_classes=3).rpn.head
+        assert all(isinstance(m, MODE_FREE_LAYERS) for m in head.modules()), builder.__name__
+    assert all(isinstance(m, MODE_FREE_LAYERS) for m in tiny_model.rpn.head.modules())
+
+
 # ------------------------------------------------------------------------------ COCOeval backends, host copies
 def per_image_reference(outputs, image_ids, mapping, mask_threshold=0.5):
     """predictions_to_coco before batching: four copies per image."""

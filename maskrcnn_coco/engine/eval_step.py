@@ -10,6 +10,10 @@ in eval mode throughout (``loss_mode``), so the losses are the same numbers as
 draws (the training-mode transform draws its resize choice from the global RNG, the samplers draw
 after it), bit for bit (``tests/test_perf.py``).
 
+The RPN head (the 3×3 conv over every FPN level: most of the RPN's time with R50-FPN) is also
+computed once and its output given to both settings, when its layers behave alike in train and eval
+mode (``MODE_FREE_LAYERS``; BatchNorm counts, being in eval mode in both).
+
 The features can be shared only when the transform resizes alike in both modes: one ``min_size``
 (a training-mode transform picks one of several at random) and no ``_skip_resize``. Otherwise, and
 for any model that is not a ``GeneralizedRCNN`` (a wrapper, a test double), ``evaluate_batch``
@@ -26,6 +30,16 @@ from typing import Any
 import torch
 from torch import nn
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.misc import Conv2dNormActivation
+
+# Layers whose output does not depend on train/eval mode under ``loss_mode`` (BatchNorm is in eval
+# mode there): a head made only of these gives the same output in both settings.
+MODE_FREE_LAYERS = (
+    RPNHead, Conv2dNormActivation, nn.Sequential, nn.ModuleList, nn.Conv2d, nn.ReLU, nn.Identity,
+    nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d, nn.GroupNorm,
+)
 
 
 @contextlib.contextmanager
@@ -100,6 +114,22 @@ def _shared_pass(
 ) -> tuple[dict[str, torch.Tensor] | None, list[dict[str, torch.Tensor]] | None]:
     """GeneralizedRCNN.forward with the transform and the backbone shared by both settings."""
     original_sizes = [(img.shape[-2], img.shape[-1]) for img in images]
+    share_head = losses and detections and all(isinstance(m, MODE_FREE_LAYERS) for m in model.rpn.head.modules())
+    with _computed_once(model.rpn.head) if share_head else contextlib.nullcontext():
+        return _both_settings(model, images, targets, original_sizes, losses=losses, detections=detections, mark=mark)
+
+
+def _both_settings(
+    model: GeneralizedRCNN,
+    images: Sequence[torch.Tensor],
+    targets: Sequence[Mapping[str, Any]],
+    original_sizes: list[tuple[int, int]],
+    *,
+    losses: bool,
+    detections: bool,
+    mark: Callable[[str], None] | None,
+) -> tuple[dict[str, torch.Tensor] | None, list[dict[str, torch.Tensor]] | None]:
+    """The loss setting, then the inference setting on the loss setting's features."""
     loss_dict = out = None
     if losses:
         # The whole model in loss mode, as model(images, targets) would run: the training-mode
@@ -134,6 +164,29 @@ STAGES = ("transform+backbone", "rpn loss", "roi_heads loss", "rpn inference", "
 def _mark(mark: Callable[[str], None] | None, stage: str) -> None:
     if mark is not None:
         mark(stage)
+
+
+@contextlib.contextmanager
+def _computed_once(module: nn.Module) -> Iterator[None]:
+    """While open, ``module`` called again on the very same input tensors returns its first output."""
+    forward = module.forward
+    own = "forward" in module.__dict__
+    cache: dict[str, Any] = {}
+
+    def once(inputs: list[torch.Tensor]) -> Any:
+        key = tuple(id(t) for t in inputs)
+        if cache.get("key") != key:
+            cache["key"], cache["out"] = key, forward(inputs)
+        return tuple(list(part) for part in cache["out"])  # fresh lists: a caller may change its own
+
+    module.forward = once  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if own:
+            module.forward = forward  # type: ignore[method-assign]
+        else:
+            del module.forward
 
 
 def _features(model: GeneralizedRCNN, tensors: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
