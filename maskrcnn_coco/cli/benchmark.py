@@ -491,8 +491,8 @@ class StageClock:
 def eval_stages(setup: Setup, backend: str, repeats: int) -> dict[str, Any]:
     """Where ``evaluate``'s time goes, stage by stage over the validation batches (median of
     ``repeats`` passes), and the floor that exact val losses put under the evaluation ratio: their
-    stages (the RPN and RoI heads in their loss setting) over everything bare inference + COCOeval
-    also does."""
+    own stages (the RPN and RoI heads in their loss setting, after the shared RPN head) over
+    everything that bare inference + COCOeval also does."""
     s = setup
     runs: list[dict[str, list[float]]] = []
     for _ in range(repeats):

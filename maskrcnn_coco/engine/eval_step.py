@@ -86,7 +86,7 @@ def evaluate_batch(
     for. The losses are ``model(images, targets)`` under ``loss_mode``, the detections
     ``model(images)`` in eval mode. The model's modes are restored afterwards.
 
-    ``mark(stage)``, when given, is called as each stage of the shared pass ends (``STAGES``), so a
+    ``mark(stage)``, when given, is called as each stage of the shared pass ends (``STAGES``; ``"rpn head"`` when it is shared), so a
     benchmark can time them; the two-pass fallback marks only ``"losses"`` and ``"detections"``."""
     with torch.inference_mode(), restored_modes(model):
         if not shares_features(model):
@@ -116,7 +116,8 @@ def _shared_pass(
     original_sizes = [(img.shape[-2], img.shape[-1]) for img in images]
     share_head = losses and detections and all(isinstance(m, MODE_FREE_LAYERS) for m in model.rpn.head.modules())
     with _computed_once(model.rpn.head) if share_head else contextlib.nullcontext():
-        return _both_settings(model, images, targets, original_sizes, losses=losses, detections=detections, mark=mark)
+        return _both_settings(model, images, targets, original_sizes, losses=losses, detections=detections,
+                              share_head=share_head, mark=mark)
 
 
 def _both_settings(
@@ -127,6 +128,7 @@ def _both_settings(
     *,
     losses: bool,
     detections: bool,
+    share_head: bool,
     mark: Callable[[str], None] | None,
 ) -> tuple[dict[str, torch.Tensor] | None, list[dict[str, torch.Tensor]] | None]:
     """The loss setting, then the inference setting on the loss setting's features."""
@@ -138,6 +140,9 @@ def _both_settings(
             batch, prepared = model.transform(list(images), [dict(t) for t in targets])
             features = _features(model, batch.tensors)
             _mark(mark, "transform+backbone")
+            if share_head:  # computed here, then served from the cache to both settings
+                model.rpn.head(list(features.values()))
+                _mark(mark, "rpn head")
             proposals, rpn_losses = model.rpn(batch, features, prepared)
             _mark(mark, "rpn loss")
             _, roi_losses = model.roi_heads(features, proposals, batch.image_sizes, prepared)
@@ -158,7 +163,7 @@ def _both_settings(
     return loss_dict, out
 
 
-STAGES = ("transform+backbone", "rpn loss", "roi_heads loss", "rpn inference", "roi_heads inference", "postprocess")
+STAGES = ("transform+backbone", "rpn head", "rpn loss", "roi_heads loss", "rpn inference", "roi_heads inference", "postprocess")
 
 
 def _mark(mark: Callable[[str], None] | None, stage: str) -> None:
