@@ -47,6 +47,7 @@ from maskrcnn_coco.cli.args import parse_with_overrides
 from maskrcnn_coco.cli.experiment import build_components, check_config, resolve_device, seed_everything
 from maskrcnn_coco.cli.probe import compose_config
 from maskrcnn_coco.data.coco import CategoryMapping
+from maskrcnn_coco.engine.eval_step import STAGES, evaluate_batch
 from maskrcnn_coco.engine.loop import (
     AMP_DTYPES,
     DivergenceGuard,
@@ -57,7 +58,6 @@ from maskrcnn_coco.engine.loop import (
     move_to_device,
     train_one_epoch,
 )
-from maskrcnn_coco.engine.eval_step import STAGES, evaluate_batch
 from maskrcnn_coco.evaluation.coco_eval import coco_metrics, predictions_to_coco, resolve_backend, results_for_loadres
 from maskrcnn_coco.modeling.build import build_model
 from maskrcnn_coco.solver.param_groups import OPTIMIZER_IMPLS, build_optimizer

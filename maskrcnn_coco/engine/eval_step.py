@@ -10,7 +10,7 @@ in eval mode throughout (``loss_mode``), so the losses are the same numbers as
 draws (the training-mode transform draws its resize choice from the global RNG, the samplers draw
 after it), bit for bit (``tests/test_perf.py``).
 
-The RPN head (the 3×3 conv over every FPN level: most of the RPN's time with R50-FPN) is also
+The RPN head (the 3x3 conv over every FPN level: most of the RPN's time with R50-FPN) is also
 computed once and its output given to both settings, when its layers behave alike in train and eval
 mode (``MODE_FREE_LAYERS``; BatchNorm counts, being in eval mode in both).
 
