@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from maskrcnn_coco.config import LOSS_COMPONENTS, OptimizerConfig, SchedulerConfig, default_param_groups
-from maskrcnn_coco.engine.eval_step import STAGES, evaluate_batch, loss_mode, shares_features
+from maskrcnn_coco.engine.eval_step import STAGES, evaluate_batch, loss_mode, restored_modes, shares_features
 from maskrcnn_coco.engine.loop import (
     DivergenceGuard,
     GradNormMeter,
@@ -178,9 +178,8 @@ def test_train_one_epoch_reads_back_only_every_print_freq_iterations():
 # ------------------------------------------------------------------------------ evaluation from one backbone pass
 def two_pass(model, batches, seed=0):
     """The implementation before the shared pass: model(images, targets) under loss_mode, then model(images)."""
-    modes = {m: m.training for m in model.modules()}
     sums, n, outputs = torch.zeros(len(LOSS_COMPONENTS)), 0, []
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), restored_modes(model):
         torch.manual_seed(seed)
         for images, targets in batches:
             with loss_mode(model), torch.no_grad():
@@ -189,8 +188,6 @@ def two_pass(model, batches, seed=0):
             model.eval()
             with torch.inference_mode():
                 outputs.append(model(images))
-    for m, mode in modes.items():
-        m.training = mode
     return dict(zip(LOSS_COMPONENTS, (sums / n).tolist())), outputs
 
 

@@ -47,7 +47,6 @@ from maskrcnn_coco.cli.args import parse_with_overrides
 from maskrcnn_coco.cli.experiment import build_components, check_config, resolve_device, seed_everything
 from maskrcnn_coco.cli.probe import compose_config
 from maskrcnn_coco.data.coco import CategoryMapping
-from maskrcnn_coco.engine.eval_step import STAGES, evaluate_batch
 from maskrcnn_coco.engine.loop import (
     AMP_DTYPES,
     DivergenceGuard,
@@ -468,15 +467,12 @@ def bench_eval(setup: Setup, args: argparse.Namespace, log: Callable[[str], None
 
 
 class StageClock:
-    """Wall and CPU seconds between ``mark`` calls, summed per stage name (synchronised on CUDA)."""
+    """Wall and CPU seconds between calls, summed per stage name (synchronised on CUDA): ``evaluate``'s ``mark``."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.totals: dict[str, list[float]] = {}
-        self.restart()
-
-    def restart(self) -> None:
-        synchronize(self.device)
+        synchronize(device)
         self._wall, self._cpu = time.perf_counter(), time.process_time()
 
     def __call__(self, stage: str) -> None:
@@ -488,38 +484,26 @@ class StageClock:
         self._wall, self._cpu = wall, cpu
 
 
+LOSS_STAGES = ("rpn loss", "roi_heads loss", "losses")
+
+
 def eval_stages(setup: Setup, backend: str, repeats: int) -> dict[str, Any]:
     """Where ``evaluate``'s time goes, stage by stage over the validation batches (median of
     ``repeats`` passes), and the floor that exact val losses put under the evaluation ratio: their
     own stages (the RPN and RoI heads in their loss setting, after the shared RPN head) over
     everything that bare inference + COCOeval also does."""
     s = setup
-    runs: list[dict[str, list[float]]] = []
+    runs = []
     for _ in range(repeats):
         clock = StageClock(s.device)
-        results: list[dict[str, Any]] = []
-        ids: list[int] = []
-        with torch.random.fork_rng(devices=[s.device.index or 0] if s.device.type == "cuda" else []):
-            torch.manual_seed(s.cfg.seed)
-            for images, targets in s.val_batches:
-                clock.restart()
-                images, targets = move_to_device(images, targets, s.device)
-                _, outputs = evaluate_batch(s.model, images, targets, mark=clock)
-                batch_ids = [int(t["image_id"]) for t in targets]
-                results.extend(predictions_to_coco(outputs, batch_ids, s.mapping, s.cfg.eval.mask_threshold))  # type: ignore[arg-type]
-                ids.extend(batch_ids)
-                clock("to COCO")
-        clock.restart()
-        coco_metrics(s.coco_gt, results, ids, backend=backend)
-        clock("COCOeval")
+        evaluate(s.model, s.val_batches, s.device, mapping=s.mapping, coco_gt=s.coco_gt, progress=False,
+                 mask_threshold=s.cfg.eval.mask_threshold, backend=backend, seed=s.cfg.seed, mark=clock)
         runs.append(clock.totals)
-    names = [n for n in (*STAGES, "losses", "detections", "to COCO", "COCOeval") if n in runs[0]]
-    out: dict[str, Any] = {n: {"wall": spread([r[n][0] for r in runs]), "cpu": spread([r[n][1] for r in runs])} for n in names}
-    loss_stages = ("rpn loss", "roi_heads loss", "losses")
+    out: dict[str, Any] = {n: {"wall": spread([r[n][0] for r in runs]), "cpu": spread([r[n][1] for r in runs])} for n in runs[0]}
     fractions = []
     for r in runs:
-        losses = sum(wall for n, (wall, _) in r.items() if n in loss_stages)
-        rest = sum(wall for n, (wall, _) in r.items() if n not in loss_stages)
+        losses = sum(wall for n, (wall, _) in r.items() if n in LOSS_STAGES)
+        rest = sum(wall for n, (wall, _) in r.items() if n not in LOSS_STAGES)
         fractions.append(losses / rest if rest > 0 else float("nan"))
     out["losses_over_rest"] = spread(fractions)
     return out

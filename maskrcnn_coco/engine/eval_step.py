@@ -86,21 +86,23 @@ def evaluate_batch(
     for. The losses are ``model(images, targets)`` under ``loss_mode``, the detections
     ``model(images)`` in eval mode. The model's modes are restored afterwards.
 
-    ``mark(stage)``, when given, is called as each stage of the shared pass ends (``STAGES``; ``"rpn head"`` when it is shared), so a
-    benchmark can time them; the two-pass fallback marks only ``"losses"`` and ``"detections"``."""
+    ``mark(stage)``, when given, is called as each stage of the shared pass ends (``STAGES``;
+    ``"rpn head"`` only when it is shared), so a benchmark can time them; the separate passes (one
+    output asked for, or features that cannot be shared) mark ``"losses"`` and ``"detections"``."""
+    mark = mark or _no_mark
     with torch.inference_mode(), restored_modes(model):
-        if not shares_features(model):
-            loss_dict = out = None
-            if losses:
-                with loss_mode(model):
-                    loss_dict = model(images, targets)
-                _mark(mark, "losses")
-            if detections:
-                model.eval()
-                out = model(images)
-                _mark(mark, "detections")
-            return loss_dict, out
-        return _shared_pass(model, images, targets, losses=losses, detections=detections, mark=mark)  # type: ignore[arg-type]
+        if losses and detections and shares_features(model):
+            return _shared_pass(model, images, targets, mark=mark)  # type: ignore[arg-type]
+        loss_dict = out = None
+        if losses:
+            with loss_mode(model):
+                loss_dict = model(images, targets)
+            mark("losses")
+        if detections:
+            model.eval()
+            out = model(images)
+            mark("detections")
+        return loss_dict, out
 
 
 def _shared_pass(
@@ -108,67 +110,41 @@ def _shared_pass(
     images: Sequence[torch.Tensor],
     targets: Sequence[Mapping[str, Any]],
     *,
-    losses: bool,
-    detections: bool,
-    mark: Callable[[str], None] | None = None,
-) -> tuple[dict[str, torch.Tensor] | None, list[dict[str, torch.Tensor]] | None]:
-    """GeneralizedRCNN.forward with the transform and the backbone shared by both settings."""
+    mark: Callable[[str], None],
+) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """GeneralizedRCNN.forward in the loss setting, then in the inference setting on the same
+    features; the RPN head's output is shared too when it can be."""
     original_sizes = [(img.shape[-2], img.shape[-1]) for img in images]
-    share_head = losses and detections and all(isinstance(m, MODE_FREE_LAYERS) for m in model.rpn.head.modules())
+    share_head = all(isinstance(m, MODE_FREE_LAYERS) for m in model.rpn.head.modules())
     with _computed_once(model.rpn.head) if share_head else contextlib.nullcontext():
-        return _both_settings(model, images, targets, original_sizes, losses=losses, detections=detections,
-                              share_head=share_head, mark=mark)
-
-
-def _both_settings(
-    model: GeneralizedRCNN,
-    images: Sequence[torch.Tensor],
-    targets: Sequence[Mapping[str, Any]],
-    original_sizes: list[tuple[int, int]],
-    *,
-    losses: bool,
-    detections: bool,
-    share_head: bool,
-    mark: Callable[[str], None] | None,
-) -> tuple[dict[str, torch.Tensor] | None, list[dict[str, torch.Tensor]] | None]:
-    """The loss setting, then the inference setting on the loss setting's features."""
-    loss_dict = out = None
-    if losses:
         # The whole model in loss mode, as model(images, targets) would run: the training-mode
         # transform (resize choice drawn as in training) and the samplers' draws in the same order.
         with loss_mode(model):
             batch, prepared = model.transform(list(images), [dict(t) for t in targets])
             features = _features(model, batch.tensors)
-            _mark(mark, "transform+backbone")
+            mark("transform+backbone")
             if share_head:  # computed here, then served from the cache to both settings
                 model.rpn.head(list(features.values()))
-                _mark(mark, "rpn head")
+                mark("rpn head")
             proposals, rpn_losses = model.rpn(batch, features, prepared)
-            _mark(mark, "rpn loss")
+            mark("rpn loss")
             _, roi_losses = model.roi_heads(features, proposals, batch.image_sizes, prepared)
-            _mark(mark, "roi_heads loss")
-        loss_dict = {**roi_losses, **rpn_losses}
-    if detections:
+            mark("roi_heads loss")
         model.eval()
-        if not losses:
-            batch, _ = model.transform(list(images))
-            features = _features(model, batch.tensors)
-            _mark(mark, "transform+backbone")
         proposals, _ = model.rpn(batch, features)
-        _mark(mark, "rpn inference")
+        mark("rpn inference")
         dets, _ = model.roi_heads(features, proposals, batch.image_sizes)
-        _mark(mark, "roi_heads inference")
+        mark("roi_heads inference")
         out = model.transform.postprocess(dets, batch.image_sizes, original_sizes)
-        _mark(mark, "postprocess")
-    return loss_dict, out
+        mark("postprocess")
+    return {**roi_losses, **rpn_losses}, out
 
 
 STAGES = ("transform+backbone", "rpn head", "rpn loss", "roi_heads loss", "rpn inference", "roi_heads inference", "postprocess")
 
 
-def _mark(mark: Callable[[str], None] | None, stage: str) -> None:
-    if mark is not None:
-        mark(stage)
+def _no_mark(stage: str) -> None:
+    pass
 
 
 @contextlib.contextmanager

@@ -627,6 +627,7 @@ def evaluate(
     seed: int = 0,
     progress: bool = True,
     backend: str = "auto",
+    mark: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """Validation losses (per component) and COCO metrics for ``bbox`` and ``segm``.
 
@@ -635,7 +636,9 @@ def evaluate(
     reproducible and the caller's RNG stream is untouched. A torchvision ``GeneralizedRCNN`` runs the
     transform and the backbone once per batch for both losses and detections (``eval_step``). The
     model's parameters, buffers and train/eval modes are the same afterwards. The components are raw
-    (unweighted). ``backend``: COCOeval's implementation (``coco_eval.BACKENDS``).
+    (unweighted). ``backend``: COCOeval's implementation (``coco_eval.BACKENDS``). ``mark(stage)``,
+    when given, is called as each stage ends (``evaluate_batch``'s, then ``"to COCO"`` per batch and
+    ``"COCOeval"``), so a benchmark can time them.
     """
     device = torch.device(device)
     coco_gt = coco_gt if coco_gt is not None else getattr(data_loader.dataset, "coco", None)
@@ -643,26 +646,23 @@ def evaluate(
     n_images = 0
     results: list[dict[str, Any]] = []
     image_ids: list[int] = []
-    was_training = {m: m.training for m in model.modules()}
     devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices):  # evaluate_batch restores the model's modes
         torch.manual_seed(seed)
-        try:
-            bar = Progress(data_loader, "Evaluating", enabled=progress and is_main_process())
-            for images, targets in bar:
-                images, targets = move_to_device(images, targets, device)
-                loss_dict, outputs = evaluate_batch(model, images, targets, losses=compute_losses, detections=compute_metrics)
-                if loss_dict is not None:
-                    # Weighted by images, so the mean does not depend on how batches (or ranks) split the set.
-                    sums += _stack_losses(loss_dict) * len(images)
-                    n_images += len(images)
-                if outputs is not None:
-                    ids = [int(t["image_id"]) for t in targets]
-                    image_ids.extend(ids)
-                    results.extend(predictions_to_coco(outputs, ids, mapping, mask_threshold))
-        finally:
-            for m, mode in was_training.items():
-                m.training = mode
+        bar = Progress(data_loader, "Evaluating", enabled=progress and is_main_process())
+        for images, targets in bar:
+            images, targets = move_to_device(images, targets, device)
+            loss_dict, outputs = evaluate_batch(model, images, targets, losses=compute_losses, detections=compute_metrics, mark=mark)
+            if loss_dict is not None:
+                # Weighted by images, so the mean does not depend on how batches (or ranks) split the set.
+                sums += _stack_losses(loss_dict) * len(images)
+                n_images += len(images)
+            if outputs is not None:
+                ids = [int(t["image_id"]) for t in targets]
+                image_ids.extend(ids)
+                results.extend(predictions_to_coco(outputs, ids, mapping, mask_threshold))
+                if mark is not None:
+                    mark("to COCO")
     if world_size() > 1:
         # Each rank evaluated its own shard: sum the losses by image, gather the detections.
         totals = all_reduce_sum(torch.cat([sums, torch.full((1,), float(n_images), device=device)]))
@@ -681,6 +681,8 @@ def evaluate(
         # matrix rides along under metrics["confusion"] (not a scalar: epoch_scalars skips it).
         if is_main_process():
             metrics = coco_metrics(coco_gt, results, image_ids, backend=backend)
+            if mark is not None:
+                mark("COCOeval")
             metrics[CONFUSION_KEY] = confusion_matrix(coco_gt, results, image_ids)  # type: ignore[assignment]
         metrics = broadcast_object(metrics)
     return val_losses, metrics

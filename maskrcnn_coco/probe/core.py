@@ -26,6 +26,7 @@ from torchvision.models.detection.roi_heads import project_masks_on_boxes
 from torchvision.ops import box_iou
 
 from maskrcnn_coco.data.coco import find_invalid_annotations
+from maskrcnn_coco.engine.eval_step import restored_modes
 from maskrcnn_coco.engine.loop import move_to_device
 from maskrcnn_coco.tracking.scalars import LOSS_COMPONENTS, weighted_total
 
@@ -359,20 +360,17 @@ def probe_batch(
     weights = {k: float((loss_weights or {}).get(k, 1.0)) for k in LOSS_COMPONENTS}
     image_ids = [t.get("image_id") for t in targets]
     saved = _buffers(model)
-    modes = {m: m.training for m in model.modules()}
     failure = None
     try:
-        model.train()
-        torch.manual_seed(seed)
-        with torch.no_grad(), _recording(model) as rec:
+        with restored_modes(model), torch.no_grad(), _recording(model) as rec:
+            model.train()
+            torch.manual_seed(seed)
             loss_dict = model(list(images), [dict(t) for t in targets])
     except (ValueError, RuntimeError, IndexError, AssertionError) as err:
         # torchvision rejects e.g. degenerate boxes; report the batch instead of stopping the probe.
         failure = f"{type(err).__name__}: {err}"
     finally:
         _restore_buffers(model, saved)
-        for m, mode in modes.items():
-            m.training = mode
     if failure is not None:
         return _failed_record(batch_idx, images, targets, weights, failure, coco)
 
