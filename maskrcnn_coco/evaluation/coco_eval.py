@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -128,6 +128,8 @@ def coco_metrics(
     coco_gt = usable_ground_truth(coco_gt)
     backend = resolve_backend(backend)
     metrics: dict[str, dict[str, float]] = {}
+    sink = io.StringIO()  # COCOeval's prints, kept off the console
+    gt = None  # the backend's ground truth, indexed once for every IoU type
     for iou_type in iou_types:
         usable = results_for_loadres(coco_gt, results, iou_type)
         if not usable:
@@ -135,15 +137,17 @@ def coco_metrics(
             per_class = {name: 0.0 if cat in present else float("nan") for cat, name in class_metric_names(coco_gt).items()}
             metrics[iou_type] = {**dict.fromkeys(METRIC_NAMES, 0.0), **per_class}
             continue
-        sink = io.StringIO()
         with contextlib.redirect_stdout(sink):
-            ev = _cocoeval(coco_gt, usable, iou_type, backend, sink)
+            gt = gt if gt is not None else _ground_truth(coco_gt, backend, sink)
+            ev = _cocoeval(gt, usable, iou_type, backend, sink)
             ev.params.imgIds = sorted({int(i) for i in image_ids})
             ev.evaluate()
             ev.accumulate()
             ev.summarize()
         if verbose:
             log.info("COCOeval %s (%s):\n%s", iou_type, backend, sink.getvalue())
+        sink.seek(0)
+        sink.truncate()
         metrics[iou_type] = {
             name: (float(v) if v >= 0 else float("nan")) for name, v in zip(METRIC_NAMES, ev.stats[:6])
         }
@@ -151,18 +155,29 @@ def coco_metrics(
     return metrics
 
 
-def _cocoeval(coco_gt: COCO, results: list[dict[str, Any]], iou_type: str, backend: str, sink: io.StringIO) -> Any:
-    """A COCOeval of ``backend`` over ``results`` (already copies: ``loadRes`` edits them)."""
-    if backend == "pycocotools":
-        return COCOeval(coco_gt, coco_gt.loadRes(results), iouType=iou_type)
-    from faster_coco_eval import COCO as FasterCOCO
-    from faster_coco_eval import COCOeval_faster
-
+def _printer(sink: io.StringIO) -> Callable[..., None]:
     def quiet(*args: Any, **kwargs: Any) -> None:
         sink.write(" ".join(str(a) for a in args) + "\n")  # print's output, kept off the console
 
-    gt = FasterCOCO(coco_gt.dataset, print_function=quiet)  # shares the annotation dicts, no copy
-    return COCOeval_faster(gt, gt.loadRes(results), iouType=iou_type, print_function=quiet)
+    return quiet
+
+
+def _ground_truth(coco_gt: COCO, backend: str, sink: io.StringIO) -> Any:
+    """``coco_gt`` as ``backend``'s COCO object."""
+    if backend == "pycocotools":
+        return coco_gt
+    from faster_coco_eval import COCO as FasterCOCO
+
+    return FasterCOCO(coco_gt.dataset, print_function=_printer(sink))  # shares the annotation dicts, no copy
+
+
+def _cocoeval(gt: Any, results: list[dict[str, Any]], iou_type: str, backend: str, sink: io.StringIO) -> Any:
+    """A COCOeval of ``backend`` over ``results`` (already copies: ``loadRes`` edits them)."""
+    if backend == "pycocotools":
+        return COCOeval(gt, gt.loadRes(results), iouType=iou_type)
+    from faster_coco_eval import COCOeval_faster
+
+    return COCOeval_faster(gt, gt.loadRes(results), iouType=iou_type, print_function=_printer(sink))
 
 
 def results_for_loadres(coco_gt: COCO, results: Sequence[Mapping[str, Any]], iou_type: str) -> list[dict[str, Any]]:

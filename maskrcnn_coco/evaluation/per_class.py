@@ -83,6 +83,7 @@ def confusion_matrix(
     cat_ids = sorted(coco_gt.cats)
     names = [str(coco_gt.cats[c].get("name", c)) for c in cat_ids]
     index = {c: i for i, c in enumerate(cat_ids)}
+    metric_names = class_metric_names(coco_gt)
     k = len(cat_ids)
     matrix = np.zeros((k + 1, k + 1), dtype=np.int64)
     by_image: dict[int, list[Mapping[str, Any]]] = {}
@@ -119,7 +120,7 @@ def confusion_matrix(
         "predicted": [*names, MISSED],
         "category_ids": cat_ids,
         # Each class's AP metric name (``AP_class_<name>``), so readers find its ``mAP/..._AP_class_`` tag.
-        "metric_names": [class_metric_names(coco_gt)[c] for c in cat_ids],
+        "metric_names": [metric_names[c] for c in cat_ids],
         "matrix": matrix.tolist(),
         # No bare number at this level: ``epoch_scalars`` turns numbers under ``metrics`` into tags.
         "params": {"iou_threshold": iou_threshold, "score_threshold": score_threshold},
