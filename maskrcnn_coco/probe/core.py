@@ -25,6 +25,7 @@ from torchvision.models.detection import roi_heads as tv_roi_heads
 from torchvision.models.detection.roi_heads import project_masks_on_boxes
 from torchvision.ops import box_iou
 
+from maskrcnn_coco.analysis.diagnostics import chance_values
 from maskrcnn_coco.data.coco import find_invalid_annotations
 from maskrcnn_coco.engine.eval_step import restored_modes
 from maskrcnn_coco.engine.loop import move_to_device
@@ -32,10 +33,8 @@ from maskrcnn_coco.tracking.scalars import LOSS_COMPONENTS, weighted_total
 
 # A weighted component this many times the median of the other optimised ones dominates.
 DOMINANCE_FACTOR = 5.0
-# Chance values at initialisation: a fresh binary head predicts p = 0.5 (BCE = ln 2), a fresh
-# classifier a uniform distribution over K+1 classes (CE = ln(K+1), filled in per batch). A raw value
-# within CHANCE_MARGIN of its chance value is a fresh predictor's baseline, not a fault.
-CHANCE_VALUES: dict[str, float] = {"loss_objectness": math.log(2), "loss_mask": math.log(2)}
+# A raw value within CHANCE_MARGIN of its chance value (``analysis.diagnostics.chance_values``: what a
+# fresh, uniform predictor scores) is a fresh predictor's baseline, not a fault.
 CHANCE_MARGIN = 1.25
 # Anchor fit: an object whose best anchor IoU stays below the RPN's background threshold gets positives
 # only from low-quality matching; more than this share of a batch's objects means the anchors do not fit.
@@ -452,7 +451,7 @@ def probe_batch(
             "box_positive_fraction": model.roi_heads.fg_bg_sampler.positive_fraction,
         },
         "anchor_fit": _anchor_fit(model, rec),
-        "chance_values": {**CHANCE_VALUES, "loss_classifier": math.log(box["num_classes"])},
+        "chance_values": chance_values(box["num_classes"] - 1),  # num_classes counts the background
         "warnings": [],
     }
     record["sampling"]["rpn_proposals"] = sum(rec.rpn_proposals or [])
