@@ -343,6 +343,17 @@ def unoptimised_rising(history, weights, num_classes: int, cfg: DiagnosticsConfi
 CATCHING_UP = 0.1
 
 
+def class_aps(record: Mapping[str, Any], iou_type: str | None = None) -> tuple[str | None, dict[str, float]]:
+    """``(IoU type, {class name: AP})`` from an epoch record's ``mAP/<iou_type>_AP_class_<name>``
+    tags; without ``iou_type`` segm when it has any, else bbox."""
+    for t in (iou_type,) if iou_type else ("segm", "bbox"):
+        prefix = f"mAP/{t}_AP_class_"
+        aps = {k[len(prefix):]: float(v) for k, v in record.items() if k.startswith(prefix) and isinstance(v, (int, float))}
+        if aps:
+            return t, aps
+    return None, {}
+
+
 def lagging_classes(history, weights, num_classes: int, cfg: DiagnosticsConfig) -> list[Diagnosis]:
     """A class whose AP (``mAP/<segm|bbox>_AP_class_<name>``) stays below ``class_ap_ratio`` times the
     median class AP (when that median exceeds ``class_ap_min_median``) for ``patience_epochs``
@@ -350,17 +361,14 @@ def lagging_classes(history, weights, num_classes: int, cfg: DiagnosticsConfig) 
     if _too_early(history, cfg) or not history:
         return []
     n = max(cfg.patience_epochs, 1)
-    latest = history[-1]
-    iou_type = next((t for t in ("segm", "bbox") if any(k.startswith(f"mAP/{t}_AP_class_") for k in latest)), None)
+    iou_type, _ = class_aps(history[-1])
     if iou_type is None:
         return []
-    prefix = f"mAP/{iou_type}_AP_class_"
-    evaluated = [r for r in history if any(k.startswith(prefix) for k in r)][-n:]
+    evaluated = [aps for r in history if (aps := class_aps(r, iou_type)[1])][-n:]
     if len(evaluated) < n:
         return []
     flagged: dict[str, list[tuple[float, float]]] = {}
-    for record in evaluated:
-        aps = {k[len(prefix):]: v for k, v in record.items() if k.startswith(prefix) and isinstance(v, (int, float))}
+    for aps in evaluated:
         if len(aps) < 2:
             return []
         median = statistics.median(aps.values())
@@ -392,13 +400,9 @@ def lagging_classes(history, weights, num_classes: int, cfg: DiagnosticsConfig) 
 
 def _class_ap(record: Mapping[str, Any], metric_name: str) -> tuple[float | None, float | None, str | None]:
     """(AP of one class, median class AP, IoU type) in an epoch record: segm, else bbox."""
-    for iou_type in ("segm", "bbox"):
-        prefix = f"mAP/{iou_type}_AP_class_"
-        aps = [v for k, v in record.items() if k.startswith(prefix) and isinstance(v, (int, float))]
-        ap = record.get(f"mAP/{iou_type}_{metric_name}")
-        if aps and isinstance(ap, (int, float)):
-            return float(ap), statistics.median(aps), iou_type
-    return None, None, None
+    iou_type, aps = class_aps(record)
+    ap = aps.get(metric_name.removeprefix("AP_class_"))
+    return (ap, statistics.median(aps.values()), iou_type) if ap is not None else (None, None, None)
 
 
 def confused_with_another(history, confusions: Sequence[Mapping[str, Any]], num_classes: int,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from maskrcnn_coco.analysis.diagnostics import DIAGNOSTICS_FILE, Diagnosis, diagnose
+from maskrcnn_coco.analysis.diagnostics import DIAGNOSTICS_FILE, Diagnosis, class_aps, diagnose
 from maskrcnn_coco.analysis.history import HISTORY_FILE
 from maskrcnn_coco.config import DiagnosticsConfig
 from maskrcnn_coco.engine.checkpoint import TrainingState, save_checkpoint, training_state
@@ -183,14 +183,12 @@ def format_epoch_summary(epoch: int, epochs: int, scalars: Mapping[str, float], 
 
 def format_class_aps(scalars: Mapping[str, float], most: int = 12) -> str | None:
     """One line of per-class AP (``mAP/segm_AP_class_<name>``, else bbox), lowest first beyond ``most`` classes."""
-    for iou_type in ("segm", "bbox"):
-        prefix = f"mAP/{iou_type}_AP_class_"
-        aps = {tag[len(prefix):]: v for tag, v in scalars.items() if tag.startswith(prefix)}
-        if aps:
-            shown = list(aps.items()) if len(aps) <= most else sorted(aps.items(), key=lambda kv: kv[1])[:5]
-            head = f"🏷️ AP per class ({iou_type})" + ("" if len(aps) <= most else f", lowest 5 of {len(aps)}")
-            return f"{head}: " + " | ".join(f"{name} {v:.3f}" for name, v in shown)
-    return None
+    iou_type, aps = class_aps(scalars)
+    if not aps:
+        return None
+    shown = list(aps.items()) if len(aps) <= most else sorted(aps.items(), key=lambda kv: kv[1])[:5]
+    head = f"🏷️ AP per class ({iou_type})" + ("" if len(aps) <= most else f", lowest 5 of {len(aps)}")
+    return f"{head}: " + " | ".join(f"{name} {v:.3f}" for name, v in shown)
 
 
 class ConsoleSummary(Sink):
