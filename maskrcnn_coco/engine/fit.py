@@ -155,10 +155,10 @@ def fit(
                     timer.reset()
                 t0 = time.perf_counter()
                 train_loss = _train_epoch(
-                    model, state, stop, sinks, grad_norms, guard, train_loader, device, epoch, pending,
+                    model, state, stop, sinks, grad_norms, guard, spikes, train_loader, device, epoch, pending,
                     loss_weights=loss_weights, lr_scheduler=lr_scheduler, scaler=scaler, clip_grad_norm=clip_grad_norm,
                     print_freq=print_freq, progress=progress, should_stop=should_stop, after_step=after_step,
-                    amp=amp, timer=timer, spikes=spikes,
+                    amp=amp, timer=timer,
                 )
                 pending = None
                 state.fit["reference_loss"] = guard.reference
@@ -206,6 +206,7 @@ def _train_epoch(
     sinks: Sequence[Sink],
     grad_norms: GradNormMeter,
     guard: DivergenceGuard,
+    spikes: SpikeMonitor | None,
     train_loader: DataLoader,
     device: torch.device,
     epoch: int,
@@ -224,7 +225,7 @@ def _train_epoch(
             stop.deferring = True
             return train_one_epoch(
                 model, state.optimizer, train_loader, device, epoch,
-                grad_norms=grad_norms, divergence=guard, start=pending, **kwargs,
+                grad_norms=grad_norms, divergence=guard, spikes=spikes, start=pending, **kwargs,
             )
         except TrainingStopped as stopped:
             pending = stopped.progress
@@ -232,7 +233,6 @@ def _train_epoch(
             # Every rank trained the same number of full batches (the sampler pads the shards).
             pending.samples_done = pending.iterations * (train_loader.batch_size or 1) * world_size()
             state.fit["reference_loss"] = guard.reference
-            spikes = kwargs.get("spikes")
             if spikes is not None:
                 state.fit["spikes"] = spikes.state_dict()
             paths = [p for s in sinks if (p := _call_progress(s, state, epoch, pending, stop.requested)) is not None]
