@@ -358,7 +358,7 @@ def lagging_classes(history, weights, num_classes: int, cfg: DiagnosticsConfig) 
     """A class whose AP (``mAP/<segm|bbox>_AP_class_<name>``) stays below ``class_ap_ratio`` times the
     median class AP (when that median exceeds ``class_ap_min_median``) for ``patience_epochs``
     evaluations, and is not catching up (its AP / median grew by at most ``CATCHING_UP``)."""
-    if _too_early(history, cfg) or not history:
+    if _too_early(history, cfg):
         return []
     n = max(cfg.patience_epochs, 1)
     iou_type, _ = class_aps(history[-1])
@@ -437,7 +437,7 @@ def confused_with_another(history, confusions: Sequence[Mapping[str, Any]], num_
     for name in confused:
         rows = [m[name] for m in per_matrix]
         last = rows[-1]
-        ap, median, iou_type = _class_ap(history[-1], metric_names.get(name, "")) if history else (None, None, None)
+        ap, median, iou_type = _class_ap(history[-1], metric_names.get(name, ""))
         lags = ap is not None and median is not None and median > cfg.class_ap_min_median and ap < cfg.class_ap_ratio * median
         if not (swapped or lags):
             continue

@@ -32,8 +32,6 @@ from maskrcnn_coco.analysis.runs import read_scalars
 from maskrcnn_coco.tracking.scalars import IOU_TYPES, LOSS_COMPONENTS, METRIC_NAMES, TRAIN_TOTAL, VAL_TOTAL
 from maskrcnn_coco.utils.errors import UserError
 
-# Written by ``engine.sinks.DiagnosticsSink`` (``engine`` is a floor above ``analysis``, so the name is
-# repeated here; tests/test_inspect_runs.py checks that both agree).
 EVENT_FILE_MARK = "tfevents"
 # A change of at most this share of the larger value (first vs last, or over the last epoch) is "flat".
 DEFAULT_FLAT_TOL = 0.02

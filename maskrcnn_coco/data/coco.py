@@ -417,7 +417,7 @@ def build_data(cfg: DataConfig, seed: int = 0, progress: bool = True, pin_memory
     datasets = build_datasets(cfg, progress=progress)
     val_bs = cfg.val_batch_size or cfg.batch_size
     loader = {"num_workers": cfg.num_workers, "seed": seed, "pin_memory": pin_memory}
-    groups = getattr(cfg, "aspect_ratio_group_factor", -1)
+    groups = cfg.aspect_ratio_group_factor
     return DataBundle(
         train_loader=make_loader(datasets["train"], cfg.batch_size, shuffle=True, aspect_ratio_group_factor=groups, **loader),
         val_loader=make_loader(datasets["val"], val_bs, shuffle=False, **loader),
