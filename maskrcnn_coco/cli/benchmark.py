@@ -54,6 +54,7 @@ from maskrcnn_coco.engine.loop import (
     IterationTimer,
     amp_dtype,
     evaluate,
+    grad_scaler,
     move_to_device,
     train_one_epoch,
 )
@@ -282,7 +283,7 @@ class TrainBench:
         optimizer, scheduler = self.restore(channels_last)
         meter = GradNormMeter.from_optimizer(optimizer, model=s.model, every=cfg.train.grad_norm_every)
         guard = DivergenceGuard(max_loss=cfg.train.max_loss, factor=cfg.train.max_loss_factor)
-        scaler = torch.amp.GradScaler(s.device.type) if amp == "fp16" else None
+        scaler = grad_scaler(amp, s.device)
 
         def run() -> None:
             train_one_epoch(s.model, optimizer, s.train_batches, s.device, 1, loss_weights=s.loss_weights,
@@ -301,7 +302,7 @@ class TrainBench:
         the loop is timed against and must end with bit-identical weights, so it cannot call the loop."""
         cfg, s = self.s.cfg, self.s
         optimizer, scheduler = self.restore(channels_last)
-        scaler = torch.amp.GradScaler(s.device.type) if amp == "fp16" else None
+        scaler = grad_scaler(amp, s.device)
         dtype, clip = amp_dtype(amp), cfg.optimizer.clip_grad_norm
         weights = s.loss_weights
         params = [p for g in optimizer.param_groups for p in g["params"]]

@@ -25,7 +25,7 @@ from maskrcnn_coco.analysis.history import objective_value
 from maskrcnn_coco.data.coco import CategoryMapping, DataBundle, build_data
 from maskrcnn_coco.engine.checkpoint import TrainingState, load_training_checkpoint, restore_training_state
 from maskrcnn_coco.engine.fit import fit
-from maskrcnn_coco.engine.loop import AMP_DTYPES, DivergenceGuard, SpikeMonitor
+from maskrcnn_coco.engine.loop import AMP_DTYPES, DivergenceGuard, SpikeMonitor, grad_scaler
 from maskrcnn_coco.engine.signals import StopRequested
 from maskrcnn_coco.engine.sinks import default_sinks
 from maskrcnn_coco.evaluation.coco_eval import BACKENDS
@@ -297,7 +297,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
     check_schedule(cfg.scheduler, len(data.train_loader), cfg.epochs)
     amp = resolve_amp(cfg, device)
     # fp16 needs loss scaling (its range is too small for small gradients); bf16 has fp32's range.
-    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    scaler = grad_scaler(amp, device)
     state = TrainingState(model, optimizer, scheduler, scaler, data.mapping, cfg.epochs)
 
     start_epoch, progress = 1, None

@@ -352,6 +352,11 @@ def amp_dtype(amp: str | None) -> torch.dtype | None:
     return AMP_DTYPES[amp]
 
 
+def grad_scaler(amp: str | None, device: torch.device) -> torch.amp.GradScaler | None:
+    """The GradScaler ``train.amp`` needs on ``device``: one for fp16 (its range is narrow), else None."""
+    return torch.amp.GradScaler(device.type) if amp == "fp16" else None
+
+
 @dataclass
 class EpochProgress:
     """How far an interrupted epoch got: batches trained and the sums of their loss components, so
