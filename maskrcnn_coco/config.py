@@ -2,18 +2,23 @@
 
 Every YAML file in ``conf/`` starts from one of these schemas (``defaults: [<schema>, _self_]``), so a
 misspelt key or a value of the wrong type fails when the config is composed, with Hydra's message
-naming the key, before any data or model is built.
+naming the key, before any data or model is built. A value of the right type that cannot work (a
+negative lr, an unknown choice) breaks the rule written beside its field (``field(metadata=rule(...))``):
+``validate_config`` names it, also before any data or model is built.
 """
 
 from __future__ import annotations
 
 import importlib.resources
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, get_type_hints
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+from maskrcnn_coco.utils.errors import ConfigError
 
 
 def config_dir() -> Path:
@@ -42,25 +47,110 @@ LOSS_COMPONENTS: tuple[str, ...] = (
 )
 
 
+# -------------------------------------------------------------------------------- value rules
+# Choices implemented elsewhere, spelled here because those modules import this one: the keys of
+# engine.settings.AMP_DTYPES, evaluation.coco_eval.BACKENDS (tests/test_config.py checks they agree).
+AMP_MODES: tuple[str, ...] = ("off", "bf16", "fp16")
+EVAL_BACKENDS: tuple[str, ...] = ("auto", "pycocotools", "faster_coco_eval")
+# How the optimizer's step runs (solver.param_groups.implementation_kwargs): one fused kernel per parameter
+# list, torch's multi-tensor (foreach) ops, or a Python loop over parameters. auto: fused where it exists.
+OPTIMIZER_IMPLS: tuple[str, ...] = ("auto", "fused", "foreach", "for_loop")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a config value must be: ``ok(value)`` holds for a non-null value, said as ``must``.
+    ``null``: null is allowed too (True, or a string saying what null means)."""
+
+    ok: Callable[[Any], bool]
+    must: str
+    null: bool | str = False
+
+    @property
+    def expected(self) -> str:
+        if self.null is True:
+            return f"{self.must} (or null)"
+        return f"{self.must} (or null: {self.null})" if self.null else self.must
+
+
+def rule(ok: Callable[[Any], bool], must: str, null: bool | str = False) -> dict[str, Rule]:
+    """A field's metadata holding its value rule: ``x: int = field(default=1, metadata=rule(...))``."""
+    return {"rule": Rule(ok, must, null)}
+
+
+def at_least(low: int, must: str | None = None, null: bool | str = False) -> dict[str, Rule]:
+    return rule(lambda v: v >= low, must or f"at least {low}", null)
+
+
+def positive(null: bool | str = False) -> dict[str, Rule]:
+    return rule(lambda v: v > 0, "positive", null)
+
+
+def one_of(choices: tuple[str, ...]) -> dict[str, Rule]:
+    return rule(lambda v: v in choices, f"one of {', '.join(choices)}")
+
+
+def is_probability(v: float) -> bool:
+    return 0.0 <= v <= 1.0
+
+
+def validate_config(cfg: Any, schema: type | None = None, prefix: str = "") -> None:
+    """One ``ConfigError`` (``key=value: must be ...``) naming the first value that breaks the rule of
+    its field, walking the typed schema: ``cfg``'s own dataclass (e.g. ``ShapesDataConfig`` under
+    ``data``), else ``schema`` (``Config`` at the top). Keys left at ``???`` are not looked at here."""
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.structured(cfg)
+    node_type = OmegaConf.get_type(cfg)
+    schema = node_type if isinstance(node_type, type) and is_dataclass(node_type) else schema or Config
+    hints = get_type_hints(schema)
+    for f in fields(schema):
+        key = f"{prefix}{f.name}"
+        if f.name in cfg and OmegaConf.is_missing(cfg, f.name):
+            continue
+        value = cfg.get(f.name)
+        hint = hints.get(f.name)
+        if isinstance(hint, type) and is_dataclass(hint):
+            if isinstance(value, DictConfig):
+                validate_config(value, hint, f"{key}.")
+            continue
+        check: Rule | None = f.metadata.get("rule")
+        if check is None:
+            continue
+        if value is None:
+            if check.null is False:
+                raise ConfigError(f"{key}=null: must be {check.expected}")
+            continue
+        if isinstance(value, (DictConfig, ListConfig)):
+            value = OmegaConf.to_container(value, resolve=True)
+        try:
+            ok = bool(check.ok(value))
+        except (TypeError, ValueError, IndexError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"{key}={value}: must be {check.expected}")
+
+
 # --------------------------------------------------------------------------------------- data
 @dataclass
 class AugmentConfig:
     """Box- and mask-aware training augmentation (torchvision.transforms.v2)."""
 
-    hflip_prob: float = 0.5
-    vflip_prob: float = 0.0
+    hflip_prob: float = field(default=0.5, metadata=rule(is_probability, "a probability in [0, 1]"))
+    vflip_prob: float = field(default=0.0, metadata=rule(is_probability, "a probability in [0, 1]"))
     photometric: bool = False
     # Random zoom-out then crop back ("scale jitter"), as (min_scale, max_scale); null disables it.
-    scale_range: Optional[List[float]] = None
+    scale_range: Optional[List[float]] = field(default=None, metadata=rule(
+        lambda v: len(v) == 2 and 0 < v[0] <= v[1], "[min, max] with 0 < min <= max, e.g. [0.8,1.2]", null=True))
 
 
 @dataclass
 class DataConfig:
     name: str = MISSING
-    batch_size: int = 4
-    val_batch_size: Optional[int] = None  # null: same as batch_size
+    batch_size: int = field(default=4, metadata=at_least(1))
+    val_batch_size: Optional[int] = field(default=None, metadata=at_least(1, null="same as data.batch_size"))
     # Loader worker processes, or auto: from the CPU count (resolve_num_workers). Workers persist across epochs.
-    num_workers: Any = 0
+    num_workers: Any = field(default=0, metadata=rule(
+        lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0), "0 or more, or auto"))
     # Training batches of one aspect-ratio group (portrait/landscape and finer, from the annotation file's
     # image sizes; no image is decoded), as torchvision's --aspect-ratio-group-factor: the bins are
     # 2 ** linspace(-1, 1, 2k + 1); -1 disables. A set of one group (shapes) trains in the plain order.
@@ -163,13 +253,13 @@ def default_param_groups(head_lr_multiplier: Any = 1.0) -> Dict[str, Dict[str, A
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 0.02
+    lr: float = field(default=0.02, metadata=positive())
     # Multiplier of lr for the box and mask heads (the `heads` group).
     head_lr_multiplier: float = 1.0
     weight_decay: float = 1e-4
     # Norm-layer weights and all biases get no weight decay (detectron2's recipe).
     no_weight_decay_norm_bias: bool = True
-    clip_grad_norm: Optional[float] = None
+    clip_grad_norm: Optional[float] = field(default=None, metadata=positive(null=True))
     # name -> {prefixes: [module-name prefixes], lr_mult: float, weight_decay: float|null}. Untyped
     # here so that a new group can be added from the command line
     # ('+optimizer.groups.mask_head={prefixes:[...],lr_mult:30}'); get_parameter_groups checks the keys.
@@ -179,18 +269,18 @@ class OptimizerConfig:
     factory: Dict[str, Any] = field(default_factory=dict)
     # The optimizer's implementation: auto (fused where the class and every parameter's device support
     # it, else torch's default) | fused | foreach | for_loop. A fused/foreach key in factory wins.
-    impl: str = "auto"
+    impl: str = field(default="auto", metadata=one_of(OPTIMIZER_IMPLS))
     # none: lr as given, whatever the number of processes; linear: lr * total batch / reference_batch_size
     # (total batch = data.batch_size x world size), so a recipe keeps its per-image step size.
-    scale_lr: str = "none"
-    reference_batch_size: int = 16
+    scale_lr: str = field(default="none", metadata=rule(lambda v: v in ("none", "linear"), "none or linear"))
+    reference_batch_size: int = field(default=16, metadata=at_least(1))
 
 
 @dataclass
 class SchedulerConfig:
     # constant | multistep | cosine (after the linear warmup)
     name: str = "multistep"
-    warmup_iters: int = 100
+    warmup_iters: int = field(default=100, metadata=at_least(0, "0 or more"))
     warmup_factor: float = 0.001
     # multistep: epochs (fractions allowed) at which lr is multiplied by gamma.
     milestones: List[float] = field(default_factory=list)
@@ -223,37 +313,39 @@ class LossConfig:
 
 @dataclass
 class EvalConfig:
-    every_n_epochs: int = 1
+    every_n_epochs: int = field(default=1, metadata=at_least(1))
     val_loss: bool = True
     mask_threshold: float = 0.5
     # COCOeval implementation: auto (faster_coco_eval when installed) | pycocotools | faster_coco_eval.
-    backend: str = "auto"
+    backend: str = field(default="auto", metadata=one_of(EVAL_BACKENDS))
 
 
 @dataclass
 class CheckpointConfig:
-    every_n_epochs: int = 1  # epoch_NNN.pth (0: none); last.pth is written every epoch regardless
+    # epoch_NNN.pth every N epochs (0: none); last.pth is written every epoch regardless.
+    every_n_epochs: int = field(default=1, metadata=at_least(0, "0 (no epoch_NNN.pth) or more"))
     # Keep the newest N epoch_NNN.pth files (null: all). last.pth and best.pth are always kept.
-    keep_last: Optional[int] = 2
+    keep_last: Optional[int] = field(default=2, metadata=at_least(1, null="keep all"))
     # Also write last.pth every N optimizer steps inside an epoch (long epochs on preemptible nodes).
-    every_n_iters: Optional[int] = None
+    every_n_iters: Optional[int] = field(default=None, metadata=at_least(1, null=True))
 
 
 @dataclass
 class TrainConfig:
     # Stop like on a NaN when the optimised loss exceeds max_loss, or max_loss_factor times the run's
     # first iteration's loss (null disables either); no checkpoint is written from diverged weights.
-    max_loss: Optional[float] = None
-    max_loss_factor: Optional[float] = 1.0e4
+    max_loss: Optional[float] = field(default=None, metadata=positive(null=True))
+    max_loss_factor: Optional[float] = field(default=1.0e4, metadata=rule(lambda v: v > 1, "above 1", null=True))
     # Distributed runs (torchrun / SLURM): BatchNorm statistics synchronised across processes (CUDA only).
     sync_bn: bool = False
     # Mixed precision: off | bf16 | fp16 | auto (autocast of the forward pass, on CUDA and CPU; fp16 adds a
     # GradScaler, checkpointed with the run; bf16 needs none). auto: bf16 on a CPU with native bf16
     # (AVX512-BF16/AMX), else off (cli/experiment.py resolve_amp).
-    amp: str = "auto"
+    amp: str = field(default="auto", metadata=rule(
+        lambda v: v == "auto" or v in AMP_MODES, f"auto or one of {', '.join(AMP_MODES)}"))
     # Gradient norms (grad_norm/<group>, grad_norm/module.<name>) measured every N iterations; the logged
     # value is their mean over the measured iterations of the epoch (10: 25 samples of a 250-iteration epoch).
-    grad_norm_every: int = 10
+    grad_norm_every: int = field(default=10, metadata=at_least(1))
     # The model in channels_last memory format (convolutions in NHWC).
     channels_last: bool = False
 
@@ -279,8 +371,11 @@ class DiagnosticsConfig:
     # optimizer steps: warmup and the first steps are a transient (loss_box_reg rises while the RPN
     # starts producing positives), and tiny runs never get past it.
     min_steps: int = 100
-    # A weighted component this many times the median of the optimised others is dominant.
+    # A weighted component at least this many times the median of the other optimised weighted components,
+    # and more than `dominance_share` of the optimised loss, is dominant: the run's monitors (epoch means,
+    # for patience_epochs) and the loss probe (one batch) apply this one rule (`diagnostics.dominance`).
     dominance_factor: float = 10.0
+    dominance_share: float = 0.5
     # |loss - chance| / chance within this fraction counts as "at its chance value".
     chance_tolerance: float = 0.05
     # Relative change per epoch: a component falls when it drops by more than `fall_rel`, rises when it
@@ -290,11 +385,19 @@ class DiagnosticsConfig:
     others_fall_rel: float = 0.20
     # Start-of-run audit: a producer at less than this fraction of the largest group lr is effectively frozen.
     min_lr_ratio: float = 0.01
-    # Anchor fit: warn when more than `anchor_unreachable_share` of the training objects cannot reach the
-    # RPN's positive IoU (0.7) with any anchor AND that share exceeds the best one-size-per-level anchors'
-    # share by `anchor_excess_share` (octave-spaced anchors always leave some 40% of a size range below 0.7).
+    # Anchor fit: warn when more than `anchor_unreachable_share` of the objects (the training set at the start
+    # of a run, the probed split in the loss probe) cannot reach the RPN's positive IoU (0.7) with any anchor
+    # AND that share exceeds the best one-size-per-level anchors' share by `anchor_excess_share` (octave-spaced
+    # anchors always leave some 40% of a size range below 0.7). One rule: `audit.anchor_misfit`.
     anchor_unreachable_share: float = 0.5
     anchor_excess_share: float = 0.1
+    # Loss probe (one batch at a time): a would-be dominant component within `probe_chance_factor` x its
+    # chance value, at a weight no larger than the others', is a fresh predictor's starting point (info);
+    # RPN positives at `probe_saturation_share` x the sampler's positive_fraction or more saturate it;
+    # fewer sampled RoI proposals than `probe_collapse_share` x box_batch_size_per_image x images collapse.
+    probe_chance_factor: float = 1.25
+    probe_saturation_share: float = 0.9
+    probe_collapse_share: float = 0.25
     # Per-class: a class AP below `class_ap_ratio` x the median class AP (when that median exceeds
     # `class_ap_min_median`); a ground-truth class whose matched detections (at least
     # `confusion_min_matches`) are mostly (> `confusion_off_share`) another class.
@@ -323,18 +426,19 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
-    epochs: int = 10
+    epochs: int = field(default=10, metadata=at_least(1))
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # Deprecated: use train.amp (off|bf16|fp16). amp=true still means fp16 on CUDA (off on CPU), as before.
-    amp: Optional[bool] = None
     # Resume from a checkpoint (e.g. runs/maskrcnn/<run>/checkpoints/last.pth), or auto: the newest
     # last.pth/interrupted.pth under <runs_dir>/maskrcnn (none: start fresh).
     resume: Optional[str] = None
     # Iterations between progress-bar loss updates (each one is a device sync).
-    print_freq: int = 20
+    print_freq: int = field(default=20, metadata=at_least(1))
     progress: bool = True
     runs_dir: str = "runs"
+    # Extra step hooks, one entry each: hooks.<name>={_target_: my_pkg.MyHook, ...} (a subclass of
+    # maskrcnn_coco.engine.hooks.Hook), run after the default instruments (README: "Adding an instrument").
+    hooks: Dict[str, Any] = field(default_factory=dict)
 
 
 def register_configs() -> None:

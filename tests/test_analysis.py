@@ -1,7 +1,6 @@
 """Multirun sweeps: one run folder and event file per job, and a summary when the sweep ends."""
 
 import csv
-import json
 import math
 
 import pytest
@@ -54,21 +53,12 @@ def test_objective_value_final_and_best():
     assert math.isnan(objective_value(history, "mAP/bbox_AP", "final"))
 
 
-def test_history_reads_jsonl_and_converts_the_older_nested_metrics_json(tmp_path):
-    new, old = tmp_path / "new", tmp_path / "old"
-    new.mkdir()
-    old.mkdir()
-    (new / "metrics.jsonl").write_text('{"epoch": 1, "loss/val": 0.5, "mAP/segm_AP": 0.25}\n')
-    legacy = [{"epoch": 1, "train_loss": {"loss_mask": 0.5, "loss_classifier": 0.25}, "train_total": 0.75,
-               "val_loss": {"loss_mask": 0.125}, "val_total": 0.125,
-               "metrics": {"segm": {"AP": 0.5, "APl": None}}, "lr": {"backbone": 0.01, "heads": 0.1}}]
-    (old / "metrics.json").write_text(json.dumps(legacy))
-    assert read_history(new) == [{"epoch": 1, "loss/val": 0.5, "mAP/segm_AP": 0.25}]
-    assert read_history(old) == [{
-        "epoch": 1, "loss/train_total": 0.75, "loss/train_loss_mask": 0.5, "loss/train_loss_classifier": 0.25,
-        "loss/val": 0.125, "loss/val_loss_mask": 0.125, "mAP/segm_AP": 0.5,
-        "lr": 0.01, "lr/backbone": 0.01, "lr/heads": 0.1,
-    }]
+def test_history_reads_jsonl(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    assert read_history(run) == []
+    (run / "metrics.jsonl").write_text('{"epoch": 1, "loss/val": 0.5, "mAP/segm_AP": 0.25}\n\n')
+    assert read_history(run) == [{"epoch": 1, "loss/val": 0.5, "mAP/segm_AP": 0.25}]
 
 
 def test_job_dirname_names_only_the_swept_keys(monkeypatch):

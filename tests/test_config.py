@@ -1,4 +1,6 @@
 import re
+from dataclasses import fields, is_dataclass
+from typing import get_type_hints
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -6,7 +8,19 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from maskrcnn_coco.analysis.sweep import register_resolvers
-from maskrcnn_coco.config import LOSS_COMPONENTS, CocoDataConfig, ShapesDataConfig, SmallModelConfig, register_configs
+from maskrcnn_coco.config import (
+    AMP_MODES,
+    EVAL_BACKENDS,
+    LOSS_COMPONENTS,
+    OPTIMIZER_IMPLS,
+    CocoDataConfig,
+    Config,
+    OptimizerConfig,
+    ShapesDataConfig,
+    SmallModelConfig,
+    register_configs,
+    validate_config,
+)
 from maskrcnn_coco.data.coco import resolve_paths
 from maskrcnn_coco.solver.param_groups import check_head_multiplier
 from maskrcnn_coco.utils.errors import ConfigError
@@ -45,7 +59,8 @@ def test_coco_paths_follow_the_root():
     assert cfg.model.arch == "small" and cfg.model.min_size == 512  # COCO-like sizes without data.image_size
 
 
-@pytest.mark.parametrize("override", ["optimizer.lrr=1", "data.batch_size=two", "loss.weights.loss_maks=2", "seed=1.5"])
+# amp=true: the old top-level switch, now train.amp (off|bf16|fp16|auto); an unknown key like any other.
+@pytest.mark.parametrize("override", ["optimizer.lrr=1", "data.batch_size=two", "loss.weights.loss_maks=2", "seed=1.5", "amp=true"])
 def test_bad_overrides_fail_at_composition(override):
     with pytest.raises(ConfigCompositionException):
         compose_config([override])
@@ -109,3 +124,82 @@ def test_a_head_multiplier_without_a_heads_group_is_rejected():
         check_head_multiplier(cfg.optimizer)
     assert "['backbone', 'rpn']" in str(err.value)
     check_head_multiplier(compose_config(moved).optimizer)  # multiplier 1: nothing to apply, nothing logged wrong
+
+
+# One bad value per field rule (tests/test_config.py checks that every rule has a row here).
+BAD_VALUES = [
+    ("epochs=0", "epochs=0: must be at least 1"),
+    ("print_freq=0", "print_freq=0: must be at least 1"),
+    ("optimizer.lr=0", "optimizer.lr=0.0: must be positive"),
+    ("optimizer.clip_grad_norm=0", "optimizer.clip_grad_norm=0.0: must be positive (or null)"),
+    ("optimizer.impl=magic", "optimizer.impl=magic: must be one of auto, fused, foreach, for_loop"),
+    ("optimizer.scale_lr=sqrt", "optimizer.scale_lr=sqrt: must be none or linear"),
+    ("optimizer.reference_batch_size=0", "optimizer.reference_batch_size=0: must be at least 1"),
+    ("data.batch_size=0", "data.batch_size=0: must be at least 1"),
+    ("data.val_batch_size=0", "data.val_batch_size=0: must be at least 1 (or null: same as data.batch_size)"),
+    ("data.num_workers=-1", "data.num_workers=-1: must be 0 or more, or auto"),
+    ("data.num_workers=many", "data.num_workers=many: must be 0 or more, or auto"),
+    ("data.augment.hflip_prob=1.5", "data.augment.hflip_prob=1.5: must be a probability in [0, 1]"),
+    ("data.augment.vflip_prob=-0.1", "data.augment.vflip_prob=-0.1: must be a probability in [0, 1]"),
+    ("data.augment.scale_range=[1.2,0.8]",
+     "data.augment.scale_range=[1.2, 0.8]: must be [min, max] with 0 < min <= max, e.g. [0.8,1.2] (or null)"),
+    ("data.augment.scale_range=[0.8]", "data.augment.scale_range=[0.8]: must be [min, max]"),
+    ("scheduler.warmup_iters=-1", "scheduler.warmup_iters=-1: must be 0 or more"),
+    ("eval.every_n_epochs=0", "eval.every_n_epochs=0: must be at least 1"),
+    ("eval.backend=fast", "eval.backend=fast: must be one of auto, pycocotools, faster_coco_eval"),
+    ("checkpoint.every_n_epochs=-1", "checkpoint.every_n_epochs=-1: must be 0 (no epoch_NNN.pth) or more"),
+    ("checkpoint.keep_last=0", "checkpoint.keep_last=0: must be at least 1 (or null: keep all)"),
+    ("checkpoint.every_n_iters=0", "checkpoint.every_n_iters=0: must be at least 1 (or null)"),
+    ("train.max_loss=0", "train.max_loss=0.0: must be positive (or null)"),
+    ("train.max_loss_factor=1", "train.max_loss_factor=1.0: must be above 1 (or null)"),
+    ("train.amp=fp32", "train.amp=fp32: must be auto or one of off, bf16, fp16"),
+    ("train.grad_norm_every=0", "train.grad_norm_every=0: must be at least 1"),
+]
+
+
+@pytest.mark.parametrize("override, message", BAD_VALUES)
+def test_a_value_breaking_its_fields_rule_is_a_config_error(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_config(compose_config([override]))
+
+
+def test_every_field_rule_is_exercised():
+    def rule_keys(schema, prefix=""):
+        hints = get_type_hints(schema)
+        for f in fields(schema):
+            if is_dataclass(hints[f.name]):
+                yield from rule_keys(hints[f.name], f"{prefix}{f.name}.")
+            elif "rule" in f.metadata:
+                yield f"{prefix}{f.name}"
+
+    assert set(rule_keys(Config)) == {override.partition("=")[0] for override, _ in BAD_VALUES}
+
+
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["data=coco", "data.root=/data/coco", "model=maskrcnn_r50_fpn", "optimizer=adamw"],
+    ["data.num_workers=auto", "data.val_batch_size=null", "data.augment.scale_range=[0.8,1.2]", "train.amp=bf16",
+     "eval.backend=pycocotools", "optimizer.impl=foreach", "optimizer.scale_lr=linear", "optimizer.clip_grad_norm=10",
+     "checkpoint.keep_last=null", "checkpoint.every_n_epochs=0", "checkpoint.every_n_iters=50", "train.max_loss=null",
+     "train.max_loss_factor=null", "scheduler.warmup_iters=0", "data.augment.hflip_prob=1"],
+])
+def test_working_values_pass_the_field_rules(overrides):
+    validate_config(compose_config(overrides))
+
+
+def test_field_rules_check_any_node_of_the_schema():
+    with pytest.raises(ConfigError, match=re.escape("optimizer.lr=-1.0: must be positive")):
+        validate_config(OptimizerConfig(lr=-1.0), prefix="optimizer.")
+    # An untyped node is checked against the schema given; a value it lacks reads as null.
+    with pytest.raises(ConfigError, match=re.escape("optimizer.lr=null: must be positive")):
+        validate_config(OmegaConf.create({"impl": "auto"}), OptimizerConfig, "optimizer.")
+
+
+def test_choices_spelled_in_the_config_are_their_owners():
+    from maskrcnn_coco.engine.settings import AMP_DTYPES
+    from maskrcnn_coco.evaluation.coco_eval import BACKENDS
+    from maskrcnn_coco.solver import param_groups
+
+    assert tuple(AMP_DTYPES) == AMP_MODES
+    assert BACKENDS == EVAL_BACKENDS
+    assert param_groups.OPTIMIZER_IMPLS is OPTIMIZER_IMPLS

@@ -12,7 +12,6 @@ import pytest
 from maskrcnn_coco.analysis.diagnostics import chance_values, confused_classes, diagnose
 from maskrcnn_coco.config import LOSS_COMPONENTS, DiagnosticsConfig
 from maskrcnn_coco.data.coco import CategoryMapping
-from maskrcnn_coco.engine.sinks import DIAGNOSTICS_FILE, DiagnosticsSink, EpochResult, default_sinks
 
 # README "What the default run gives": train epoch means of the default run (5 epochs, 250 steps each).
 README_DEFAULT_RUN = [
@@ -247,7 +246,11 @@ def test_thresholds_come_from_the_config():
 
 # ------------------------------------------------------------------------------------------ sink
 def test_the_sink_logs_each_finding_once_and_writes_jsonl(tmp_path, caplog):
-    from maskrcnn_coco.analysis.diagnostics import Diagnosis
+    # The engine's diagnostics hook (engine/sinks.py's DiagnosticsSink, now engine/writers.py's DiagnosticsWriter).
+    from maskrcnn_coco.analysis.diagnostics import FINDING_FIELDS, Diagnosis
+    from maskrcnn_coco.engine.hooks import EpochResult
+    from maskrcnn_coco.engine.writers import DIAGNOSTICS_FILE
+    from maskrcnn_coco.engine.writers import DiagnosticsWriter as DiagnosticsSink
 
     caplog.set_level(logging.WARNING, logger="maskrcnn_coco")
     start = Diagnosis(kind="zero_weight", components=("loss_mask",), message="m.", cause="c", config_key="loss.weights.loss_mask",
@@ -265,14 +268,16 @@ def test_the_sink_logs_each_finding_once_and_writes_jsonl(tmp_path, caplog):
     lines = [json.loads(line) for line in (tmp_path / DIAGNOSTICS_FILE).read_text().splitlines()]
     assert [(line["epoch"], line["kind"], line["components"]) for line in lines] == [
         (0, "zero_weight", ["loss_mask"]), (2, "dominant", ["loss_objectness"])]
-    assert set(lines[1]) >= {"epoch", "kind", "components", "evidence", "cause", "config_key", "message"}
+    assert set(lines[1]) == set(FINDING_FIELDS) and lines[1]["severity"] == "warning"
     assert lines[1]["evidence"]["weight"] == 50.0
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and warned[0].startswith("loss_objectness dominates")  # the start finding is the caller's to log
 
 
 def test_default_sinks_put_diagnostics_after_the_console_block(tmp_path):
+    from maskrcnn_coco.engine.writers import default_hooks as default_sinks
+
     names = [type(s).__name__ for s in default_sinks(tmp_path)]
-    assert names.index("DiagnosticsSink") == names.index("ConsoleSummary") + 1
+    assert names.index("DiagnosticsWriter") == names.index("ConsoleSummary") + 1
     off = [type(s).__name__ for s in default_sinks(tmp_path, diagnostics=DiagnosticsConfig(enabled=False))]
-    assert "DiagnosticsSink" not in off and "ConfusionWriter" in off
+    assert "DiagnosticsWriter" not in off and "ConfusionWriter" in off

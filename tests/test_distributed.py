@@ -30,11 +30,11 @@ def _rank_main(rank, world, init_file, out_dir):
     torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     from test_engine import ScriptedLosses, scripted_loader
 
-    from maskrcnn_coco.engine.loop import train_one_epoch
+    from maskrcnn_coco.engine import FitSettings, train_one_epoch
 
     model = ScriptedLosses()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    means = train_one_epoch(model, opt, scripted_loader(ROWS[rank]), "cpu", 1, progress=False, print_freq=1)
+    means = train_one_epoch(model, opt, scripted_loader(ROWS[rank]), "cpu", 1, settings=FitSettings(print_freq=1))
     (out_dir / f"rank{rank}.json").write_text(json.dumps(means))
     torch_dist.destroy_process_group()
 
@@ -106,7 +106,7 @@ def test_torchrun_two_processes_write_one_run(tmp_path):
     from test_resume import compose_cfg
 
     from maskrcnn_coco.cli.experiment import build_components
-    from maskrcnn_coco.engine.loop import evaluate
+    from maskrcnn_coco.engine.evaluate import evaluate
 
     parts = build_components(compose_cfg("data.num_val=5", "data.val_batch_size=1", "device=cpu"), progress=False)
     parts.model.load_state_dict(state["model"])

@@ -8,7 +8,7 @@ from torch import nn
 
 from maskrcnn_coco.config import LOSS_COMPONENTS
 from maskrcnn_coco.data.coco import CategoryMapping
-from maskrcnn_coco.engine import GradNormMeter, Sink, evaluate, format_epoch_summary, train_one_epoch
+from maskrcnn_coco.engine import FitSettings, GradNormMeter, Hook, evaluate, format_epoch_summary, train_one_epoch
 from maskrcnn_coco.tracking.scalars import epoch_scalars
 
 
@@ -46,7 +46,7 @@ def scripted_loader(rows):
 def test_train_one_epoch_returns_the_mean_of_each_component(tiny_model, tiny_data):
     model = Recorder(tiny_model)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    result = train_one_epoch(model, opt, tiny_data.train_loader, "cpu", 1, progress=False, print_freq=1)
+    result = train_one_epoch(model, opt, tiny_data.train_loader, "cpu", 1, settings=FitSettings(print_freq=1))
     assert list(result) == list(LOSS_COMPONENTS)  # exactly the five, no total
     assert len(model.seen) == len(tiny_data.train_loader) == 4
     for name in LOSS_COMPONENTS:
@@ -59,7 +59,7 @@ def test_scripted_means_and_weighted_gradient():
     model = ScriptedLosses()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: w stays 1, gradients still computed
     weights = {"loss_mask": 2.0, "loss_objectness": 0.5}
-    result = train_one_epoch(model, opt, scripted_loader(rows), "cpu", 1, loss_weights=weights, progress=False)
+    result = train_one_epoch(model, opt, scripted_loader(rows), "cpu", 1, settings=FitSettings(loss_weights=weights))
     assert result == {"loss_classifier": 2.0, "loss_box_reg": 1.0, "loss_mask": 2.0, "loss_objectness": 2.0, "loss_rpn_box_reg": 3.0}
     # The last step's gradient is d/dw of the weighted sum for the last batch: 3 + 0 + 2*1 + 0.5*0 + 1.
     assert float(model.w.grad) == pytest.approx(6.0)
@@ -70,7 +70,7 @@ def test_non_finite_loss_names_iteration_component_and_images():
     model = ScriptedLosses()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     with pytest.raises(FloatingPointError) as err:
-        train_one_epoch(model, opt, scripted_loader(rows), "cpu", 3, progress=False, print_freq=2)
+        train_one_epoch(model, opt, scripted_loader(rows), "cpu", 3, settings=FitSettings(print_freq=2))
     message = str(err.value)
     assert "epoch 3, iteration 1" in message and "loss_mask" in message and "image ids [1]" in message
     # One component failed: the images' annotations come first, the learning rate second.
@@ -83,7 +83,7 @@ def test_every_component_non_finite_points_at_the_learning_rate_first():
     model = ScriptedLosses()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     with pytest.raises(FloatingPointError) as err:
-        train_one_epoch(model, opt, scripted_loader(rows), "cpu", 1, progress=False, print_freq=1)
+        train_one_epoch(model, opt, scripted_loader(rows), "cpu", 1, settings=FitSettings(print_freq=1))
     message = str(err.value)
     assert "Every component failed at once" in message
     assert message.index("optimizer.lr") < message.index("annotations")
@@ -183,7 +183,7 @@ def test_interrupt_saves_a_checkpoint(tmp_path):
     loader = Interrupting(scripted_loader([[1.0] * 5, [1.0] * 5]))
     mapping = CategoryMapping([{"id": 1, "name": "a"}])
     with pytest.raises(KeyboardInterrupt):
-        fit(model, opt, loader, None, epochs=2, device="cpu", run_dir=tmp_path, mapping=mapping, progress=False)
+        fit(model, opt, loader, None, FitSettings(epochs=2, progress=False), run_dir=tmp_path, mapping=mapping)
     state = torch.load(tmp_path / "checkpoints" / "interrupted.pth", weights_only=True)
     assert state["epoch"] == 0 and float(state["model"]["w"]) == pytest.approx(1.0 - 0.1 * 5)
 
@@ -260,16 +260,16 @@ def stub_evaluate(monkeypatch):
 MAPPING = CategoryMapping([{"id": 1, "name": "a"}])
 
 
-def run_fit(stub, *, epochs, eval_every=1, sinks=(), run_dir=None, **kwargs):
+def run_fit(stub, *, epochs, eval_every=1, hooks=(), run_dir=None, **kwargs):
     from maskrcnn_coco.engine import fit
 
     model, opt = two_group_setup()
     train = CountingLoader(scripted_loader(ROWS))
     stub.train_loader = train
     val = ["val batches"]
-    history = fit(model, opt, train, val, epochs=epochs, eval_every=eval_every, device="cpu", mapping=MAPPING,
-                  sinks=None if run_dir is not None else list(sinks), run_dir=run_dir, loss_weights=WEIGHTS,
-                  progress=False, **kwargs)
+    settings = FitSettings(epochs=epochs, eval_every=eval_every, loss_weights=WEIGHTS, progress=False, **kwargs)
+    history = fit(model, opt, train, val, settings, None if run_dir is not None else [GradNormMeter(), *hooks],
+                  run_dir=run_dir, mapping=MAPPING)
     return history, train, val
 
 
@@ -293,7 +293,7 @@ def test_fit_without_val_loader_never_evaluates(stub_evaluate):
     from maskrcnn_coco.engine import fit
 
     model, opt = two_group_setup()
-    history = fit(model, opt, scripted_loader(ROWS), None, epochs=2, device="cpu", mapping=MAPPING, sinks=[], progress=False)
+    history = fit(model, opt, scripted_loader(ROWS), None, FitSettings(epochs=2, progress=False), [], mapping=MAPPING)
     assert stub_evaluate.calls == []
     assert not any(k.startswith(("loss/val", "mAP/")) for r in history for k in r)
 
@@ -302,8 +302,8 @@ def test_history_shape_and_weighted_train_total(stub_evaluate):
     from maskrcnn_coco.engine import fit
 
     model, opt = two_group_setup()
-    history = fit(model, opt, scripted_loader(ROWS), None, epochs=2, device="cpu", mapping=MAPPING, sinks=[],
-                  loss_weights=WEIGHTS, progress=False)
+    history = fit(model, opt, scripted_loader(ROWS), None, FitSettings(epochs=2, loss_weights=WEIGHTS, progress=False),
+                  [GradNormMeter()], mapping=MAPPING)
     assert isinstance(history, list) and [r["epoch"] for r in history] == [1, 2]
     means = {k: (ROWS[0][i] + ROWS[1][i]) / 2 for i, k in enumerate(LOSS_COMPONENTS)}
     # d total / d heads = sum of the weighted heads components of the batch; likewise backbone.
@@ -334,7 +334,7 @@ def test_checkpoint_cadence_and_contents(stub_evaluate, tmp_path):
     from maskrcnn_coco.engine.checkpoint import FORMAT_VERSION
 
     directory = tmp_path / "ckpt"
-    history, _, _ = run_fit(stub_evaluate, epochs=3, sinks=[Checkpointer(directory, every_n_epochs=2)])
+    history, _, _ = run_fit(stub_evaluate, epochs=3, hooks=[Checkpointer(directory, every_n_epochs=2)])
     assert sorted(p.name for p in directory.iterdir()) == ["epoch_002.pth", "last.pth"]  # no epoch_001/003, no temp files
     last = torch.load(directory / "last.pth", weights_only=True)
     assert last["epoch"] == 3 and last["format_version"] == FORMAT_VERSION
@@ -347,7 +347,7 @@ def test_checkpoint_cadence_and_contents(stub_evaluate, tmp_path):
 
 def test_metrics_jsonl_has_one_object_per_epoch_and_nan_as_null(stub_evaluate, tmp_path):
     stub_evaluate.val_losses = {**VAL_LOSSES, "loss_mask": float("nan")}
-    history, _, _ = run_fit(stub_evaluate, epochs=2, run_dir=tmp_path)  # the default sinks
+    history, _, _ = run_fit(stub_evaluate, epochs=2, run_dir=tmp_path)  # the default hooks
     text = (tmp_path / "metrics.jsonl").read_text()
     assert "NaN" not in text and "Infinity" not in text
 
@@ -368,7 +368,7 @@ def test_metrics_jsonl_has_one_object_per_epoch_and_nan_as_null(stub_evaluate, t
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch_001.pth", "epoch_002.pth", "last.pth"]
 
 
-class RecordingSink(Sink):
+class RecordingHook(Hook):
     def __init__(self, main_process_only=True):
         self.main_process_only = main_process_only
         self.calls = []
@@ -384,8 +384,8 @@ class RecordingSink(Sink):
 
 
 def test_custom_sink_sees_every_epoch(stub_evaluate):
-    sink = RecordingSink()
-    history, _, _ = run_fit(stub_evaluate, epochs=2, sinks=[sink])
+    sink = RecordingHook()
+    history, _, _ = run_fit(stub_evaluate, epochs=2, hooks=[sink])
     assert [c[0] for c in sink.calls] == ["before_fit", "after_epoch", "after_epoch", "after_fit"]
     assert sink.calls[0] == ("before_fit", 0) and sink.calls[-1] == ("after_fit", 2)
     for (_, epoch, scalars, entry), record in zip(sink.calls[1:3], history):
@@ -395,9 +395,9 @@ def test_custom_sink_sees_every_epoch(stub_evaluate):
 
 
 def test_main_process_only_sinks_are_skipped_on_other_ranks(stub_evaluate, monkeypatch):
-    monkeypatch.setattr(importlib.import_module("maskrcnn_coco.engine.sinks"), "is_main_process", lambda: False)
-    writer, everywhere = RecordingSink(main_process_only=True), RecordingSink(main_process_only=False)
-    run_fit(stub_evaluate, epochs=2, sinks=[writer, everywhere])
+    monkeypatch.setattr(importlib.import_module("maskrcnn_coco.engine.hooks"), "is_main_process", lambda: False)
+    writer, everywhere = RecordingHook(main_process_only=True), RecordingHook(main_process_only=False)
+    run_fit(stub_evaluate, epochs=2, hooks=[writer, everywhere])
     assert writer.calls == []
     assert [c[0] for c in everywhere.calls] == ["before_fit", "after_epoch", "after_epoch", "after_fit"]
 
@@ -453,8 +453,7 @@ def test_clipping_bounds_the_global_norm_and_norms_are_recorded_before(clip, exp
     model = LinearLosses()
     opt = torch.optim.SGD([{"params": [model.a], "name": "a"}, {"params": [model.b], "name": "b"}], lr=1.0, momentum=0.0)
     meter = GradNormMeter.from_optimizer(opt)
-    train_one_epoch(model, opt, scripted_loader([[0.0] * 5]), "cpu", 1, clip_grad_norm=clip, grad_norms=meter,
-                    progress=False)
+    train_one_epoch(model, opt, scripted_loader([[0.0] * 5]), "cpu", 1, [meter], settings=FitSettings(clip_grad_norm=clip))
     # One SGD step at lr 1 moves each parameter by minus its (clipped) gradient: the global norm
     # (3, 4) -> 5 is scaled to `clip`, not each group to `clip` on its own.
     after = (float(model.a.detach()), float(model.b.detach()))

@@ -14,7 +14,7 @@ from conftest import square_ann, write_coco_dataset
 
 
 def test_coco_metrics_from_ground_truth_results(tiny_data):
-    coco = tiny_data.val_coco
+    coco = tiny_data.val_loader.dataset.coco
     mapping = tiny_data.mapping
     results = []
     for ann in coco.anns.values():

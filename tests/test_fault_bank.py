@@ -18,13 +18,13 @@ import pytest
 from hydra import compose, initialize_config_dir
 from torch import nn
 
+from maskrcnn_coco.analysis.diagnostics import DIAGNOSTICS_FILE
 from maskrcnn_coco.analysis.sweep import register_resolvers
 from maskrcnn_coco.cli import experiment
 from maskrcnn_coco.cli.experiment import run_training
 from maskrcnn_coco.config import AugmentConfig, register_configs
 from maskrcnn_coco.data.coco import build_coco_dataset
 from maskrcnn_coco.data.shapes import ShapesParams, ensure_shapes_dataset
-from maskrcnn_coco.engine.sinks import DIAGNOSTICS_FILE
 
 from conftest import REPO, TINY_MODEL_OVERRIDES, TINY_OVERRIDES
 
@@ -46,11 +46,11 @@ def findings(run_dir: Path) -> list[dict]:
 
 
 def start_only(monkeypatch):
-    """Stop a run after its start (audit, ``before_fit`` of the sinks): for faults the audit catches."""
-    from maskrcnn_coco.engine.sinks import call_sinks
+    """Stop a run after its start (audit, ``before_fit`` of the hooks): for faults the audit catches."""
+    from maskrcnn_coco.engine.hooks import HookList
 
-    def fit(*args, sinks, state, **kwargs):
-        call_sinks(sinks, "before_fit", state)
+    def fit(model, optimizer, train_loader, val_loader, settings, hooks, *, state, **kwargs):
+        HookList(hooks).call("before_fit", state)
         return []
 
     monkeypatch.setattr(experiment, "fit", fit)

@@ -25,7 +25,6 @@ from maskrcnn_coco.analysis.runs import read_scalars
 from maskrcnn_coco.analysis.sweep import register_resolvers
 from maskrcnn_coco.cli.inspect_runs import main
 from maskrcnn_coco.config import LOSS_COMPONENTS, register_configs
-from maskrcnn_coco.engine import sinks
 
 from conftest import REPO, TINY_OVERRIDES
 
@@ -208,8 +207,24 @@ def test_summary_trend_best_and_last_epoch():
     assert summarise([(1, math.inf)], "loss/val") is None
 
 
+def test_flat_is_the_monitors_threshold_and_probe_findings_read_back():
+    """One threshold of "no change" (diagnostics.fall_rel) and one finding type (Diagnosis.to_json)."""
+    from maskrcnn_coco.analysis.inspect import DEFAULT_FLAT_TOL, format_diagnostic
+    from maskrcnn_coco.config import DiagnosticsConfig
+
+    assert DiagnosticsConfig().fall_rel == DEFAULT_FLAT_TOL
+    info = Diagnosis("zero_weight", ("loss_mask",), "batch 3: loss_mask is not optimised.", "", None, "not-optimised",
+                     epoch=None, severity="info", batch=3, image_ids=(7, 9))
+    head, cause = format_diagnostic(info.to_json())
+    assert head.strip() == "batch 3 · zero_weight · info · loss_mask"
+    assert cause.strip().startswith("cause: batch 3: loss_mask is not optimised.")
+    assert format_diagnostic(FINDING.to_json())[0].strip().startswith("epoch 2 · stalled · loss_mask")
+
+
 def test_the_diagnostics_file_name_is_the_one_the_sink_writes():
-    assert DIAGNOSTICS_FILE == sinks.DIAGNOSTICS_FILE
+    from maskrcnn_coco.engine import writers  # the engine's diagnostics hook (was engine/sinks.py)
+
+    assert DIAGNOSTICS_FILE == writers.DIAGNOSTICS_FILE
 
 
 # ------------------------------------------------------------------------- TensorBoard's own server

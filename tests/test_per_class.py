@@ -11,7 +11,7 @@ from torch import nn
 
 from maskrcnn_coco.config import LOSS_COMPONENTS
 from maskrcnn_coco.engine import evaluate
-from maskrcnn_coco.engine.sinks import ConfusionWriter, EpochResult, format_class_aps
+from maskrcnn_coco.engine.writers import ConfusionWriter, EpochResult, format_class_aps
 from maskrcnn_coco.evaluation.coco_eval import coco_metrics
 from maskrcnn_coco.evaluation.per_class import (
     CONFUSION_KEY,
@@ -41,7 +41,7 @@ def test_tag_names_are_sanitized_and_unique():
 
 
 def test_per_class_ap_and_its_tags(tiny_data):
-    coco = tiny_data.val_coco
+    coco = tiny_data.val_loader.dataset.coco
     ids = list(coco.imgs)
     metrics = coco_metrics(coco, truth_results(coco), ids)
     names = ["circle", "square", "triangle"]
@@ -135,7 +135,7 @@ class Oracle(nn.Module):
 
 
 def test_evaluate_returns_the_confusion_matrix_and_the_sink_writes_it(tiny_data, tmp_path):
-    coco = tiny_data.val_coco
+    coco = tiny_data.val_loader.dataset.coco
     _, metrics = evaluate(Oracle(tiny_data.val_loader, relabel={1: 2, 2: 3, 3: 1}), tiny_data.val_loader, "cpu",
                           mapping=tiny_data.mapping, progress=False)
     cm = metrics[CONFUSION_KEY]

@@ -14,15 +14,10 @@ from torch import nn
 
 from maskrcnn_coco.config import LOSS_COMPONENTS, OptimizerConfig, SchedulerConfig, default_param_groups
 from maskrcnn_coco.engine.eval_step import STAGES, evaluate_batch, loss_mode, restored_modes, shares_features
-from maskrcnn_coco.engine.loop import (
-    DivergenceGuard,
-    GradNormMeter,
-    IterationTimer,
-    _stack_losses,
-    evaluate,
-    move_to_device,
-    train_one_epoch,
-)
+from maskrcnn_coco.engine.evaluate import evaluate
+from maskrcnn_coco.engine.loop import move_to_device, stack_losses, train_one_epoch
+from maskrcnn_coco.engine.monitors import DivergenceGuard, GradNormMeter, IterationTimer, SpikeMonitor
+from maskrcnn_coco.engine.settings import FitSettings
 from maskrcnn_coco.evaluation.coco_eval import coco_metrics, predictions_to_coco, resolve_backend
 from maskrcnn_coco.solver.param_groups import build_optimizer
 from maskrcnn_coco.solver.schedule import build_lr_scheduler
@@ -69,8 +64,8 @@ def test_train_one_epoch_is_bit_identical_to_a_bare_torchvision_loop(tiny_model,
     optimizer = build_optimizer(sgd_config(impl), model, verbose=False)
     assert optimizer.defaults.get("fused") is (True if impl == "auto" else None)  # auto: fused SGD on CPU
     meter = GradNormMeter.from_optimizer(optimizer, model=model, every=1)
-    ours = train_one_epoch(model, optimizer, batches, "cpu", 1, lr_scheduler=scheduler(optimizer, len(batches)), grad_norms=meter,
-                           divergence=DivergenceGuard(factor=1e4), print_freq=2, progress=False, timer=IterationTimer())
+    ours = train_one_epoch(model, optimizer, batches, "cpu", 1, [meter, DivergenceGuard(factor=1e4), IterationTimer(), SpikeMonitor()],
+                           settings=FitSettings(print_freq=2), lr_scheduler=scheduler(optimizer, len(batches)))
     assert set(meter.compute()) >= {"backbone", "rpn", "heads", "module.rpn_head", "module.roi_heads_mask_predictor"}
     ours_state, ours_grads = snapshot(model), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
@@ -155,11 +150,13 @@ def host_reads(n_iterations, print_freq=8):
                for i in range(n_iterations)]
     meter = GradNormMeter.from_optimizer(optimizer, model=model, every=1)
     assert "module.roi_heads_box_head" in meter.groups
+    from maskrcnn_coco.engine.monitors import PeriodicCheckpoint
+    from maskrcnn_coco.engine.writers import ProgressBar
+
+    hooks = [meter, DivergenceGuard(factor=1e4), IterationTimer(), PeriodicCheckpoint(10**6), ProgressBar()]
+    settings = FitSettings(loss_weights={"loss_mask": 2.0}, clip_grad_norm=10.0, print_freq=print_freq)
     with counting_host_reads() as counts:
-        train_one_epoch(model, optimizer, batches, "cpu", 1, loss_weights={"loss_mask": 2.0}, lr_scheduler=sched,
-                        clip_grad_norm=10.0, grad_norms=meter, print_freq=print_freq, progress=True,
-                        divergence=DivergenceGuard(factor=1e4), timer=IterationTimer(),
-                        should_stop=lambda: False, after_step=lambda it: None)
+        train_one_epoch(model, optimizer, batches, "cpu", 1, hooks, settings=settings, lr_scheduler=sched)
     return sum(counts.values()), dict(counts)
 
 
@@ -183,7 +180,7 @@ def two_pass(model, batches, seed=0):
         torch.manual_seed(seed)
         for images, targets in batches:
             with loss_mode(model), torch.no_grad():
-                sums += _stack_losses(model(images, targets)) * len(images)
+                sums += stack_losses(model(images, targets)) * len(images)
             n += len(images)
             model.eval()
             with torch.inference_mode():
@@ -324,7 +321,7 @@ def test_grad_norms_are_the_mean_over_the_sampled_iterations():
 
     batches = [([torch.zeros(1)], [{"image_id": i, "c": torch.tensor(float(c))}]) for i, c in enumerate([1, 2, 3, 4, 5])]
     meter = GradNormMeter.from_optimizer(optimizer, every=2)
-    train_one_epoch(Scripted(), optimizer, batches, "cpu", 1, grad_norms=meter, progress=False)
+    train_one_epoch(Scripted(), optimizer, batches, "cpu", 1, [meter])
     assert meter.count == 3 and meter.compute() == pytest.approx({"all": (1 + 3 + 5) / 3})
 
 
@@ -332,8 +329,8 @@ def test_fit_records_module_grad_norms_lrs_and_loader_times(tiny_model, tiny_dat
     from maskrcnn_coco.engine import fit
 
     optimizer = build_optimizer(sgd_config(), tiny_model, verbose=False)
-    history = fit(tiny_model, optimizer, tiny_data.train_loader, None, epochs=1, device="cpu", mapping=tiny_data.mapping,
-                  sinks=[], progress=False, grad_norm_every=2)
+    history = fit(tiny_model, optimizer, tiny_data.train_loader, None, FitSettings(progress=False),
+                  [GradNormMeter(every=2), IterationTimer()], mapping=tiny_data.mapping)
     (record,) = history
     modules = ["rpn_head", "roi_heads_box_head", "roi_heads_box_predictor", "roi_heads_mask_head", "roi_heads_mask_predictor"]
     for m in modules:
@@ -382,11 +379,11 @@ def test_grouped_order_keeps_batches_in_one_group_and_resumes_exactly():
 def test_bf16_autocast_trains_on_cpu(tiny_model, tiny_data):
     batches = batches_of(tiny_data.train_loader, 2)
     optimizer = build_optimizer(sgd_config(), tiny_model, verbose=False)
-    losses = train_one_epoch(tiny_model, optimizer, batches, "cpu", 1, amp="bf16", progress=False)
+    losses = train_one_epoch(tiny_model, optimizer, batches, "cpu", 1, settings=FitSettings(amp="bf16"))
     assert all(math.isfinite(v) for v in losses.values())
     assert all(p.dtype == torch.float32 for p in tiny_model.parameters())
     with pytest.raises(ValueError, match=r"train\.amp"):
-        train_one_epoch(tiny_model, optimizer, batches, "cpu", 1, amp="fp8", progress=False)
+        train_one_epoch(tiny_model, optimizer, batches, "cpu", 1, settings=FitSettings(amp="fp8"))
 
 
 def test_optimizer_implementation_choice():
@@ -403,12 +400,12 @@ def test_optimizer_implementation_choice():
         build_optimizer(rms, model, verbose=False)
 
 
-def test_config_keys_and_the_deprecated_amp_flag():
+def test_config_keys_and_amp_resolution():
     from hydra import compose, initialize_config_dir
 
     from maskrcnn_coco.analysis.sweep import register_resolvers
-    from maskrcnn_coco.cli.experiment import check_values, cpu_has_bf16, resolve_amp
-    from maskrcnn_coco.config import config_dir, register_configs
+    from maskrcnn_coco.cli.experiment import cpu_has_bf16, resolve_amp
+    from maskrcnn_coco.config import config_dir, register_configs, validate_config
     from maskrcnn_coco.data.coco import resolve_num_workers
     from maskrcnn_coco.utils.errors import ConfigError
 
@@ -416,7 +413,7 @@ def test_config_keys_and_the_deprecated_amp_flag():
     register_resolvers()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("config", overrides=["train.amp=bf16", "data.num_workers=auto", "eval.backend=pycocotools"])
-        check_values(cfg)
+        validate_config(cfg)
         assert resolve_amp(cfg, torch.device("cpu")) == "bf16"
         off = compose("config", overrides=["train.amp=off"])
         assert off.train.amp == "off"
@@ -424,12 +421,8 @@ def test_config_keys_and_the_deprecated_amp_flag():
         assert default.train.amp == "auto" and default.train.grad_norm_every == 10
         assert resolve_amp(default, torch.device("cuda")) == "off"  # no mode measured on CUDA: off unless asked
         assert resolve_amp(default, torch.device("cpu")) == ("bf16" if cpu_has_bf16() else "off")
-        legacy = compose("config", overrides=["amp=true"])
-        assert resolve_amp(legacy, torch.device("cuda")) == "fp16" and resolve_amp(legacy, torch.device("cpu")) == "off"
         for bad in (["train.amp=fp32"], ["eval.backend=fast"], ["optimizer.impl=magic"], ["data.num_workers=-1"],
                     ["train.grad_norm_every=0"]):
             with pytest.raises(ConfigError):
-                check_values(compose("config", overrides=bad))
-        with pytest.raises(ConfigError, match=r"train\.amp only"):
-            resolve_amp(compose("config", overrides=["amp=true", "train.amp=bf16"]), torch.device("cpu"))
+                validate_config(compose("config", overrides=bad))
     assert 0 <= resolve_num_workers("auto") <= 8 and resolve_num_workers(3) == 3

@@ -67,8 +67,8 @@ def test_model_is_bit_identical_after_a_probe(tiny_model, tiny_data):
 def test_constant_predictions_and_dominance_are_diagnosed(tiny_model, tiny_data):
     images, targets = first_batch(tiny_data.train_loader)
     heavy = probe_batch(tiny_model, images, targets, loss_weights={"loss_objectness": 1000.0})
-    dominant = [w for w in heavy["warnings"] if w["code"] == "dominant_component"]
-    assert dominant and dominant[0]["component"] == "loss_objectness"
+    dominant = [w for w in heavy["warnings"] if w["kind"] == "dominant"]
+    assert dominant and dominant[0]["components"] == ["loss_objectness"]
     assert "loss.weights.loss_objectness" in dominant[0]["message"] and "anchor sizes" in dominant[0]["message"]
     assert heavy["weighted_components"]["loss_objectness"] == pytest.approx(1000 * heavy["loss_components"]["loss_objectness"])
 
@@ -76,7 +76,7 @@ def test_constant_predictions_and_dominance_are_diagnosed(tiny_model, tiny_data)
         for p in tiny_model.roi_heads.box_predictor.parameters():
             p.zero_()
     record = probe_batch(tiny_model, images, targets)
-    codes = {w["code"] for w in record["warnings"]}
+    codes = {w["kind"] for w in record["warnings"]}
     assert "constant_predictions" in codes
     # A zeroed 4-class classifier gives exactly ln(4).
     assert record["loss_components"]["loss_classifier"] == pytest.approx(math.log(4), rel=1e-5)
@@ -88,7 +88,7 @@ def test_invalid_boxes_reaching_the_model_are_named_not_fatal(tiny_model, tiny_d
     images, targets = first_batch(tiny_data.train_loader)
     targets[1]["boxes"][0] = torch.tensor(box)
     record = probe_batch(tiny_model, images, targets)
-    flagged = [w for w in record["warnings"] if w["code"] in ("invalid_ground_truth", "non_finite")]
+    flagged = [w for w in record["warnings"] if w["kind"] in ("invalid_ground_truth", "non_finite")]
     assert flagged and targets[1]["image_id"] in flagged[0]["image_ids"]
     assert f"image {targets[1]['image_id']} box 0" in flagged[0]["message"] and problem in flagged[0]["message"]
 
@@ -115,7 +115,7 @@ def test_planted_nan_box_gives_a_warning_naming_the_image(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     (record,) = json.loads((out_dir / "loss_components.json").read_text())
     assert sorted(record["image_ids"]) == [11, 12]
-    nan_warnings = [w for w in record["warnings"] if w["code"] == "invalid_annotation"]
+    nan_warnings = [w for w in record["warnings"] if w["kind"] == "invalid_annotation"]
     assert [w["image_ids"] for w in nan_warnings] == [[12]]
     assert "image 12 annotation 3" in nan_warnings[0]["message"] and "NaN" in nan_warnings[0]["message"]
     assert all(math.isfinite(record["loss_components"][k]) for k in LOSS_COMPONENTS)
@@ -234,7 +234,27 @@ def test_per_level_sums_on_torchvision_models(tiny_data, arch):
     (record,) = run_probe(model, tiny_data.train_loader, "cpu", num_batches=1, progress=False)
     assert check_per_level_sums(record) == []
     assert [s["level"] for s in record["batch_stats"]["per_level_stats"]] == ["0", "1", "2", "3", "pool"]
-    assert not [w for w in record["warnings"] if w["code"] in ("per_level_mismatch", "constant_predictions")]
+    assert not [w for w in record["warnings"] if w["kind"] in ("per_level_mismatch", "constant_predictions")]
+
+
+def test_the_json_carries_its_schema_and_findings_are_diagnoses(tmp_path, capsys):
+    """Every JSON record has ``schema`` (2); its findings have the fields of a diagnostics.jsonl line."""
+    from maskrcnn_coco.analysis.diagnostics import FINDING_FIELDS
+    from maskrcnn_coco.probe.report import SCHEMA, load_records
+
+    out = tmp_path / "probe"
+    assert main(["--num-batches", "1", "--format", "json", "--output-dir", str(out), *PROBE_ARGS,
+                 "loss.weights.loss_objectness=1000"]) == 0
+    assert "warning:dominant x1" in capsys.readouterr().out
+    (record,) = json.loads((out / "loss_components.json").read_text())
+    assert SCHEMA == 2 and record["schema"] == SCHEMA
+    (dominant,) = [w for w in record["warnings"] if w["kind"] == "dominant"]
+    assert set(dominant) == set(FINDING_FIELDS)
+    assert (dominant["severity"], dominant["batch"], dominant["epoch"]) == ("warning", 0, None)
+    assert dominant["components"] == ["loss_objectness"] and dominant["image_ids"] == record["image_ids"]
+    assert dominant["config_key"] == "loss.weights.loss_objectness" and dominant["evidence"]["weight"] == 1000.0
+    assert dominant["message"].endswith("(see docs/LOSS_BREAKDOWN.md#dominant-component)")
+    assert load_records(out)[0]["schema"] == SCHEMA
 
 
 def fake_record(batch_idx, box_reg, roi_pos, level_box_reg):

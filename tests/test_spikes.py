@@ -10,7 +10,7 @@ from test_engine import ScriptedLosses, scripted_loader  # loss_k = w * c_k, c_k
 from maskrcnn_coco.analysis.diagnostics import DIAGNOSTICS_FILE, iteration_spikes
 from maskrcnn_coco.config import LOSS_COMPONENTS, DiagnosticsConfig
 from maskrcnn_coco.data.coco import CategoryMapping
-from maskrcnn_coco.engine.loop import GradNormMeter, SpikeMonitor, train_one_epoch
+from maskrcnn_coco.engine import FitSettings, GradNormMeter, SpikeMonitor, train_one_epoch
 
 PARTS = dict.fromkeys(LOSS_COMPONENTS, 0.2)
 
@@ -57,8 +57,7 @@ def run(rows, print_freq=10, config=None):
     found = []
     monitor = SpikeMonitor(config, on_spike=found.append)
     try:
-        train_one_epoch(model, opt, scripted_loader(rows), "cpu", 1, progress=False, print_freq=print_freq,
-                        grad_norms=meter, spikes=monitor)
+        train_one_epoch(model, opt, scripted_loader(rows), "cpu", 1, [meter, monitor], settings=FitSettings(print_freq=print_freq))
     except FloatingPointError as err:
         return found, monitor, err
     return found, monitor, None
@@ -102,8 +101,7 @@ def test_the_monitor_costs_no_host_sync_between_read_backs(monkeypatch):
 def test_fit_writes_spikes_to_diagnostics_jsonl_and_tensorboard_text(tmp_path, caplog):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from maskrcnn_coco.engine import fit
-    from maskrcnn_coco.engine.sinks import default_sinks
+    from maskrcnn_coco.engine import default_hooks, fit
     from maskrcnn_coco.tracking.backends import TensorBoardTracker
 
     caplog.set_level(logging.WARNING, logger="maskrcnn_coco")
@@ -112,9 +110,10 @@ def test_fit_writes_spikes_to_diagnostics_jsonl_and_tensorboard_text(tmp_path, c
     model = ScriptedLosses()
     opt = torch.optim.SGD([{"params": [model.w], "lr": 0.0, "name": "heads"}])
     tracker = TensorBoardTracker(tmp_path / "tb")
-    spikes = SpikeMonitor(DiagnosticsConfig())
-    history = fit(model, opt, scripted_loader(rows), None, epochs=1, device="cpu", mapping=CategoryMapping([{"id": 1, "name": "a"}]),
-                  sinks=default_sinks(tmp_path, tracker), progress=False, print_freq=10, spikes=spikes)
+    settings = FitSettings(print_freq=10, progress=False)
+    hooks = default_hooks(tmp_path, settings, tracker, diagnostics=DiagnosticsConfig())
+    spikes = next(h for h in hooks if isinstance(h, SpikeMonitor))
+    history = fit(model, opt, scripted_loader(rows), None, settings, hooks, mapping=CategoryMapping([{"id": 1, "name": "a"}]))
     tracker.close()
     assert history[0]["spike/loss"] == pytest.approx(8.8 / 1.0, rel=0.3)  # the peak's ratio is a tag
     lines = [json.loads(line) for line in (tmp_path / DIAGNOSTICS_FILE).read_text().splitlines()]
@@ -135,13 +134,13 @@ def test_fit_writes_spikes_to_diagnostics_jsonl_and_tensorboard_text(tmp_path, c
 
 
 def test_a_spike_is_reported_once_per_epoch_and_subject(tmp_path):
-    from maskrcnn_coco.engine.sinks import DiagnosticsSink
+    from maskrcnn_coco.engine.writers import DiagnosticsWriter
 
     def spike(epoch, component):
         return iteration_spikes(epoch, loss=(9.0, 5, PARTS | {component: 8.2}), loss_reference=(1.0, PARTS),
                                 grad_norms={}, grad_references={}, window=1)[0]
 
-    sink = DiagnosticsSink(tmp_path)
+    sink = DiagnosticsWriter(tmp_path)
     for finding in (spike(1, "loss_mask"), spike(1, "loss_classifier"), spike(2, "loss_mask")):
         sink.on_finding(None, finding)
     lines = [json.loads(line) for line in (tmp_path / DIAGNOSTICS_FILE).read_text().splitlines()]

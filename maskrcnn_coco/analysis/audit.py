@@ -16,6 +16,8 @@ training, and returns an ``AuditReport``: a table and ``Diagnosis`` warnings (``
   cannot reach the RPN's positive threshold (0.7). Above ``anchor_unreachable_share``, and by more than
   ``anchor_excess_share`` above the share of the best one-size-per-level anchors for these boxes (octave
   spacing always leaves some objects between two sizes), it is a warning with those sizes as the fix.
+  ``anchor_fit`` and the rule ``anchor_misfit`` are also the loss probe's (per batch, and on the probed
+  split's objects: ``dataset_anchor_fit``), so the two report the same numbers against the same thresholds.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class AnchorFit:
     aspect_ratios: list[list[float]]
     suggested_sizes: list[int] | None = None
     suggested_unreachable_share: float | None = None
+    # Objects below ``threshold``: ``unreachable_share`` x ``num_objects`` (estimated beyond MAX_FIT_OBJECTS).
+    num_unreachable: int = 0
 
 
 @dataclass
@@ -206,6 +210,16 @@ def producer_warnings(rows: Sequence[ProducerRow], optimizer: torch.optim.Optimi
 
 
 # ---------------------------------------------------------------------------------- anchor fit
+def box_sizes(boxes: Any) -> np.ndarray:
+    """``(N, 2)`` widths and heights of ``(N, 4)`` xyxy boxes (a tensor or an array), finite and positive
+    ones only: the form ``anchor_fit`` takes (the loss probe's batch boxes, already resized by the model)."""
+    arr = boxes.detach().float().cpu().numpy() if isinstance(boxes, torch.Tensor) else np.asarray(boxes, dtype=np.float64)
+    arr = arr.reshape(-1, 4).astype(np.float64)
+    wh = np.stack([arr[:, 2] - arr[:, 0], arr[:, 3] - arr[:, 1]], axis=1)
+    keep = np.isfinite(wh).all(axis=1) & (wh > 0).all(axis=1)
+    return wh[keep]
+
+
 def object_sizes(
     coco: Any, image_ids: Iterable[int] | None = None, ann_ids: Iterable[int] | None = None, *,
     min_size: float, max_size: float,
@@ -288,14 +302,31 @@ def anchor_fit(boxes: np.ndarray, sizes: Sequence[Sequence[float]], ratios: Sequ
         anchor_sizes=[[float(s) for s in level] for level in sizes],
         aspect_ratios=[[float(r) for r in level] for level in ratios],
     )
+    fit.num_unreachable = round(fit.unreachable_share * total)
     level_ratios = sorted({float(r) for level in ratios for r in level})
     fit.suggested_sizes, fit.suggested_unreachable_share = suggest_anchor_sizes(boxes, len(sizes), level_ratios, threshold)
     return fit
 
 
+ANCHOR_CAUSE = ("anchor sizes far from the object sizes: the RPN only gets low-quality positive anchors, so "
+                "loss_rpn_box_reg stays far above its healthy value and the proposals are poor")
+
+
+def anchor_misfit(fit: AnchorFit | Mapping[str, Any] | None, config: DiagnosticsConfig) -> bool:
+    """The anchor-fit rule (start-of-run audit and loss probe): more than ``anchor_unreachable_share`` of
+    the objects below the threshold, and more than ``anchor_excess_share`` above the share the best
+    one-size-per-level anchors leave. ``fit``: an ``AnchorFit`` or its dict."""
+    if fit is None:
+        return False
+    values = fit if isinstance(fit, Mapping) else fit.__dict__
+    share = float(values["unreachable_share"])
+    best = values.get("suggested_unreachable_share")
+    best = 0.0 if best is None else float(best)
+    return share > config.anchor_unreachable_share and share - best > config.anchor_excess_share
+
+
 def anchor_warning(fit: AnchorFit, config: DiagnosticsConfig, arch: str | None, has_anchor_key: bool) -> Diagnosis | None:
-    best = fit.suggested_unreachable_share if fit.suggested_unreachable_share is not None else 0.0
-    if fit.unreachable_share <= config.anchor_unreachable_share or fit.unreachable_share - best <= config.anchor_excess_share:
+    if not anchor_misfit(fit, config):
         return None
     sizes = fit.suggested_sizes or []
     left = f"{fit.suggested_unreachable_share or 0.0:.0%} of objects would stay below {fit.threshold:g}"
@@ -314,8 +345,7 @@ def anchor_warning(fit: AnchorFit, config: DiagnosticsConfig, arch: str | None, 
                  f"the RPN's positive IoU {fit.threshold:g} with any anchor (best centred IoU min/p10/median "
                  f"{fit.best_iou_min:.2f}/{fit.best_iou_p10:.2f}/{fit.best_iou_median:.2f}; object size p5/p50/p95 "
                  f"{q['p5']:.0f}/{q['p50']:.0f}/{q['p95']:.0f} px after resizing, anchors {_sizes_text(fit.anchor_sizes)} px)."),
-        cause=("anchor sizes far from the object sizes: the RPN only gets low-quality positive anchors, so "
-               "loss_rpn_box_reg stays far above its healthy value and the proposals are poor"),
+        cause=ANCHOR_CAUSE,
         config_key=fix,
         evidence={k: v for k, v in fit.__dict__.items() if k not in ("aspect_ratios",)},
     )
@@ -323,6 +353,8 @@ def anchor_warning(fit: AnchorFit, config: DiagnosticsConfig, arch: str | None, 
 
 # ------------------------------------------------------------------------------------- the audit
 def _dataset_boxes(dataset: Any, model: nn.Module) -> np.ndarray | None:
+    """The dataset's object sizes (``object_sizes``) as ``model``'s transform resizes them; None
+    without ``dataset.coco`` or a model transform."""
     coco = getattr(dataset, "coco", None)
     transform = getattr(model, "transform", None)
     if coco is None or transform is None:
@@ -349,15 +381,28 @@ def audit_run(
     model = getattr(model, "module", model)
     rows = producer_rows(model, optimizer, loss_weights)
     warnings = producer_warnings(rows, optimizer, loss_weights, config)
-    fit = None
-    generator = getattr(getattr(model, "rpn", None), "anchor_generator", None)
-    matcher = getattr(getattr(model, "rpn", None), "proposal_matcher", None)
-    boxes = _dataset_boxes(train_dataset, model) if train_dataset is not None else None
-    if generator is not None and boxes is not None:
-        threshold = float(getattr(matcher, "high_threshold", 0.7))
-        fit = anchor_fit(boxes, generator.sizes, generator.aspect_ratios, threshold)
-        if fit is not None:
-            warning = anchor_warning(fit, config, arch, bool(has_anchor_key))
-            if warning is not None:
-                warnings.append(warning)
+    fit = dataset_anchor_fit(train_dataset, model) if train_dataset is not None else None
+    if fit is not None:
+        warning = anchor_warning(fit, config, arch, bool(has_anchor_key))
+        if warning is not None:
+            warnings.append(warning)
     return AuditReport(producers=rows, anchor_fit=fit, warnings=warnings)
+
+
+def model_anchor_fit(model: nn.Module, boxes: np.ndarray) -> AnchorFit | None:
+    """``anchor_fit`` of ``(N, 2)`` box sizes against ``model``'s RPN anchors and positive IoU (its
+    matcher's ``high_threshold``, 0.7); None without objects or an anchor generator."""
+    model = getattr(model, "module", model)
+    generator = getattr(getattr(model, "rpn", None), "anchor_generator", None)
+    if generator is None:
+        return None
+    matcher = getattr(model.rpn, "proposal_matcher", None)
+    return anchor_fit(boxes, generator.sizes, generator.aspect_ratios, float(getattr(matcher, "high_threshold", 0.7)))
+
+
+def dataset_anchor_fit(dataset: Any, model: nn.Module) -> AnchorFit | None:
+    """The anchor fit of every usable object of ``dataset`` (with ``coco``, ``ids``, ``usable_ann_ids``):
+    the audit's at the start of a run, the loss probe's for the probed split."""
+    model = getattr(model, "module", model)
+    boxes = _dataset_boxes(dataset, model)
+    return None if boxes is None else model_anchor_fit(model, boxes)

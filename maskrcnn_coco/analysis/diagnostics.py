@@ -1,4 +1,5 @@
-"""Which part of the detector is failing, read from a run's history: pure monitor functions.
+"""Which part of the detector is failing, read from a run's history: pure monitor functions, and the
+one finding type (``Diagnosis``) and shared rules of the monitors, the start-of-run audit and the loss probe.
 
 Each monitor takes the history (``[{"epoch": e, <tag>: value}, ...]``, tags of
 ``maskrcnn_coco.tracking.scalars``), the loss weights and ``DiagnosticsConfig`` thresholds, and
@@ -11,6 +12,10 @@ epochs (a rise or a stall: that many epoch-to-epoch changes). Trend monitors als
 that start within the first ``min_steps`` optimizer steps (warmup; ``loss_box_reg`` rises while the
 RPN starts producing positives), so short and tiny runs stay quiet.
 The patterns and their fixes are described in docs/LOSS_BREAKDOWN.md; each warning links its section.
+
+``Diagnosis`` is also what the start-of-run audit (``analysis.audit``) and the loss probe
+(``probe.core.probe_findings``) return, and the dominance rule (``dominance``, ``dominates``) and its
+cause and key are shared with the probe, so one ``DiagnosticsConfig`` threshold decides both.
 """
 
 from __future__ import annotations
@@ -57,10 +62,19 @@ def chance_values(num_classes: int) -> dict[str, float]:
 SPIKE_KINDS = ("loss_spike", "grad_norm_spike")
 
 
+# The fields of a finding's JSON object (``Diagnosis.to_json``): a line of diagnostics.jsonl, an entry of
+# the audit's and of a loss-probe record's ``warnings``.
+FINDING_FIELDS = ("epoch", "kind", "severity", "components", "subject", "batch", "image_ids", "evidence", "cause",
+                  "config_key", "message")
+
+
 @dataclass
 class Diagnosis:
-    """One finding: ``kind``, the ``components`` concerned, what is seen (``message``, with numbers),
-    the likely ``cause`` and the ``config_key`` to change; ``evidence`` holds the numbers."""
+    """One finding of the run's monitors, the start-of-run audit or the loss probe: ``kind``, the
+    ``components`` concerned, what is seen (``message``, with numbers), the likely ``cause`` and the
+    ``config_key`` to change; ``evidence`` holds the numbers. ``severity``: ``warning`` (a fault) or
+    ``info`` (worth knowing, not a fault). ``epoch``: the run's epoch (0: the start of the run; None
+    for a probe finding); ``batch`` and ``image_ids``: the probed batch and its COCO image ids."""
 
     kind: str
     components: tuple[str, ...]
@@ -68,9 +82,12 @@ class Diagnosis:
     cause: str
     config_key: str | None
     section: str
-    epoch: int = 0
+    epoch: int | None = 0
     evidence: dict[str, Any] = field(default_factory=dict)
     subject: str | None = None  # a module or class name when the finding is about one
+    severity: str = "warning"
+    batch: int | None = None
+    image_ids: tuple[Any, ...] = ()
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -81,15 +98,20 @@ class Diagnosis:
         return (self.kind, self.components, self.subject)
 
     def text(self) -> str:
+        cause = f" Likely cause: {self.cause}." if self.cause else ""
         change = f" Change: {self.config_key}." if self.config_key else ""
-        return f"{self.message} Likely cause: {self.cause}.{change} (see {DOC}#{self.section})"
+        return f"{self.message}{cause}{change} (see {DOC}#{self.section})"
 
     def to_json(self) -> dict[str, Any]:
+        """The finding as one JSON object, with the fields ``FINDING_FIELDS`` (``message`` is ``text()``)."""
         return {
             "epoch": self.epoch,
             "kind": self.kind,
+            "severity": self.severity,
             "components": list(self.components),
             "subject": self.subject,
+            "batch": self.batch,
+            "image_ids": _plain(list(self.image_ids)),
             "evidence": _plain(self.evidence),
             "cause": self.cause,
             "config_key": self.config_key,
@@ -153,6 +175,50 @@ def _others_fall(history, weights, exclude: str, n: int, cfg: DiagnosticsConfig)
         return False, None
     median = statistics.median(drops)
     return median < -cfg.others_fall_rel, median
+
+
+# ------------------------------------------------------------------- dominance: one rule, shared
+def optimised_weighted(values: Mapping[str, Any], weights: Mapping[str, float]) -> dict[str, float]:
+    """weight x value of each optimised component (weight > 0) whose value is a finite number: what
+    dominance is judged on. Zero-weight components are not optimised and never count."""
+    out = {}
+    for c in _optimised(weights):
+        v = values.get(c)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[c] = weights.get(c, 1.0) * float(v)
+    return out
+
+
+def dominance(weighted: Mapping[str, float]) -> dict[str, tuple[float, float, float]]:
+    """Per component of ``weighted`` (``optimised_weighted``): (its ratio to the median of the others,
+    its share of their total, that median). Nothing with fewer than three components or a total <= 0;
+    a component whose others' median is <= 0 is left out."""
+    total = sum(weighted.values())
+    if len(weighted) < 3 or total <= 0:
+        return {}
+    out = {}
+    for c, value in weighted.items():
+        median = statistics.median(v for o, v in weighted.items() if o != c)
+        if median > 0:
+            out[c] = (value / median, value / total, median)
+    return out
+
+
+def dominates(ratio: float, share: float, cfg: DiagnosticsConfig) -> bool:
+    """The dominance rule of the monitors and the probe: at least ``dominance_factor`` times the median of
+    the other optimised weighted components and more than ``dominance_share`` of the optimised loss.
+    (Late in a healthy run the RPN terms are ~50x below the heads' (README: 0.002 vs 0.17), so the median
+    of 3-4 others can be an RPN term: dominating also means holding most of the optimised loss.)"""
+    return ratio >= cfg.dominance_factor and share > cfg.dominance_share
+
+
+def dominance_cause(c: str, weight: float) -> tuple[str, str]:
+    """(likely cause, config key) of a dominant component ``c`` at loss weight ``weight``."""
+    if weight > 1.0:
+        return (f"its loss weight is too large ({WEIGHT_KEY.format(c)}={weight:g}): the shared backbone follows its "
+                "gradient and the other heads get too little"), WEIGHT_KEY.format(c)
+    return ("its head cannot fit its targets (for the RPN: anchors that do not fit the objects, see the anchor-fit "
+            "audit; for the heads: a too low learning rate)"), f"{WEIGHT_KEY.format(c)} or {LR_KEY[c]}"
 
 
 def _epoch(history: Sequence[Mapping[str, Any]]) -> int:
@@ -271,9 +337,9 @@ def train_val_gap(history, weights, num_classes: int, cfg: DiagnosticsConfig) ->
 
 
 def dominant_component(history, weights, num_classes: int, cfg: DiagnosticsConfig) -> list[Diagnosis]:
-    """(d) A weighted component at least ``dominance_factor`` times the median of the other optimised
-    weighted components and more than half the optimised loss, for ``patience_epochs`` epochs.
-    Zero-weight components are not optimised and never count in the median."""
+    """(d) A weighted component that ``dominates`` (at least ``dominance_factor`` times the median of the
+    other optimised weighted components and more than ``dominance_share`` of the optimised loss) for
+    ``patience_epochs`` epochs. Zero-weight components are not optimised and never count in the median."""
     if _too_early(history, cfg):
         return []
     n = max(cfg.patience_epochs, 1)
@@ -285,32 +351,22 @@ def dominant_component(history, weights, num_classes: int, cfg: DiagnosticsConfi
         ratios: list[float] = []
         shares: list[float] = []
         for record in history[-n:]:
-            weighted = {o: weights.get(o, 1.0) * record[f"loss/train_{o}"] for o in optimised
-                        if isinstance(record.get(f"loss/train_{o}"), (int, float)) and math.isfinite(record[f"loss/train_{o}"])}
-            if c not in weighted or len(weighted) < 3:
+            found = dominance(optimised_weighted({o: record.get(f"loss/train_{o}") for o in optimised}, weights))
+            if c not in found:
                 break
-            median = statistics.median(v for o, v in weighted.items() if o != c)
-            total = sum(weighted.values())
-            if median <= 0 or total <= 0:
-                break
-            ratios.append(weighted[c] / median)
-            shares.append(weighted[c] / total)
-        # Late in a healthy run the RPN terms are ~50x below the heads' (README: 0.002 vs 0.17), so the
-        # median of 3-4 others can be an RPN term: dominating also means holding most of the optimised loss.
-        if len(ratios) < n or not all(r >= cfg.dominance_factor for r in ratios) or not all(f > 0.5 for f in shares):
+            ratios.append(found[c][0])
+            shares.append(found[c][1])
+        if len(ratios) < n or not all(dominates(r, f, cfg) for r, f in zip(ratios, shares)):
             continue
         w = weights.get(c, 1.0)
         raw = history[-1][f"loss/train_{c}"]
+        cause, key = dominance_cause(c, w)
         out.append(Diagnosis(
             kind="dominant", components=(c,), section="dominant-component", epoch=_epoch(history),
             message=(f"{c} dominates the optimised loss: weight {w:g} x {raw:.4g} = {w * raw:.4g}, {shares[-1]:.0%} of "
                      f"it and {ratios[-1]:.0f}x the median of the other weighted components over the last {n} epochs "
                      f"(ratios {_fmt(ratios)})."),
-            cause=(f"its loss weight is too large ({WEIGHT_KEY.format(c)}={w:g}): the shared backbone follows its "
-                   "gradient and the other heads get too little" if w > 1.0 else
-                   "its head cannot fit its targets (for the RPN: anchors that do not fit the objects, see the "
-                   "anchor-fit audit; for the heads: a too low learning rate)"),
-            config_key=WEIGHT_KEY.format(c) if w > 1.0 else f"{WEIGHT_KEY.format(c)} or {LR_KEY[c]}",
+            cause=cause, config_key=key,
             evidence={"ratios": ratios, "shares": shares, "weight": w, "value": raw},
         ))
     return out

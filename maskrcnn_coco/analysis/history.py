@@ -12,23 +12,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from maskrcnn_coco.tracking.scalars import check_objective, lower_is_better, tag_record
+from maskrcnn_coco.tracking.scalars import check_objective, lower_is_better
 
 HISTORY_FILE = "metrics.jsonl"
-LEGACY_HISTORY_FILE = "metrics.json"
 
 
 def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The epoch records of a run folder (``metrics.jsonl``; older runs' ``metrics.json`` converted)."""
-    run_dir = Path(run_dir)
-    path = run_dir / HISTORY_FILE
-    if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        return [tag_record(json.loads(line)) for line in lines]
-    legacy = run_dir / LEGACY_HISTORY_FILE
-    if legacy.is_file():
-        return [tag_record(r) for r in json.loads(legacy.read_text())]
-    return []
+    """The epoch records of a run folder (``metrics.jsonl``), empty when it has none."""
+    path = Path(run_dir) / HISTORY_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def record_metric(record: Mapping[str, Any], tag: str) -> float | None:

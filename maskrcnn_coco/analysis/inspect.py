@@ -29,12 +29,14 @@ from typing import Any
 from maskrcnn_coco.analysis.diagnostics import DIAGNOSTICS_FILE
 from maskrcnn_coco.analysis.history import HISTORY_FILE, read_history
 from maskrcnn_coco.analysis.runs import read_scalars
+from maskrcnn_coco.config import DiagnosticsConfig
 from maskrcnn_coco.tracking.scalars import IOU_TYPES, LOSS_COMPONENTS, METRIC_NAMES, TRAIN_TOTAL, VAL_TOTAL
 from maskrcnn_coco.utils.errors import UserError
 
 EVENT_FILE_MARK = "tfevents"
-# A change of at most this share of the larger value (first vs last, or over the last epoch) is "flat".
-DEFAULT_FLAT_TOL = 0.02
+# A change of at most this share of the larger value (first vs last, or over the last epoch) is "flat":
+# the run monitors' threshold of what counts as falling (``diagnostics.fall_rel``, 0.02), one number.
+DEFAULT_FLAT_TOL = DiagnosticsConfig.fall_rel
 
 Points = list[tuple[int, float]]
 
@@ -323,12 +325,17 @@ def _compact(value: Any, limit: int = 60) -> str:
 
 
 def format_diagnostic(record: Mapping[str, Any]) -> list[str]:
-    """One finding of ``diagnostics.jsonl`` in two or three lines; tolerant of missing and unknown keys
-    (``components`` as a list, or ``component`` as one name)."""
+    """One finding (``Diagnosis.to_json``: a line of ``diagnostics.jsonl``) in two or three lines;
+    tolerant of missing and unknown keys (``components`` as a list, or ``component`` as one name).
+    A finding of ``severity`` ``info`` is marked so; a probe finding (``batch``, no epoch) names its batch."""
     components = record.get("components", record.get("component"))
     if isinstance(components, (list, tuple)):
         components = ", ".join(map(str, components))
-    head = [f"epoch {record.get('epoch', '?')}", str(record.get("kind", "?"))]
+    when = (f"batch {record['batch']}" if record.get("epoch") is None and record.get("batch") is not None
+            else f"epoch {record.get('epoch', '?')}")
+    head = [when, str(record.get("kind", "?"))]
+    if record.get("severity") == "info":
+        head.append("info")
     head += [str(x) for x in (components, record.get("subject")) if x]
     key = record.get("config_key")
     if key:

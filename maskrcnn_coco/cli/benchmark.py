@@ -30,7 +30,6 @@ import json
 import math
 import os
 import platform
-import random
 import statistics
 import sys
 import time
@@ -47,17 +46,14 @@ from maskrcnn_coco.cli.args import parse_with_overrides
 from maskrcnn_coco.cli.experiment import build_components, check_config, resolve_device, seed_everything
 from maskrcnn_coco.cli.probe import compose_config
 from maskrcnn_coco.data.coco import CategoryMapping
-from maskrcnn_coco.engine.loop import (
-    AMP_DTYPES,
-    DivergenceGuard,
-    GradNormMeter,
-    IterationTimer,
-    amp_dtype,
-    evaluate,
-    grad_scaler,
-    move_to_device,
-    train_one_epoch,
-)
+from maskrcnn_coco.engine.checkpoint import load_training_checkpoint, rng_state, set_rng_state
+from maskrcnn_coco.engine.evaluate import evaluate
+from maskrcnn_coco.engine.hooks import Hook, HookList
+from maskrcnn_coco.engine.loop import move_to_device, train_one_epoch
+from maskrcnn_coco.engine.monitors import DivergenceGuard, GradNormMeter
+from maskrcnn_coco.engine.settings import AMP_DTYPES, FitSettings, amp_dtype, grad_scaler
+from maskrcnn_coco.engine.state import TrainingState
+from maskrcnn_coco.engine.writers import default_hooks
 from maskrcnn_coco.evaluation.coco_eval import coco_metrics, predictions_to_coco, resolve_backend, results_for_loadres
 from maskrcnn_coco.modeling.build import build_model
 from maskrcnn_coco.solver.param_groups import OPTIMIZER_IMPLS, build_optimizer
@@ -154,21 +150,6 @@ class Setup:
     coco_gt: Any
     train_loader: Any = None  # the configured loader (data section); None for synthetic data
     data: str = "config"
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.random.set_rng_state(state["torch"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def take(loader: Any, n: int) -> list[Any]:
@@ -277,23 +258,77 @@ class TrainBench:
         scheduler = build_lr_scheduler(self.s.cfg.scheduler, optimizer, max(len(self.s.train_batches), 1), self.s.cfg.epochs)
         return optimizer, scheduler
 
+    def settings(self, amp: str) -> FitSettings:
+        cfg = self.s.cfg
+        return FitSettings(device=self.s.device, loss_weights=self.s.loss_weights, amp=amp, scaler=grad_scaler(amp, self.s.device),
+                           clip_grad_norm=cfg.optimizer.clip_grad_norm, print_freq=cfg.print_freq, progress=False)
+
+    def hooks(self, settings: FitSettings) -> list[Hook]:
+        """The default instruments of a run (gradient norms, timer, divergence guard, spike monitor)."""
+        cfg = self.s.cfg
+        return default_hooks(None, settings, grad_norm_every=cfg.train.grad_norm_every, diagnostics=cfg.diagnostics,
+                             divergence=DivergenceGuard(max_loss=cfg.train.max_loss, factor=cfg.train.max_loss_factor))
+
     def ours(self, amp: str, channels_last: bool) -> tuple[float, float]:
-        """train_one_epoch as fit runs it; returns (wall, cpu)."""
-        cfg, s = self.s.cfg, self.s
+        """train_one_epoch with the default hooks, as fit runs it (the epoch's record included); returns (wall, cpu)."""
+        s = self.s
         optimizer, scheduler = self.restore(channels_last)
-        meter = GradNormMeter.from_optimizer(optimizer, model=s.model, every=cfg.train.grad_norm_every)
-        guard = DivergenceGuard(max_loss=cfg.train.max_loss, factor=cfg.train.max_loss_factor)
-        scaler = grad_scaler(amp, s.device)
+        settings = self.settings(amp)
+        hooks = self.hooks(settings)
 
         def run() -> None:
-            train_one_epoch(s.model, optimizer, s.train_batches, s.device, 1, loss_weights=s.loss_weights,
-                            lr_scheduler=scheduler, scaler=scaler, clip_grad_norm=cfg.optimizer.clip_grad_norm,
-                            grad_norms=meter, print_freq=cfg.print_freq, progress=False, divergence=guard,
-                            amp=amp, timer=IterationTimer())
-            meter.compute()  # fit reads the norms back at the epoch's end
+            train_one_epoch(s.model, optimizer, s.train_batches, s.device, 1, hooks, settings=settings, lr_scheduler=scheduler)
 
         _, wall, cpu = timed(run, s.device)
         return wall, cpu
+
+    def dispatch_us(self, amp: str, calls: int = 50) -> dict[str, float]:
+        """Microseconds per iteration of the default hooks' per-iteration events (``after_backward``,
+        ``after_step``, and ``at_read_back`` every ``print_freq``) on the model's current gradients and
+        a real step's losses: their work (gradient norms, spike and guard bookkeeping, timer) plus the
+        dispatch itself, and the dispatch alone (hooks that do nothing)."""
+        s = self.s
+        optimizer, _ = self.restore(False)
+        settings = self.settings(amp)
+        state = TrainingState(s.model, optimizer, None, None, s.mapping, 1)
+        images, targets = move_to_device(*s.train_batches[0], s.device)
+        with torch.autocast(s.device.type, dtype=amp_dtype(amp), enabled=amp_dtype(amp) is not None):
+            losses = s.model(images, targets)
+        components = torch.stack([losses[k] for k in sorted(losses)]).detach().float()
+        sum(losses.values()).backward()
+
+        class Idle(Hook):
+            def after_backward(self, state: TrainingState) -> None:
+                pass
+
+            def after_step(self, state: TrainingState) -> None:
+                pass
+
+            def at_read_back(self, state: TrainingState) -> None:
+                pass
+
+        out = {}
+        for label, hooks in (("default_hooks", self.hooks(settings)), ("dispatch_only", [Idle() for _ in range(6)])):
+            runner = HookList(hooks)
+            state.hooks, state.iteration, state.epoch = runner, 0, 1
+            state.weights = torch.ones(len(components), device=s.device)
+            state.loss_sums, state.it_device = torch.zeros_like(components), torch.zeros((), dtype=torch.long, device=s.device)
+            state.step_components, state.step_total = components, components.sum()
+            runner.call("before_epoch", state)
+
+            def iterations(runner: HookList = runner) -> None:
+                for i in range(calls):
+                    state.iteration, state.step_grad_norms = i, None
+                    runner.after_backward(state)
+                    runner.after_step(state)
+                    state.it_device += 1
+                    if (i + 1) % settings.print_freq == 0:
+                        runner.call("at_read_back", state)
+
+            _, wall, cpu = timed(iterations, s.device)
+            out[label] = 1e6 * (wall if s.device.type == "cuda" else cpu) / calls
+        optimizer.zero_grad(set_to_none=True)
+        return out
 
     def bare(self, amp: str, channels_last: bool) -> tuple[float, float]:
         """torchvision's loop: forward, (weighted) sum, backward, step, scheduler.
@@ -362,6 +397,7 @@ def bench_train(setup: Setup, args: argparse.Namespace, modes: Sequence[str], lo
             log(f"  train {name(v)} repeat {rep + 1}: ours {ours_t.wall[-1]:.2f}s (cpu {ours_t.cpu[-1]:.2f}s), "
                 f"bare {bare_t.wall[-1]:.2f}s (cpu {bare_t.cpu[-1]:.2f}s)")
     base = timings.get(("off", False), (None, None))[0]
+    dispatch = {name(v): bench.dispatch_us(v[0]) for v in variants}
     update_s = grad_norm_update_seconds(setup)
     every = setup.cfg.train.grad_norm_every
     out = {}
@@ -372,6 +408,7 @@ def bench_train(setup: Setup, args: argparse.Namespace, modes: Sequence[str], lo
         iter_s = statistics.median(bare_t.wall if setup.device.type == "cuda" else bare_t.cpu) / len(setup.train_batches)
         entry["overhead"] = {"grad_norm_update_ms": 1e3 * update_s, "grad_norm_every": every, "bare_iteration_s": iter_s,
                              "estimated_ratio_every_1": 1 + update_s / iter_s, "estimated_ratio": 1 + update_s / every / iter_s}
+        entry["hooks_us_per_iteration"] = dispatch[name(v)]
         if base is not None and v != ("off", False):
             entry["speedup_vs_off"] = ratios(base, ours_t)  # off / this: above 1 is faster
         out[name(v)] = entry
@@ -601,6 +638,10 @@ def format_report(report: dict[str, Any]) -> str:
             o = entry["overhead"]
             lines.append(f"      GradNormMeter.update {o['grad_norm_update_ms']:.1f} ms = x{o['estimated_ratio_every_1']:.4f} of a bare "
                          f"iteration every iteration, x{o['estimated_ratio']:.4f} every {o['grad_norm_every']}")
+        if "hooks_us_per_iteration" in entry:
+            h = entry["hooks_us_per_iteration"]
+            lines.append(f"      default hooks per iteration: {h['default_hooks']:.0f} us (their work + dispatch; gradient norms "
+                         f"every {report['meta']['grad_norm_every']}), dispatch alone {h['dispatch_only']:.1f} us")
         if "speedup_vs_off" in entry:
             lines.append(f"      {label} vs off (ours): wall x{_fmt(entry['speedup_vs_off']['wall'])} cpu x{_fmt(entry['speedup_vs_off']['cpu'])}")
     ev = report.get("eval")
@@ -683,8 +724,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report["train"] = bench_train(setup, args, modes, log)
     if "eval" in sections or "cocoeval" in sections:
         if args.weights:
-            state = torch.load(args.weights, map_location=device, weights_only=True)
-            setup.model.load_state_dict(state.get("model", state))
+            setup.model.load_state_dict(load_training_checkpoint(args.weights)["model"])
         log("eval: evaluate (val losses + COCO metrics) vs bare inference + COCOeval")
         eval_report, results = bench_eval(setup, args, log)
         if "eval" in sections:

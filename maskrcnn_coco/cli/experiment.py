@@ -22,16 +22,25 @@ from torch import nn
 from maskrcnn_coco.analysis.audit import audit_run
 from maskrcnn_coco.analysis.diagnostics import Diagnosis
 from maskrcnn_coco.analysis.history import objective_value
+from maskrcnn_coco.config import validate_config
 from maskrcnn_coco.data.coco import CategoryMapping, DataBundle, build_data
-from maskrcnn_coco.engine.checkpoint import TrainingState, load_training_checkpoint, restore_training_state
+from maskrcnn_coco.engine.checkpoint import (
+    CHECKPOINT_DIR,
+    Checkpointer,
+    find_auto_resume,
+    load_training_checkpoint,
+    restore_training_state,
+)
 from maskrcnn_coco.engine.fit import fit
-from maskrcnn_coco.engine.loop import AMP_DTYPES, DivergenceGuard, SpikeMonitor, grad_scaler
+from maskrcnn_coco.engine.hooks import Hook
+from maskrcnn_coco.engine.monitors import DivergenceGuard
+from maskrcnn_coco.engine.settings import FitSettings
 from maskrcnn_coco.engine.signals import StopRequested
-from maskrcnn_coco.engine.sinks import default_sinks
-from maskrcnn_coco.evaluation.coco_eval import BACKENDS
+from maskrcnn_coco.engine.state import TrainingState
+from maskrcnn_coco.engine.writers import default_hooks
 from maskrcnn_coco.modeling.build import build_model
 from maskrcnn_coco.modeling.weights import WeightsError, is_local_path
-from maskrcnn_coco.solver.param_groups import OPTIMIZER_IMPLS, build_optimizer, check_head_multiplier
+from maskrcnn_coco.solver.param_groups import build_optimizer, check_head_multiplier
 from maskrcnn_coco.solver.schedule import build_lr_scheduler, check_schedule
 from maskrcnn_coco.tracking.backends import CompositeTracker, ExperimentTracker, GuardedTracker, NullTracker
 from maskrcnn_coco.tracking.hparams import Hyperparams, task_overrides
@@ -124,55 +133,14 @@ def _missing_keys(node: DictConfig, prefix: str = ""):
             yield from _missing_keys(node[key], f"{prefix}{key}.")
 
 
-# (config key, test, what it must be): values that cannot work, refused before any data or model is built.
-_RANGE_CHECKS: tuple[tuple[str, Any, str], ...] = (
-    ("epochs", lambda v: v >= 1, "at least 1"),
-    ("optimizer.lr", lambda v: v > 0, "positive"),
-    ("data.batch_size", lambda v: v >= 1, "at least 1"),
-    ("data.val_batch_size", lambda v: v is None or v >= 1, "at least 1 (or null: same as data.batch_size)"),
-    ("data.num_workers", lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0), "0 or more, or auto"),
-    ("train.amp", lambda v: v == "auto" or v in AMP_DTYPES, f"auto or one of {', '.join(AMP_DTYPES)}"),
-    ("train.grad_norm_every", lambda v: v >= 1, "at least 1"),
-    ("eval.backend", lambda v: v in BACKENDS, f"one of {', '.join(BACKENDS)}"),
-    ("optimizer.impl", lambda v: v in OPTIMIZER_IMPLS, f"one of {', '.join(OPTIMIZER_IMPLS)}"),
-    ("print_freq", lambda v: v >= 1, "at least 1"),
-    ("eval.every_n_epochs", lambda v: v >= 1, "at least 1"),
-    ("checkpoint.every_n_epochs", lambda v: v >= 0, "0 (no epoch_NNN.pth) or more"),
-    ("checkpoint.keep_last", lambda v: v is None or v >= 1, "at least 1 (or null: keep all)"),
-    ("checkpoint.every_n_iters", lambda v: v is None or v >= 1, "at least 1 (or null)"),
-    ("optimizer.clip_grad_norm", lambda v: v is None or v > 0, "positive (or null)"),
-    ("optimizer.scale_lr", lambda v: v in ("none", "linear"), "none or linear"),
-    ("optimizer.reference_batch_size", lambda v: v >= 1, "at least 1"),
-    ("train.max_loss", lambda v: v is None or v > 0, "positive (or null)"),
-    ("train.max_loss_factor", lambda v: v is None or v > 1, "above 1 (or null)"),
-    ("scheduler.warmup_iters", lambda v: v >= 0, "0 or more"),
-)
-
-
-def check_values(cfg: DictConfig) -> None:
-    """One ``ConfigError`` naming the first key whose value cannot work."""
-    for key, ok, expected in _RANGE_CHECKS:
-        value = OmegaConf.select(cfg, key, default=None)
-        if value is None and "null" not in expected:
-            raise ConfigError(f"{key}=null: must be {expected}")
-        if not ok(value):
-            raise ConfigError(f"{key}={value}: must be {expected}")
-    scale = OmegaConf.select(cfg, "data.augment.scale_range", default=None)
-    if scale is not None and not (len(scale) == 2 and 0 < scale[0] <= scale[1]):
-        raise ConfigError(f"data.augment.scale_range={list(scale)}: must be [min, max] with 0 < min <= max, e.g. [0.8,1.2] (or null)")
-    for key in ("data.augment.hflip_prob", "data.augment.vflip_prob"):
-        value = OmegaConf.select(cfg, key, default=0.0)
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{key}={value}: must be a probability in [0, 1]")
-
-
 def check_config(cfg: DictConfig) -> None:
-    """Fail before any work on values only known at run time: missing keys, bad choices, bad ranges."""
+    """Fail before any work on values only known at run time: missing keys, bad choices, bad ranges
+    (the rules beside the typed config's fields, ``maskrcnn_coco.config.validate_config``)."""
     missing = list(_missing_keys(cfg))
     if missing:
         hint = " (e.g. data.root=/data/coco)" if "data.root" in missing else ""
         raise ConfigError(f"Missing required config value: {', '.join(missing)}{hint}")
-    check_values(cfg)
+    validate_config(cfg)
     check_objective(cfg.objective.metric, cfg.objective.mode)
     check_head_multiplier(cfg.optimizer)
     for key in ("model.weights", "model.backbone_weights", "resume"):
@@ -181,17 +149,6 @@ def check_config(cfg: DictConfig) -> None:
             continue
         if value and is_local_path(value) and not Path(value).expanduser().is_file():
             raise WeightsError(f"Weights file not found: {value} ({key})")
-
-
-def find_auto_resume(runs_root: Path, exclude: Path | None = None) -> Path | None:
-    """The newest ``last.pth``/``interrupted.pth`` under ``runs_root`` (not in ``exclude``), or None."""
-    if not runs_root.is_dir():
-        return None
-    candidates = [
-        p for name in ("last.pth", "interrupted.pth") for p in runs_root.rglob(f"checkpoints/{name}")
-        if exclude is None or exclude.resolve() not in p.resolve().parents
-    ]
-    return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
 
 
 def resolve_resume(cfg: DictConfig, run_dir: Path) -> str | None:
@@ -251,17 +208,34 @@ def audit_start(cfg: DictConfig, model: nn.Module, optimizer: torch.optim.Optimi
     return report.warnings
 
 
+def build_hooks(cfg: DictConfig, run_dir: Path, settings: FitSettings, tracker: ExperimentTracker,
+                audit: list[Diagnosis], resolved: dict[str, Any]) -> list[Hook]:
+    """The run's hooks: the default instruments as configured (``train.*``, ``checkpoint.*``,
+    ``diagnostics.*``), then one hook per ``hooks.<name>`` entry (a Hydra ``_target_`` spec of a
+    ``engine.hooks.Hook``), in the order of the entries."""
+    hooks = default_hooks(
+        run_dir, settings, tracker, grad_norm_every=cfg.train.grad_norm_every,
+        divergence=DivergenceGuard(max_loss=cfg.train.max_loss, factor=cfg.train.max_loss_factor),
+        checkpoint=Checkpointer(run_dir / CHECKPOINT_DIR, every_n_epochs=cfg.checkpoint.every_n_epochs,
+                                extra={"config": resolved}, keep_last=cfg.checkpoint.keep_last,
+                                best_metric=cfg.objective.metric),
+        checkpoint_every_n_iters=cfg.checkpoint.every_n_iters, diagnostics=cfg.diagnostics, audit=audit,
+    )
+    for name, spec in (cfg.hooks or {}).items():
+        if spec is None:
+            continue
+        hook = instantiate(spec)
+        if not isinstance(hook, Hook):
+            raise ConfigError(f"hooks.{name}: {spec.get('_target_')} made a {type(hook).__name__}, not a maskrcnn_coco.engine.hooks.Hook")
+        hooks.append(hook)
+    return hooks
+
+
 def resolve_amp(cfg: DictConfig, device: torch.device) -> str:
     """``train.amp`` as a mode (``off``, ``bf16``, ``fp16``). ``auto``: ``bf16`` on a CPU with native bf16
     arithmetic (AVX512-BF16 or AMX; measured 1.4x faster at the same accuracy), else ``off`` (also on
-    CUDA, where no mode was measured here: choose ``bf16`` or ``fp16`` explicitly). The deprecated
-    top-level ``amp=true`` keeps its old meaning (fp16 with a GradScaler on CUDA, nothing on CPU)."""
+    CUDA, where no mode was measured here: choose ``bf16`` or ``fp16`` explicitly)."""
     mode = cfg.train.amp
-    if OmegaConf.select(cfg, "amp", default=None):
-        if mode not in ("off", "auto"):
-            raise ConfigError(f"amp=true and train.amp={mode} are both set: amp is deprecated, use train.amp only")
-        mode = "fp16" if device.type == "cuda" else "off"
-        log.warning("amp=true is deprecated: use train.amp=fp16 or train.amp=bf16 (now train.amp=%s, as amp=true did)", mode)
     if mode == "auto":
         mode = "bf16" if device.type == "cpu" and cpu_has_bf16() else "off"
         log.info("train.amp=auto: %s", "bf16 (this CPU computes in bf16 natively)" if mode == "bf16" else "off")
@@ -295,17 +269,12 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
     audit = audit_start(cfg, model, optimizer, parts)
     scheduler = build_lr_scheduler(cfg.scheduler, optimizer, len(data.train_loader), cfg.epochs)
     check_schedule(cfg.scheduler, len(data.train_loader), cfg.epochs)
-    amp = resolve_amp(cfg, device)
-    # fp16 needs loss scaling (its range is too small for small gradients); bf16 has fp32's range.
-    scaler = grad_scaler(amp, device)
-    state = TrainingState(model, optimizer, scheduler, scaler, data.mapping, cfg.epochs)
-
-    start_epoch, progress = 1, None
+    settings = FitSettings.from_config(cfg, device, resolve_amp(cfg, device), parts.loss_weights)
+    state = TrainingState(model, optimizer, scheduler, settings.scaler, data.mapping, cfg.epochs)
     if ckpt is not None:
-        resumed = restore_training_state(resume, state, ckpt)
-        start_epoch, progress = resumed.start_epoch, resumed.progress
-        if start_epoch > cfg.epochs and progress is None:
-            raise ConfigError(f"resume={resume} already finished epoch {start_epoch - 1}; set epochs above {start_epoch - 1} to train more")
+        restore_training_state(resume, state, ckpt)
+        if state.epoch >= cfg.epochs and state.progress is None:
+            raise ConfigError(f"resume={resume} already finished epoch {state.epoch}; set epochs above {state.epoch} to train more")
 
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
@@ -315,25 +284,11 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
     )
     tracker = build_tracker(cfg.tracker, run_dir)
     resolved = config_to_dict(cfg)
-    sinks = default_sinks(
-        run_dir, tracker, checkpoint_every=cfg.checkpoint.every_n_epochs, checkpoint_extra={"config": resolved},
-        keep_last=cfg.checkpoint.keep_last, best_metric=cfg.objective.metric, diagnostics=cfg.diagnostics, audit=audit,
-    )
-    guard = DivergenceGuard(max_loss=cfg.train.max_loss, factor=cfg.train.max_loss_factor)
+    hooks = build_hooks(cfg, run_dir, settings, tracker, audit, resolved)
     try:
         tracker.log_hyperparams(Hyperparams(resolved, overrides=task_overrides()))
-        history = fit(
-            wrap_distributed(model, device), optimizer, data.train_loader, data.val_loader,
-            epochs=cfg.epochs, device=device, mapping=data.mapping, sinks=sinks,
-            loss_weights=parts.loss_weights, lr_scheduler=scheduler, scaler=scaler,
-            clip_grad_norm=cfg.optimizer.clip_grad_norm, start_epoch=start_epoch,
-            eval_every=cfg.eval.every_n_epochs, compute_val_loss=cfg.eval.val_loss,
-            mask_threshold=cfg.eval.mask_threshold, print_freq=cfg.print_freq, progress=cfg.progress,
-            state=state, start_progress=progress, divergence=guard,
-            checkpoint_every_n_iters=cfg.checkpoint.every_n_iters,
-            amp=amp, grad_norm_every=cfg.train.grad_norm_every, eval_backend=cfg.eval.backend,
-            spikes=SpikeMonitor(cfg.diagnostics) if cfg.diagnostics.enabled else None,
-        )
+        history = fit(wrap_distributed(model, device), optimizer, data.train_loader, data.val_loader, settings, hooks,
+                      mapping=data.mapping, lr_scheduler=scheduler, state=state)
     finally:
         tracker.close()
     return objective_value(history, cfg.objective.metric, cfg.objective.mode)

@@ -2,7 +2,7 @@
 
 The config is composed exactly as training composes it (same ``conf/``, schemas and overrides), and
 the data loaders, model builder, weight loading and loss weights are the training ones
-(``experiment.build_components``).
+(``experiment.build_components``), and the findings' thresholds are the config's ``diagnostics.*``.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             loader = parts.data.train_loader if split == "train" else parts.data.val_loader
             by_split[split] = run_probe(
                 parts.model, loader, parts.device, num_batches=args.num_batches,
-                loss_weights=parts.loss_weights, seed=cfg.seed, progress=progress,
+                loss_weights=parts.loss_weights, seed=cfg.seed, progress=progress, config=cfg.diagnostics,
             )
     except (UserError, FileNotFoundError) as err:
         print(f"Error: {err}", file=sys.stderr)

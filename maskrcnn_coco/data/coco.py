@@ -46,7 +46,6 @@ from maskrcnn_coco.data.samplers import SeededSamples, ShardSampler, TrainSample
 from maskrcnn_coco.data.shapes import ShapesParams, ensure_shapes_dataset
 from maskrcnn_coco.data.validate import (
     ON_INVALID,
-    check_annotation,
     check_split,
     describe_error,
     load_rgb,
@@ -112,11 +111,6 @@ class CategoryMapping:
     @classmethod
     def from_state_dict(cls, state: dict[str, list]) -> CategoryMapping:
         return cls([{"id": i, "name": n} for i, n in zip(state["coco_ids"], state["names"])])
-
-
-def annotation_problem(ann: dict[str, Any], image: dict[str, Any] | None, known_ids: Iterable[int]) -> str | None:
-    """Why a COCO annotation cannot be a training target, or None if it can (``validate.check_annotation``)."""
-    return check_annotation(ann, image, set(known_ids))[1]
 
 
 def find_invalid_annotations(coco: COCO, image_ids: Iterable[int] | None = None) -> list[dict[str, Any]]:
@@ -239,9 +233,9 @@ def build_coco_dataset(
     """A ``CocoDetection`` over ``images`` and ``annotations`` yielding Mask R-CNN samples.
 
     The returned dataset has ``.coco`` (pycocotools COCO, without the invalid annotations),
-    ``.ids`` (image ids in order), ``.mapping`` (the ``CategoryMapping``) and ``.check`` (the
-    ``validate.SplitCheck``). ``on_invalid`` (``error`` or ``drop``): what becomes of images that
-    are missing, cannot be decoded or differ in size from the annotation file (see the module doc).
+    ``.ids`` (image ids in order) and ``.mapping`` (the ``CategoryMapping``). ``on_invalid``
+    (``error`` or ``drop``): what becomes of images that are missing, cannot be decoded or differ in
+    size from the annotation file (see the module doc).
     """
     if on_invalid not in ON_INVALID:
         raise ConfigError(f"data.on_invalid={on_invalid!r}: use one of {', '.join(ON_INVALID)}")
@@ -282,7 +276,6 @@ def build_coco_dataset(
 
     base = CocoInstances(str(images), coco, check.usable_ann_ids, transforms=build_transforms(train, augment, mapping), source=annotations.name)
     base.ids = check.ids
-    base.check = check
     dataset = wrap_dataset_for_transforms_v2(base, target_keys={"image_id", "boxes", "masks", "labels"})
     dataset.mapping = mapping
     return dataset
@@ -299,10 +292,6 @@ class DataBundle:
     train_loader: DataLoader
     val_loader: DataLoader
     mapping: CategoryMapping
-
-    @property
-    def val_coco(self) -> COCO:
-        return self.val_loader.dataset.coco
 
 
 def resolve_paths(cfg: DataConfig, progress: bool = True) -> dict[str, Path]:

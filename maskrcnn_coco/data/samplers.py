@@ -128,7 +128,8 @@ class TrainSampler(Sampler):
 
 class SeededSamples(Dataset):
     """``dataset[(index, seed)]`` = ``dataset[index]`` with the random transforms drawn from ``seed``;
-    a plain index works as before. Attributes (``coco``, ``mapping``, ``ids``) are the wrapped dataset's."""
+    a plain index draws them from the global RNG, as the wrapped dataset does. Attributes (``coco``,
+    ``mapping``, ``ids``) are the wrapped dataset's."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset

@@ -218,9 +218,6 @@ class AnnotationReport:
     # Python ids of the invalid annotation dicts: duplicate annotation ids make ids ambiguous.
     invalid_objects: set[int] = field(default_factory=set)
 
-    def counts(self) -> Counter:
-        return Counter(p["kind"] for p in self.invalid)
-
 
 def validate_annotations(coco: Any) -> AnnotationReport:
     """Check every annotation of a pycocotools ``COCO`` (crowd ones included)."""
@@ -458,9 +455,6 @@ class SplitCheck:
     usable_ann_ids: set[int]
     decoded: bool
     empty_categories: list[tuple[int, str]] = field(default_factory=list)
-
-    def image_counts(self) -> Counter:
-        return Counter(p["kind"] for p in self.bad_images)
 
 
 def check_split(

@@ -7,54 +7,62 @@ A checkpoint is a dict of tensors and plain Python data (loadable with ``weights
 * ``rng``: Python, NumPy, torch CPU and CUDA generator states; ``sampler``: the training order's state
 * ``epoch_progress``: for a checkpoint written inside an epoch, the batches trained and their loss sums
 * ``num_classes``, ``categories`` (the category mapping), ``history`` (epoch records by scalar tag),
-  ``fit`` (the divergence reference and the best objective value so far), plus what the caller
-  adds (``config``)
+  ``fit`` (the best objective value so far), ``hooks`` (``{state_key: state}`` of the stateful hooks:
+  the divergence reference, spike references, partial-epoch gradient norms, ...), plus what the
+  caller adds (``config``)
 
 Files are written atomically (temp file + rename). Restoring everything, RNG and order included,
 makes a resumed CPU run bit-identical to an uninterrupted one.
+
+The file names (``last.pth``, ``best.pth``, ``interrupted.pth``, ``epoch_NNN.pth`` under a run's
+``checkpoints/``) and ``resume=auto``'s lookup are defined here and nowhere else; ``Checkpointer`` is
+the hook that writes them.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from maskrcnn_coco.data.coco import CategoryMapping
-from maskrcnn_coco.engine.loop import EpochProgress
+from maskrcnn_coco.engine.hooks import CHECKPOINT, EpochResult, Hook
+from maskrcnn_coco.engine.state import EpochProgress, TrainingState
 from maskrcnn_coco.modeling.weights import WeightsError, load_weights_file
-from maskrcnn_coco.tracking.scalars import tag_record
+from maskrcnn_coco.tracking.scalars import lower_is_better
 from maskrcnn_coco.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+
+CHECKPOINT_DIR = "checkpoints"  # under a run folder
+LAST, BEST, INTERRUPTED = "last.pth", "best.pth", "interrupted.pth"
+RESUMABLE = (LAST, INTERRUPTED)  # what resume=auto looks for
+EPOCH_GLOB = "epoch_*.pth"
 
 
-@dataclass
-class TrainingState:
-    """Everything a run trains and keeps: what sinks read and what a checkpoint holds."""
+def epoch_checkpoint_name(epoch: int) -> str:
+    """``epoch_NNN.pth``: the numbered checkpoint of a finished epoch."""
+    return f"epoch_{epoch:03d}.pth"
 
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    lr_scheduler: Any | None
-    scaler: Any | None
-    mapping: CategoryMapping
-    epochs: int
-    history: list[dict[str, Any]] = field(default_factory=list)
-    sampler: Any | None = None  # the training loader's sampler (set_epoch / state_dict)
-    global_step: int = 0
-    # Divergence reference (the first read-back's mean total) and the best objective so far.
-    fit: dict[str, Any] = field(default_factory=dict)
+
+def find_auto_resume(runs_root: Path, exclude: Path | None = None) -> Path | None:
+    """``resume=auto``: the newest ``last.pth``/``interrupted.pth`` under ``runs_root`` (not in ``exclude``), or None."""
+    if not runs_root.is_dir():
+        return None
+    candidates = [
+        p for name in RESUMABLE for p in runs_root.rglob(f"{CHECKPOINT_DIR}/{name}")
+        if exclude is None or exclude.resolve() not in p.resolve().parents
+    ]
+    return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
 
 
 def rng_state() -> dict[str, Any]:
@@ -97,6 +105,7 @@ def training_state(
         "categories": state.mapping.state_dict(),
         "history": [dict(r) for r in state.history],
         "fit": dict(state.fit),
+        "hooks": state.hooks.state_dicts() if state.hooks is not None else dict(state.hook_states),
         **(extra or {}),
     }
 
@@ -133,16 +142,6 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-@dataclass
-class Resumed:
-    """Where a resumed run continues: the next epoch, the history so far, and a partial epoch if any."""
-
-    start_epoch: int
-    history: list[dict[str, Any]]
-    progress: EpochProgress | None
-    fit: dict[str, Any]
-
-
 def _restore_schedule(lr_scheduler: Any, saved: Mapping[str, Any], path: str | Path) -> None:
     """Keep the schedule built from the current config (its horizon may be longer than the saved
     one's) and restore only the position in it; say so when the horizon changed."""
@@ -162,8 +161,9 @@ def _restore_schedule(lr_scheduler: Any, saved: Mapping[str, Any], path: str | P
     lr_scheduler._last_lr = [g["lr"] for g in lr_scheduler.optimizer.param_groups]
 
 
-def restore_training_state(path: str | Path, state: TrainingState, ckpt: Mapping[str, Any] | None = None) -> Resumed:
-    """Load a ``fit`` checkpoint into ``state``'s objects and the RNGs; return where to continue."""
+def restore_training_state(path: str | Path, state: TrainingState, ckpt: Mapping[str, Any] | None = None) -> None:
+    """Load a ``fit`` checkpoint into ``state``'s objects and the RNGs; ``state.epoch`` (the last
+    finished epoch) and ``state.progress`` (a partial epoch) say where ``fit`` continues."""
     ckpt = ckpt if ckpt is not None else load_training_checkpoint(path)
     if ckpt.get("num_classes") not in (None, state.mapping.num_classes):
         raise ConfigError(f"resume={path} was trained for {ckpt['num_classes']} classes, the data has {state.mapping.num_classes}")
@@ -181,6 +181,94 @@ def restore_training_state(path: str | Path, state: TrainingState, ckpt: Mapping
     progress = EpochProgress.from_state_dict(ckpt["epoch_progress"]) if ckpt.get("epoch_progress") else None
     where = f"epoch {epoch}" if progress is None else f"epoch {epoch + 1}, iteration {progress.iterations}"
     log.info("Resumed from %s (%s)", path, where)
-    state.history = [tag_record(r) for r in ckpt.get("history") or []]
+    state.epoch, state.progress = epoch, progress
+    state.history = [dict(r) for r in ckpt.get("history") or []]
     state.fit = dict(ckpt.get("fit") or {})
-    return Resumed(epoch + 1, state.history, progress, state.fit)
+    state.hook_states = dict(ckpt.get("hooks") or {})
+
+
+
+def _display_path(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+class Checkpointer(Hook):
+    """Checkpoints of the training state, under ``directory`` (a run's ``checkpoints/``):
+
+    * ``last.pth`` after every epoch, written before evaluation too (``after_train_epoch`` of an
+      evaluated epoch), so a failing evaluation never loses the trained epoch; ``epoch_NNN.pth`` every
+      ``every_n_epochs`` epochs, the newest ``keep_last`` of them kept (None: all);
+    * ``best.pth`` when the epoch's ``best_metric`` tag (e.g. ``mAP/segm_AP``) improves;
+    * inside an epoch, at a step boundary: ``last.pth`` (periodic, ``checkpoint.every_n_iters``), or
+      ``interrupted.pth`` at a stop signal (resumable from that iteration); after a raw
+      KeyboardInterrupt, ``interrupted.pth`` marked as not at a step boundary (refused for resuming).
+    """
+
+    priority = CHECKPOINT
+    critical = True  # a run that cannot save its work should stop and say so
+
+    def __init__(
+        self,
+        directory: str | Path,
+        every_n_epochs: int = 1,
+        extra: Mapping[str, Any] | None = None,
+        *,
+        keep_last: int | None = None,
+        best_metric: str | None = None,
+    ):
+        self.directory = Path(directory)
+        self.every_n_epochs = every_n_epochs
+        self.extra = dict(extra or {})
+        self.keep_last = keep_last
+        self.best_metric = best_metric
+
+    def _write(self, state: TrainingState, epoch: int) -> Path:
+        snapshot = training_state(state, epoch, extra=self.extra)
+        last = self.directory / LAST
+        if self.every_n_epochs > 0 and epoch % self.every_n_epochs == 0:
+            path = save_checkpoint(self.directory / epoch_checkpoint_name(epoch), snapshot, copies=[last])
+            self._prune()
+        else:
+            path = save_checkpoint(last, snapshot)
+        state.last_checkpoint = last
+        return path
+
+    def _prune(self) -> None:
+        if self.keep_last is None:
+            return
+        numbered = sorted(self.directory.glob(EPOCH_GLOB))
+        for old in numbered[: max(len(numbered) - self.keep_last, 0)]:
+            old.unlink(missing_ok=True)
+
+    def after_train_epoch(self, state: TrainingState) -> None:
+        if state.evaluating:
+            self._write(state, state.epoch)
+
+    def after_epoch(self, state: TrainingState, result: EpochResult) -> None:
+        improved = False
+        value = result.scalars.get(self.best_metric) if self.best_metric else None
+        if value is not None and math.isfinite(value):
+            best = state.fit.get("best_value")
+            if best is None or (value < best if lower_is_better(self.best_metric) else value > best):
+                state.fit.update(best_value=value, best_epoch=result.epoch, best_metric=self.best_metric)
+                improved = True
+        path = self._write(state, result.epoch)
+        if improved:
+            tmp = self.directory / (BEST + ".tmp")
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, self.directory / BEST)
+        result.checkpoint = path
+
+    def at_boundary(self, state: TrainingState) -> None:
+        name = INTERRUPTED if state.signal is not None and state.signal.requested else LAST
+        path = save_checkpoint(self.directory / name, training_state(state, state.epoch - 1, progress=state.progress, extra=self.extra))
+        state.last_checkpoint = path
+
+    def on_interrupt(self, state: TrainingState) -> None:
+        snapshot = {**training_state(state, state.epoch - 1, extra=self.extra), "interrupted_mid_iteration": True}
+        path = save_checkpoint(self.directory / INTERRUPTED, snapshot)
+        log.info("Interrupted during epoch %d: saved %s (weights mid-epoch %d; resume from %s).", state.epoch,
+                 _display_path(path), state.epoch, LAST)

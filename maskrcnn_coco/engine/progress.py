@@ -42,7 +42,8 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    """Iterate over ``iterable`` with a bar (terminal) or with log lines at ``update`` (elsewhere).
+    """Iterate over ``iterable`` with a bar (terminal) or with log lines at ``update`` (elsewhere); with
+    ``iterable=None`` the caller moves the bar itself (``advance``, once per iteration).
 
     ``enabled=False`` shows nothing (``progress=false``, or a rank other than 0). ``start`` is the
     iteration an interrupted epoch resumes at (the total stays the whole epoch's); ``bar=None``
@@ -51,7 +52,7 @@ class Progress:
 
     def __init__(
         self,
-        iterable: Iterable[Any],
+        iterable: Iterable[Any] | None,
         desc: str,
         *,
         enabled: bool = True,
@@ -62,7 +63,7 @@ class Progress:
         self.desc = desc
         self.enabled = enabled
         self.use_bar = enabled and (interactive() if bar is None else bar)
-        if total is None:
+        if total is None and iterable is not None:
             total = len(iterable) if hasattr(iterable, "__len__") else None  # type: ignore[arg-type]
         self.total = total
         self.start = start
@@ -71,6 +72,10 @@ class Progress:
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self.bar)
+
+    def advance(self) -> None:
+        """One iteration done (``iterable=None``)."""
+        self.bar.update(1)
 
     def update(self, postfix: Mapping[str, str], iteration: int) -> None:
         """``postfix`` (already formatted values) after ``iteration`` iterations of the epoch."""

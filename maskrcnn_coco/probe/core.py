@@ -7,13 +7,18 @@ sampled anchors and its loss inputs, the RoI heads' sampled proposals and the in
 ``fastrcnn_loss`` and ``maskrcnn_loss``. Per-level contributions are then computed from those same
 tensors with the same functions and normalisers, so they sum to each component. BatchNorm buffers
 are restored after every batch, so the model leaves the probe bit-identical.
+
+Findings are ``analysis.diagnostics.Diagnosis`` objects (``probe_findings``), stored in each record's
+``warnings`` as their JSON form; their thresholds are ``DiagnosticsConfig``'s, and dominance and the
+anchor fit are judged by the very rules of the run's monitors and start-of-run audit
+(``diagnostics.dominates``, ``audit.anchor_fit`` / ``audit.anchor_misfit``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
-import statistics
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,26 +28,28 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection import roi_heads as tv_roi_heads
 from torchvision.models.detection.roi_heads import project_masks_on_boxes
-from torchvision.ops import box_iou
 
-from maskrcnn_coco.analysis.diagnostics import chance_values
+from maskrcnn_coco.analysis.audit import ANCHOR_CAUSE, anchor_misfit, box_sizes, dataset_anchor_fit, model_anchor_fit
+from maskrcnn_coco.analysis.diagnostics import (
+    WEIGHT_KEY,
+    Diagnosis,
+    chance_values,
+    dominance,
+    dominance_cause,
+    dominates,
+    optimised_weighted,
+)
+from maskrcnn_coco.config import DiagnosticsConfig
 from maskrcnn_coco.data.coco import find_invalid_annotations
 from maskrcnn_coco.engine.eval_step import restored_modes
 from maskrcnn_coco.engine.loop import move_to_device
 from maskrcnn_coco.tracking.scalars import LOSS_COMPONENTS, weighted_total
 
-# A weighted component this many times the median of the other optimised ones dominates.
-DOMINANCE_FACTOR = 5.0
-# A raw value within CHANCE_MARGIN of its chance value (``analysis.diagnostics.chance_values``: what a
-# fresh, uniform predictor scores) is a fresh predictor's baseline, not a fault.
-CHANCE_MARGIN = 1.25
-# Anchor fit: an object whose best anchor IoU stays below the RPN's background threshold gets positives
-# only from low-quality matching; more than this share of a batch's objects means the anchors do not fit.
-ANCHOR_MISFIT_SHARE = 0.5
-# RPN sampler saturated: positives reach this share of the sampler's positive_fraction.
-SATURATION_SHARE = 0.9
-# Proposal collapse: fewer sampled RoI proposals than this share of box_batch_size_per_image x images.
-COLLAPSE_SHARE = 0.25
+# The thresholds of the findings are DiagnosticsConfig's (``diagnostics.*``): dominance_factor and
+# dominance_share, anchor_unreachable_share and anchor_excess_share, probe_chance_factor,
+# probe_saturation_share and probe_collapse_share.
+# The section of docs/LOSS_BREAKDOWN.md that lists the probe's findings (those without a section of their own).
+SECTION = "probe-findings"
 # Usual values of each component for a Mask R-CNN in training (torchvision/detectron2 recipes on
 # COCO-like data); outside them is reported as information, not as a fault.
 TYPICAL_RANGES: dict[str, tuple[float, float]] = {
@@ -266,33 +273,6 @@ def _box_terms(model: nn.Module, rec: _Recorded, names: list[str]) -> dict[str, 
     }
 
 
-def _anchor_fit(model: nn.Module, rec: _Recorded) -> dict[str, Any]:
-    """How well the anchors cover the ground truth: each object's best IoU with any anchor of its image,
-    against the RPN matcher's thresholds (an object below the background threshold gets positive
-    anchors only from low-quality matching, i.e. from anchors that barely overlap it)."""
-    matcher = model.rpn.proposal_matcher
-    best = []
-    for target, anchors in zip(rec.targets, rec.anchors or []):
-        boxes = target["boxes"].float()
-        if len(boxes) and len(anchors):
-            best.append(box_iou(boxes, anchors.float().to(boxes.device)).max(dim=1).values.cpu())
-    best_iou = torch.cat(best) if best else torch.zeros(0)
-    boxes = torch.cat([t["boxes"].float().cpu() for t in rec.targets]) if rec.targets else torch.zeros(0, 4)
-    sides = ((boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)).sqrt()
-    sides = sides[torch.isfinite(sides)]
-    finite = best_iou[torch.isfinite(best_iou)]
-    return {
-        "objects": int(finite.numel()),
-        "below_bg_iou": int((finite < matcher.low_threshold).sum()),
-        "below_fg_iou": int((finite < matcher.high_threshold).sum()),
-        "best_iou_median": float(finite.median()) if finite.numel() else math.nan,
-        "rpn_bg_iou_thresh": float(matcher.low_threshold),
-        "rpn_fg_iou_thresh": float(matcher.high_threshold),
-        "object_sizes": [float(sides.min()), float(sides.max())] if sides.numel() else [],
-        "anchor_sizes": [list(level) for level in getattr(model.rpn.anchor_generator, "sizes", ())],
-    }
-
-
 def _mask_terms(model: nn.Module, rec: _Recorded, names: list[str]) -> dict[str, Any]:
     zero = dict.fromkeys(names, 0.0)
     if rec.maskrcnn_inputs is None:
@@ -350,11 +330,15 @@ def probe_batch(
     seed: int = 0,
     coco: Any = None,
     batch_idx: int = 0,
+    config: DiagnosticsConfig | None = None,
+    split_anchor_fit: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Probe one batch (already on the model's device); returns the batch record.
 
     The RNG is seeded with ``seed`` right before the forward, so ``torch.manual_seed(seed);
-    model.train(); model(images, targets)`` reproduces the raw components exactly.
+    model.train(); model(images, targets)`` reproduces the raw components exactly. ``config``: the
+    findings' thresholds; ``split_anchor_fit``: the anchor fit of the probed split's objects (``run_probe``),
+    on which the anchor rule is judged (without it, on the batch's own objects).
     """
     weights = {k: float((loss_weights or {}).get(k, 1.0)) for k in LOSS_COMPONENTS}
     image_ids = [t.get("image_id") for t in targets]
@@ -371,7 +355,7 @@ def probe_batch(
     finally:
         _restore_buffers(model, saved)
     if failure is not None:
-        return _failed_record(batch_idx, images, targets, weights, failure, coco)
+        return _failed_record(batch_idx, images, targets, weights, failure, coco, config)
 
     raw = {k: float(loss_dict[k]) for k in LOSS_COMPONENTS}
     names = _level_names(rec)
@@ -450,17 +434,31 @@ def probe_batch(
             "box_batch_size_per_image": model.roi_heads.fg_bg_sampler.batch_size_per_image,
             "box_positive_fraction": model.roi_heads.fg_bg_sampler.positive_fraction,
         },
-        "anchor_fit": _anchor_fit(model, rec),
+        # audit.anchor_fit of the batch's objects (as resized by the model) against the RPN's anchors.
+        "anchor_fit": _batch_anchor_fit(model, gt_boxes),
         "chance_values": chance_values(box["num_classes"] - 1),  # num_classes counts the background
         "warnings": [],
     }
     record["sampling"]["rpn_proposals"] = sum(rec.rpn_proposals or [])
-    record["warnings"] = diagnose(record, rpn_std=rpn["objectness_std"], cls_std=box["class_logits_std"], gt_problems=_gt_problems(rec.targets, rec.image_sizes, image_ids), coco=coco)
+    findings = probe_findings(
+        record, rpn_std=rpn["objectness_std"], cls_std=box["class_logits_std"],
+        gt_problems=_gt_problems(rec.targets, rec.image_sizes, image_ids), coco=coco, config=config,
+        split_anchor_fit=split_anchor_fit,
+    )
+    record["warnings"] = [f.to_json() for f in findings]
     return record
 
 
+def _batch_anchor_fit(model: nn.Module, boxes: Sequence[torch.Tensor]) -> dict[str, Any] | None:
+    """``audit.anchor_fit`` of the batch's ground-truth boxes against ``model``'s anchors, as a dict;
+    None for a batch without objects."""
+    sizes = box_sizes(torch.cat([b.float().cpu() for b in boxes])) if boxes else box_sizes(torch.zeros(0, 4))
+    fit = model_anchor_fit(model, sizes)
+    return None if fit is None else dataclasses.asdict(fit)
+
+
 def _failed_record(batch_idx: int, images: Sequence[torch.Tensor], targets: Sequence[Mapping[str, Any]],
-                   weights: Mapping[str, float], failure: str, coco: Any) -> dict[str, Any]:
+                   weights: Mapping[str, float], failure: str, coco: Any, config: DiagnosticsConfig | None) -> dict[str, Any]:
     """The record of a batch whose forward raised: NaN components and the reason."""
     image_ids = [t.get("image_id") for t in targets]
     nan = dict.fromkeys(LOSS_COMPONENTS, math.nan)
@@ -479,92 +477,132 @@ def _failed_record(batch_idx: int, images: Sequence[torch.Tensor], targets: Sequ
     }
     sizes = [tuple(img.shape[-2:]) for img in images]
     gt = _gt_problems(targets, sizes, image_ids)
-    record["warnings"] = diagnose(record, rpn_std=1.0, cls_std=1.0, gt_problems=gt, coco=coco)
-    record["warnings"][0]["message"] += f"; the model's forward raised {failure}"
+    findings = probe_findings(record, rpn_std=1.0, cls_std=1.0, gt_problems=gt, coco=coco, config=config, failure=failure)
+    record["warnings"] = [f.to_json() for f in findings]
     return record
 
 
-def diagnose(record: Mapping[str, Any], *, rpn_std: float, cls_std: float, gt_problems: Sequence[str], coco: Any = None) -> list[dict[str, Any]]:
-    """Warnings and information for one batch record (see docs/loss_probe.md)."""
-    out: list[dict[str, Any]] = []
+def _finding(record: Mapping[str, Any], kind: str, message: str, *, severity: str = "warning", cause: str = "",
+             config_key: str | None = None, section: str = SECTION, components: Sequence[str] = (),
+             image_ids: Sequence[Any] | None = None, **extra: Any) -> Diagnosis:
+    """A probe finding about the batch of ``record`` (its images unless ``image_ids``)."""
+    return Diagnosis(
+        kind=kind, components=tuple(components), message=message, cause=cause, config_key=config_key,
+        section=section, epoch=None, severity=severity, batch=record["batch_idx"],
+        image_ids=tuple(record["image_ids"] if image_ids is None else image_ids), **extra,
+    )
+
+
+def probe_findings(
+    record: Mapping[str, Any],
+    *,
+    rpn_std: float,
+    cls_std: float,
+    gt_problems: Sequence[str],
+    coco: Any = None,
+    config: DiagnosticsConfig | None = None,
+    split_anchor_fit: Mapping[str, Any] | None = None,
+    failure: str | None = None,
+) -> list[Diagnosis]:
+    """The findings (warnings and information) of one batch record, thresholds from ``config``
+    (docs/LOSS_BREAKDOWN.md#probe-findings, docs/loss_probe.md). ``rpn_std``, ``cls_std``: the spread of
+    the RPN objectness and box classifier logits over the batch; ``gt_problems``: the invalid
+    ground-truth boxes the model received; ``coco``: the annotations, to name invalid ones of the batch's
+    images; ``split_anchor_fit``: see ``probe_batch``; ``failure``: why the model's forward raised."""
+    cfg = config if config is not None else DiagnosticsConfig()
+    out: list[Diagnosis] = []
     batch, ids = record["batch_idx"], record["image_ids"]
     raw = record["loss_components"]
 
     bad = [k for k in LOSS_COMPONENTS if not math.isfinite(raw[k])]
     if bad:
         detail = "; ".join(gt_problems) if gt_problems else "no invalid ground-truth box among the targets"
-        out.append({
-            "severity": "warning", "code": "non_finite", "components": bad, "image_ids": ids,
-            "message": f"batch {batch}: non-finite {', '.join(bad)} (images {ids}); ground truth: {detail}",
-        })
+        raised = f"; the model's forward raised {failure}" if failure else ""
+        out.append(_finding(
+            record, "non_finite", f"batch {batch}: non-finite {', '.join(bad)} (images {ids}); ground truth: {detail}{raised}.",
+            components=bad, section="nan-or-divergence",
+            cause="invalid ground-truth boxes (named above), or broken weights or a wrong input scale when there are none",
+            evidence={"ground_truth_problems": list(gt_problems), "failure": failure},
+        ))
     elif gt_problems:
-        out.append({
-            "severity": "warning", "code": "invalid_ground_truth", "image_ids": ids,
-            "message": f"batch {batch}: invalid ground-truth boxes reached the model: {'; '.join(gt_problems)}",
-        })
+        out.append(_finding(
+            record, "invalid_ground_truth",
+            f"batch {batch}: invalid ground-truth boxes reached the model: {'; '.join(gt_problems)}.",
+            cause="the data loader handed the model boxes the data pipeline would have dropped",
+            evidence={"ground_truth_problems": list(gt_problems)},
+        ))
     if coco is not None:
         for p in find_invalid_annotations(coco, [i for i in ids if i is not None]):
-            out.append({
-                "severity": "warning", "code": "invalid_annotation", "image_ids": [p["image_id"]],
-                "annotation_id": p["annotation_id"],
-                "message": (f"batch {batch}: image {p['image_id']} annotation {p['annotation_id']}: {p['problem']} "
-                            "(skipped by the data pipeline, so the model never sees this object)"),
-            })
+            out.append(_finding(
+                record, "invalid_annotation",
+                (f"batch {batch}: image {p['image_id']} annotation {p['annotation_id']}: {p['problem']} "
+                 "(skipped by the data pipeline, so the model never sees this object)."),
+                cause="an invalid entry in the annotation file", config_key="the annotation file (python scripts/check_dataset.py)",
+                image_ids=[p["image_id"]], subject=f"annotation {p['annotation_id']}",
+                evidence={"annotation_id": p["annotation_id"], "problem": p["problem"]},
+            ))
 
-    out += _dominance(record)
-    out += _anchor_and_sampling(record)
+    out += _dominance(record, cfg)
+    out += _anchor_and_sampling(record, cfg, split_anchor_fit)
 
     if rpn_std < 1e-6 or cls_std < 1e-6:
-        which = "RPN objectness" if rpn_std < 1e-6 else "box classifier"
-        out.append({
-            "severity": "warning", "code": "constant_predictions", "image_ids": ids,
-            "message": (f"batch {batch}: {which} predictions are constant across the batch: the weights are likely "
-                        "not loaded (check model.weights / --weights) or the layer is zeroed"),
-        })
+        which, module = ("RPN objectness", "rpn.head") if rpn_std < 1e-6 else ("box classifier", "roi_heads.box_predictor")
+        out.append(_finding(
+            record, "constant_predictions",
+            f"batch {batch}: {which} predictions are constant across the batch.",
+            cause="the weights are likely not loaded or the layer is zeroed", config_key="model.weights (--weights)",
+            subject=module, evidence={"rpn_objectness_std": rpn_std, "class_logits_std": cls_std},
+        ))
 
     for name, (lo, hi) in TYPICAL_RANGES.items():
         value = raw[name]
         if math.isfinite(value) and not lo <= value <= hi:
-            out.append({
-                "severity": "info", "code": "out_of_range", "component": name,
-                "message": f"batch {batch}: {name} = {value:.4g} is outside its usual range [{lo}, {hi}] for Mask R-CNN",
-            })
+            out.append(_finding(
+                record, "out_of_range",
+                f"batch {batch}: {name} = {value:.4g} is outside its usual range [{lo}, {hi}] for Mask R-CNN.",
+                severity="info", components=[name], evidence={"value": value, "usual_range": [lo, hi]},
+            ))
     return out
 
 
-def _dominance(record: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Dominance among the optimised components (weight > 0), judged on weighted values.
+def _dominance(record: Mapping[str, Any], cfg: DiagnosticsConfig) -> list[Diagnosis]:
+    """Dominance among the optimised components (weight > 0), judged on weighted values by the rule of
+    the run's monitors (``diagnostics.dominance`` and ``dominates``, ``cfg.dominance_factor`` and
+    ``cfg.dominance_share``).
 
     A zero-weight component is not optimised: it is reported as information and left out of the
-    median, so it cannot make the others look dominant. A component at its chance value (a fresh
-    predictor) whose weight is no larger than the others' is the model's starting point, not a fault:
-    information, not a warning.
+    median, so it cannot make the others look dominant. A component within ``cfg.probe_chance_factor``
+    of its chance value (a fresh predictor) whose weight is no larger than the others' is the model's
+    starting point, not a fault: information, not a warning.
     """
-    out: list[dict[str, Any]] = []
-    batch, ids = record["batch_idx"], record["image_ids"]
-    raw, weighted, weights = record["loss_components"], record["weighted_components"], record["scaling_coefficients"]
+    out: list[Diagnosis] = []
+    batch = record["batch_idx"]
+    raw, weights = record["loss_components"], record["scaling_coefficients"]
     chance = record.get("chance_values", {})
     for name in LOSS_COMPONENTS:
         if weights[name] == 0:
-            out.append({
-                "severity": "info", "code": "not_optimised", "component": name,
-                "message": f"batch {batch}: {name} is not optimised (loss.weights.{name}=0): left out of the dominance check",
-            })
-    optimised = {k: weighted[k] for k in LOSS_COMPONENTS if weights[k] != 0 and math.isfinite(weighted[k])}
-    for name, value in optimised.items():
-        others = [v for k, v in optimised.items() if k != name]
-        med = statistics.median(others) if others else 0.0
-        if not (med > 0 and value >= DOMINANCE_FACTOR * med):
+            out.append(_finding(
+                record, "zero_weight",
+                f"batch {batch}: {name} is not optimised ({WEIGHT_KEY.format(name)}=0): left out of the dominance check.",
+                severity="info", components=[name], section="not-optimised", evidence={"weight": 0.0},
+            ))
+    weighted = optimised_weighted(raw, weights)
+    for name, (ratio, share, median) in dominance(weighted).items():
+        if not dominates(ratio, share, cfg):
             continue
+        value, w = weighted[name], weights[name]
+        evidence = {"ratio": ratio, "share": share, "others_median": median, "weight": w, "value": raw[name],
+                    "weighted": value}
         level = chance.get(name)
-        other_weights = [abs(weights[k]) for k in optimised if k != name]
-        if level is not None and raw[name] <= CHANCE_MARGIN * level and abs(weights[name]) <= max(other_weights):
-            out.append({
-                "severity": "info", "code": "at_chance", "component": name,
-                "message": (f"batch {batch}: {name} = {raw[name]:.4g} is at its chance value {level:.3g} (a fresh "
-                            f"predictor) and {value / med:.1f}x the median of the others: the starting point of "
-                            "training, not a fault; with trained weights it means this head has not learnt"),
-            })
+        other_weights = [weights[k] for k in weighted if k != name]
+        if level is not None and raw[name] <= cfg.probe_chance_factor * level and w <= max(other_weights):
+            out.append(_finding(
+                record, "at_chance",
+                (f"batch {batch}: {name} = {raw[name]:.4g} is at its chance value {level:.3g} (a fresh predictor) and "
+                 f"{ratio:.1f}x the median of the others: the starting point of training, not a fault; with trained "
+                 "weights it means this head has not learnt."),
+                severity="info", components=[name], section="stuck-at-chance", evidence={**evidence, "chance": level},
+            ))
             continue
         hint = ADVICE[name]
         if name == "loss_objectness":
@@ -575,63 +613,90 @@ def _dominance(record: Mapping[str, Any]) -> list[dict[str, Any]]:
             hint += (f"; {raw[name]:.3g} is far above chance ({level:.3g}): a predictor initialised with large "
                      "logits gives that at the start (torchvision's Kaiming-initialised MaskRCNNPredictor: "
                      "loss_mask 7-9 for a fresh maskrcnn_r50_fpn), otherwise the predictions are confidently wrong")
-        out.append({
-            "severity": "warning", "code": "dominant_component", "component": name, "image_ids": ids,
-            "message": (f"batch {batch}: {name} dominates: weighted {value:.4g} is {value / med:.1f}x the median "
-                        f"of the other optimised components ({med:.4g}); {hint}"),
-        })
+        cause, key = dominance_cause(name, w)
+        out.append(_finding(
+            record, "dominant",
+            (f"batch {batch}: {name} dominates the optimised loss: weight {w:g} x {raw[name]:.4g} = {value:.4g}, "
+             f"{share:.0%} of it and {ratio:.1f}x the median of the other optimised components ({median:.4g}); {hint}."),
+            cause=cause, config_key=key, components=[name], section="dominant-component", evidence=evidence,
+        ))
     return out
 
 
-def _anchor_and_sampling(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _anchor_and_sampling(record: Mapping[str, Any], cfg: DiagnosticsConfig,
+                         split_fit: Mapping[str, Any] | None = None) -> list[Diagnosis]:
     """Anchor fit, RPN sampler saturation and RoI proposal collapse, from the batch's own counts.
 
     These hold with any weights: which anchors are positive depends only on anchors and ground truth.
+    The anchor fit is the start-of-run audit's (``audit.anchor_fit``: each object's best IoU with any
+    anchor shape centred on it, against the RPN's positive IoU) and so is the rule (``audit.anchor_misfit``),
+    judged on ``split_fit`` (the probed split's objects) when given: a batch's few objects are too few
+    for it (the tiny preset's batches leave 29-60 % of their objects below 0.7, its training set 46 %).
     """
-    out: list[dict[str, Any]] = []
-    batch, ids = record["batch_idx"], record["image_ids"]
+    out: list[Diagnosis] = []
+    batch = record["batch_idx"]
     sampling, sampler, fit = record.get("sampling", {}), record.get("sampler"), record.get("anchor_fit")
     levels = record["batch_stats"]["per_level_stats"]
     images = record["batch_stats"]["batch_size"]
-    if fit and fit["objects"] and fit["below_bg_iou"] > ANCHOR_MISFIT_SHARE * fit["objects"]:
+    judged = split_fit if split_fit is not None else fit
+    if fit and fit["num_objects"] and anchor_misfit(judged, cfg):
+        threshold = fit["threshold"]
         starved = [s["level"] for s in levels if s["gt_objects"] and not s["positive_anchors"]]
         stray = [s["level"] for s in levels if s["positive_anchors"] and not s["gt_objects"]]
-        sizes = fit["object_sizes"]
+        q = fit["box_size_quantiles"]
         anchor_sizes = sorted({a for level in fit["anchor_sizes"] for a in level})
-        detail = [f"best anchor IoU median {fit['best_iou_median']:.2f}"]
-        if sizes and anchor_sizes:
-            detail.append(f"objects {sizes[0]:.0f}-{sizes[1]:.0f} px, anchors {anchor_sizes[0]:g}-{anchor_sizes[-1]:g} px")
+        detail = [f"best centred-anchor IoU median {fit['best_iou_median']:.2f}",
+                  f"objects {q['p5']:.0f}-{q['p95']:.0f} px (p5-p95), anchors {anchor_sizes[0]:g}-{anchor_sizes[-1]:g} px"]
         if starved:
             detail.append(f"levels with objects but no positive anchor: {starved}")
         if stray:
             detail.append(f"positive anchors on levels without objects: {stray}")
-        out.append({
-            "severity": "warning", "code": "anchor_fit", "image_ids": ids,
-            "message": (f"batch {batch}: no positive anchor for {fit['below_bg_iou']} of {fit['objects']} objects "
-                        f"(no anchor reaches IoU {fit['rpn_bg_iou_thresh']:g}; their positives are low-quality matches): "
-                        f"anchors do not fit the objects (model.anchor_sizes, model.aspect_ratios); {'; '.join(detail)}"),
-        })
+        if split_fit is not None:
+            detail.append(f"the probed split: {split_fit['unreachable_share']:.0%} of its {split_fit['num_objects']} objects "
+                          f"below {threshold:g}")
+        sizes = ",".join(str(s) for s in judged.get("suggested_sizes") or [])
+        left = judged.get("suggested_unreachable_share") or 0.0
+        out.append(_finding(
+            record, "anchor_fit",
+            (f"batch {batch}: no positive anchor for {fit['num_unreachable']} of {fit['num_objects']} objects (no anchor "
+             f"reaches the RPN's positive IoU {threshold:g}, even centred on the object: their positives are "
+             f"low-quality matches): anchors do not fit the objects (model.anchor_sizes, model.aspect_ratios); "
+             f"{'; '.join(detail)}."),
+            cause=ANCHOR_CAUSE,
+            config_key=(f"model.anchor_sizes, model.aspect_ratios (one size per level for these objects: [{sizes}], "
+                        f"{left:.0%} left below {threshold:g})"),
+            components=["loss_objectness", "loss_rpn_box_reg"], subject="rpn.anchor_generator",
+            section="anchors-do-not-fit",
+            evidence={"batch": dict(fit), "judged_on": "split" if split_fit is not None else "batch",
+                      "split": dict(split_fit) if split_fit is not None else None},
+        ))
     if sampler and sampling.get("rpn_sampled_anchors"):
         pos, sampled = sampling["rpn_positive_anchors"], sampling["rpn_sampled_anchors"]
         fraction = sampler["rpn_positive_fraction"]
-        if pos / sampled >= SATURATION_SHARE * fraction:
-            out.append({
-                "severity": "warning", "code": "rpn_sampler_saturated", "image_ids": ids,
-                "message": (f"batch {batch}: RPN sampler saturated: positives are {pos / sampled:.0%} of sampled anchors "
-                            f"({pos}/{sampled}; its positive_fraction caps them at {fraction:.0%}, healthy is a few %): "
-                            "many anchors tie as best matches of objects they barely overlap, check model.anchor_sizes"),
-            })
+        if pos / sampled >= cfg.probe_saturation_share * fraction:
+            out.append(_finding(
+                record, "rpn_sampler_saturated",
+                (f"batch {batch}: RPN sampler saturated: positives are {pos / sampled:.0%} of sampled anchors "
+                 f"({pos}/{sampled}; its positive_fraction caps them at {fraction:.0%}, healthy is a few %)."),
+                cause="many anchors tie as best matches of objects they barely overlap (low-quality matching)",
+                config_key="model.anchor_sizes", components=["loss_objectness", "loss_rpn_box_reg"],
+                subject="rpn.fg_bg_sampler",
+                evidence={"positive": pos, "sampled": sampled, "positive_fraction": fraction},
+            ))
     if sampler and "roi_sampled_proposals" in sampling:
         expected = sampler["box_batch_size_per_image"] * images
         got = sampling["roi_sampled_proposals"]
-        if expected and got < COLLAPSE_SHARE * expected:
-            out.append({
-                "severity": "warning", "code": "proposal_collapse", "image_ids": ids,
-                "message": (f"batch {batch}: proposal collapse: {got} RoI proposals sampled of {expected} expected "
-                            f"(model.box_batch_size_per_image x {images} images); the RPN passed "
-                            f"{sampling.get('rpn_proposals', '?')} proposals after NMS: the RoI heads learn from few "
-                            "boxes, check model.anchor_sizes and the RPN's proposal counts (model.rpn_post_nms_top_n_train)"),
-            })
+        if expected and got < cfg.probe_collapse_share * expected:
+            out.append(_finding(
+                record, "proposal_collapse",
+                (f"batch {batch}: proposal collapse: {got} RoI proposals sampled of {expected} expected "
+                 f"(model.box_batch_size_per_image x {images} images); the RPN passed "
+                 f"{sampling.get('rpn_proposals', '?')} proposals after NMS: the RoI heads learn from few boxes."),
+                cause="the RPN yields few distinct proposals: anchors that do not fit, or too few proposals kept",
+                config_key="model.anchor_sizes, model.rpn_post_nms_top_n_train",
+                components=["loss_classifier", "loss_box_reg", "loss_mask"], subject="roi_heads.fg_bg_sampler",
+                evidence={"sampled": got, "expected": expected, "rpn_proposals": sampling.get("rpn_proposals")},
+            ))
     return out
 
 
@@ -654,12 +719,19 @@ def run_probe(
     loss_weights: Mapping[str, float] | None = None,
     seed: int = 0,
     progress: bool = True,
+    config: DiagnosticsConfig | None = None,
 ) -> list[dict[str, Any]]:
-    """Probe the first ``num_batches`` batches of ``data_loader``; batch ``i`` uses seed ``seed + i``."""
+    """Probe the first ``num_batches`` batches of ``data_loader``; batch ``i`` uses seed ``seed + i``.
+    ``config``: the findings' thresholds (``DiagnosticsConfig``, the training config's ``diagnostics``).
+    The anchor rule is judged on every object of the loader's dataset (as the start-of-run audit judges
+    the training set) when it has COCO annotations, else on each batch's own objects."""
     from tqdm import tqdm
 
     device = torch.device(device)
-    coco = getattr(getattr(data_loader, "dataset", None), "coco", None)
+    dataset = getattr(data_loader, "dataset", None)
+    coco = getattr(dataset, "coco", None)
+    split_fit = dataset_anchor_fit(dataset, model) if coco is not None else None
+    split_anchor_fit = None if split_fit is None else dataclasses.asdict(split_fit)
     records = []
     it = iter(data_loader)
     for batch_idx in tqdm(range(num_batches), desc="Probing", disable=not progress, leave=False):
@@ -668,13 +740,15 @@ def run_probe(
         except StopIteration:
             break
         images, targets = move_to_device(images, targets, device)
-        record = probe_batch(model, images, targets, loss_weights=loss_weights, seed=seed + batch_idx, coco=coco, batch_idx=batch_idx)
+        record = probe_batch(model, images, targets, loss_weights=loss_weights, seed=seed + batch_idx, coco=coco,
+                             batch_idx=batch_idx, config=config, split_anchor_fit=split_anchor_fit)
         mismatch = check_per_level_sums(record)
         if mismatch:
-            record["warnings"].append({
-                "severity": "warning", "code": "per_level_mismatch", "components": mismatch,
-                "message": f"batch {batch_idx}: per-level contributions of {mismatch} do not sum to the component "
-                           "(a model whose losses differ from torchvision's Mask R-CNN?)",
-            })
+            record["warnings"].append(_finding(
+                record, "per_level_mismatch",
+                f"batch {batch_idx}: per-level contributions of {mismatch} do not sum to the component.",
+                cause="a model whose losses differ from torchvision's Mask R-CNN: the per-level numbers are not trustworthy",
+                components=mismatch,
+            ).to_json())
         records.append(record)
     return records

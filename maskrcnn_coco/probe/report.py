@@ -13,6 +13,10 @@ from typing import Any
 from maskrcnn_coco.tracking.scalars import LOSS_COMPONENTS
 
 JSON_NAME = "loss_components.json"
+# The version of a JSON record's layout, its top-level ``schema`` field. 2: findings (``warnings``) are
+# ``Diagnosis.to_json`` objects (``kind``, ``severity``, ``components``, ``batch``, ``image_ids``, ...;
+# 1, without the field, had ``code`` and ``component``) and ``anchor_fit`` is ``audit.anchor_fit``'s.
+SCHEMA = 2
 CSV_NAME = "loss_components.csv"
 PNG_NAME = "loss_components.png"
 UNITS = {
@@ -94,14 +98,15 @@ def csv_row(record: Mapping[str, Any], run: Mapping[str, Any]) -> dict[str, Any]
 def write_reports(records: Sequence[Mapping[str, Any]], run: Mapping[str, Any], output_dir: str | Path, fmt: str = "both") -> list[Path]:
     """``loss_components.json`` (a list, one record per batch) and/or ``.csv``, plus the plot.
 
-    Every JSON record and CSV row carries ``run``: the config overrides, weights, seed and split.
+    Every JSON record carries ``schema`` (``SCHEMA``) and, like every CSV row, ``run``: the config
+    overrides, weights, seed and split.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     written = []
     if fmt in ("json", "both"):
         path = output_dir / JSON_NAME
-        path.write_text(json.dumps([_clean({**record, **run}) for record in records], indent=2))
+        path.write_text(json.dumps([_clean({"schema": SCHEMA, **record, **run}) for record in records], indent=2))
         written.append(path)
     if fmt in ("csv", "both"):
         path = output_dir / CSV_NAME
@@ -214,6 +219,11 @@ def format_batch(record: Mapping[str, Any], verbose: bool = False) -> str:
     return "\n".join(lines)
 
 
+def finding_kind(finding: Mapping[str, Any]) -> str:
+    """A finding's ``kind`` (schema 2), or the ``code`` of a schema-1 record."""
+    return str(finding.get("kind", finding.get("code", "?")))
+
+
 def format_summary(records: Sequence[Mapping[str, Any]]) -> str:
     means = component_means(records)
     lines = [f"Mean over {len(records)} batches:"]
@@ -221,7 +231,8 @@ def format_summary(records: Sequence[Mapping[str, Any]]) -> str:
     counts: dict[str, int] = {}
     for r in records:
         for w in r["warnings"]:
-            counts[f"{w['severity']}:{w['code']}"] = counts.get(f"{w['severity']}:{w['code']}", 0) + 1
+            key = f"{w['severity']}:{finding_kind(w)}"
+            counts[key] = counts.get(key, 0) + 1
     if counts:
         lines.append("Diagnoses: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
     else:

@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from maskrcnn_coco.config import default_param_groups
+from maskrcnn_coco.config import OPTIMIZER_IMPLS, default_param_groups
 from maskrcnn_coco.utils.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
@@ -167,11 +167,6 @@ def build_optimizer(cfg: Any, model: nn.Module, verbose: bool = True) -> torch.o
     factory = instantiate(cfg.factory, _convert_="all")
     impl = implementation_kwargs(factory, groups, getattr(cfg, "impl", "auto"))
     return factory(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **impl)
-
-
-# How the optimizer's step runs: one fused kernel per parameter list, torch's multi-tensor
-# (foreach) ops, or a Python loop over parameters. auto: fused where it exists.
-OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "for_loop")
 
 
 def implementation_kwargs(factory: Any, groups: Sequence[Mapping[str, Any]], impl: str = "auto") -> dict[str, bool]:

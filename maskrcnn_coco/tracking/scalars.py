@@ -36,9 +36,23 @@ __all__ = [
     "METRIC_NAMES",
     "check_objective",
     "epoch_scalars",
+    "loss_tag",
     "loss_weights_from_config",
+    "map_tag",
     "weighted_total",
 ]
+
+
+def loss_tag(split: str, component: str | None = None) -> str:
+    """``loss/<split>_<component>`` (raw), or the weighted total: ``loss/train_total``, ``loss/val``."""
+    if component is None:
+        return TRAIN_TOTAL if split == "train" else VAL_TOTAL
+    return f"loss/{split}_{component}"
+
+
+def map_tag(iou_type: str, metric: str) -> str:
+    """``mAP/<bbox|segm>_<metric>`` (``metric``: one of ``METRIC_NAMES``, or ``AP_class_<name>``)."""
+    return f"mAP/{iou_type}_{metric}"
 
 
 def loss_weights_from_config(weights: Any) -> dict[str, float]:
@@ -55,7 +69,7 @@ def weighted_total(components: Mapping[str, T], weights: Mapping[str, float] | N
     return total
 
 
-def _losses(split: str, value: Any, total: float | None, weights: Mapping[str, float] | None) -> dict[str, float]:
+def _losses(split: str, value: Any, weights: Mapping[str, float] | None) -> dict[str, float]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
@@ -63,8 +77,8 @@ def _losses(split: str, value: Any, total: float | None, weights: Mapping[str, f
     if not value:
         return {}
     total_tag = TRAIN_TOTAL if split == "train" else VAL_TOTAL
-    tags = {total_tag: float(total if total is not None else weighted_total(value, weights))}
-    tags.update({f"loss/{split}_{name}": float(v) for name, v in value.items()})
+    tags = {total_tag: float(weighted_total(value, weights))}
+    tags.update({loss_tag(split, name): float(v) for name, v in value.items()})
     return tags
 
 
@@ -74,18 +88,17 @@ def epoch_scalars(record: Mapping[str, Any]) -> dict[str, float]:
     ``record`` keys (all optional): ``train_loss`` / ``val_loss`` (a dict of raw components, or a
     float total), ``loss_weights`` (for the weighted totals; 1.0 where absent), ``metrics``
     (``{"bbox": {"AP": ...}, "segm": {...}}``), ``lr`` (``{group: lr}`` or a float),
-    ``grad_norm`` (``{group: norm}``), ``time`` (``{name: seconds}``), ``spike`` (``{name: ratio}``). Records written by older
-    versions (``metrics.json``) carry ``train_total``/``val_total`` instead of ``loss_weights``.
+    ``grad_norm`` (``{group: norm}``), ``time`` (``{name: seconds}``), ``spike`` (``{name: ratio}``).
     """
     weights = record.get("loss_weights")
     tags: dict[str, float] = {}
-    tags.update(_losses("train", record.get("train_loss"), record.get("train_total"), weights))
-    tags.update(_losses("val", record.get("val_loss"), record.get("val_total"), weights))
+    tags.update(_losses("train", record.get("train_loss"), weights))
+    tags.update(_losses("val", record.get("val_loss"), weights))
     for iou_type, values in (record.get("metrics") or {}).items():
         for name, value in (values or {}).items():
             # Non-numeric entries (the confusion matrix ``evaluate`` returns as ``metrics["confusion"]``) are no scalars.
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                tags[f"mAP/{iou_type}_{name}"] = float(value)
+                tags[map_tag(iou_type, name)] = float(value)
     lr = record.get("lr")
     if isinstance(lr, Mapping):
         if lr:
@@ -113,11 +126,3 @@ def check_objective(metric: str, mode: str = "final") -> None:
 
 def lower_is_better(tag: str) -> bool:
     return tag.startswith("loss/")
-
-
-def tag_record(record: Mapping[str, Any]) -> dict[str, Any]:
-    """A history entry as ``{"epoch": e, tag: value, ...}``; entries of the older nested format
-    (``train_loss``/``metrics`` dicts, as in ``metrics.json`` and old checkpoints) are converted."""
-    if "train_loss" in record or "metrics" in record:
-        return {"epoch": int(record["epoch"]), **epoch_scalars(record)}
-    return dict(record)

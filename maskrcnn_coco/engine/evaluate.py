@@ -1,0 +1,94 @@
+"""``evaluate``: validation losses per component and COCO metrics, as a plain function."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from pycocotools.coco import COCO
+from torch import nn
+from torch.utils.data import DataLoader
+
+from maskrcnn_coco.data.coco import CategoryMapping
+from maskrcnn_coco.engine.eval_step import evaluate_batch
+from maskrcnn_coco.engine.loop import move_to_device, stack_losses
+from maskrcnn_coco.engine.progress import Progress
+from maskrcnn_coco.evaluation.coco_eval import coco_metrics, predictions_to_coco
+from maskrcnn_coco.evaluation.per_class import CONFUSION_KEY, confusion_matrix
+from maskrcnn_coco.tracking.scalars import LOSS_COMPONENTS
+from maskrcnn_coco.utils.dist import all_gather_objects, all_reduce_sum, broadcast_object, is_main_process, world_size
+
+
+def evaluate(
+    model: nn.Module,
+    data_loader: DataLoader,
+    device: torch.device | str,
+    *,
+    mapping: CategoryMapping,
+    coco_gt: COCO | None = None,
+    compute_losses: bool = True,
+    compute_metrics: bool = True,
+    mask_threshold: float = 0.5,
+    seed: int = 0,
+    progress: bool = True,
+    backend: str = "auto",
+    mark: Callable[[str], None] | None = None,
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Validation losses (per component) and COCO metrics for ``bbox`` and ``segm``.
+
+    For the losses the model runs in training mode without gradients with every BatchNorm in eval
+    mode; the RPN and RoI samplers draw from a forked RNG seeded with ``seed``, so the value is
+    reproducible and the caller's RNG stream is untouched. A torchvision ``GeneralizedRCNN`` runs the
+    transform and the backbone once per batch for both losses and detections (``eval_step``). The
+    model's parameters, buffers and train/eval modes are the same afterwards. The components are raw
+    (unweighted). ``backend``: COCOeval's implementation (``coco_eval.BACKENDS``). ``mark(stage)``,
+    when given, is called as each stage ends (``evaluate_batch``'s, then ``"to COCO"`` per batch and
+    ``"COCOeval"``), so a benchmark can time them.
+    """
+    device = torch.device(device)
+    coco_gt = coco_gt if coco_gt is not None else getattr(data_loader.dataset, "coco", None)
+    sums = torch.zeros(len(LOSS_COMPONENTS), device=device)
+    n_images = 0
+    results: list[dict[str, Any]] = []
+    image_ids: list[int] = []
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # evaluate_batch restores the model's modes
+        torch.manual_seed(seed)
+        bar = Progress(data_loader, "Evaluating", enabled=progress and is_main_process())
+        for images, targets in bar:
+            images, targets = move_to_device(images, targets, device)
+            loss_dict, outputs = evaluate_batch(model, images, targets, losses=compute_losses, detections=compute_metrics, mark=mark)
+            if loss_dict is not None:
+                # Weighted by images, so the mean does not depend on how batches (or ranks) split the set.
+                sums += stack_losses(loss_dict) * len(images)
+                n_images += len(images)
+            if outputs is not None:
+                ids = [int(t["image_id"]) for t in targets]
+                image_ids.extend(ids)
+                results.extend(predictions_to_coco(outputs, ids, mapping, mask_threshold))
+                if mark is not None:
+                    mark("to COCO")
+    if world_size() > 1:
+        # Each rank evaluated its own shard: sum the losses by image, gather the detections.
+        totals = all_reduce_sum(torch.cat([sums, torch.full((1,), float(n_images), device=device)]))
+        sums, n_images = totals[:-1], int(totals[-1])
+        shards = all_gather_objects((results, image_ids))
+        # In image-id order, as one process would have produced them: COCOeval breaks score ties
+        # by the order of the results, so the metrics then equal a single-process evaluation.
+        results = sorted((r for shard, _ in shards for r in shard), key=lambda r: r["image_id"])
+        image_ids = sorted(i for _, ids in shards for i in ids)
+    val_losses = dict(zip(LOSS_COMPONENTS, (sums / max(n_images, 1)).tolist())) if compute_losses else {}
+    metrics: dict[str, dict[str, float]] = {}
+    if compute_metrics:
+        if coco_gt is None:
+            raise ValueError("evaluate needs coco_gt (or a data_loader.dataset with .coco) for COCO metrics")
+        # COCOeval once over the whole set, on rank 0; every rank gets its numbers. The confusion
+        # matrix rides along under metrics["confusion"] (not a scalar: epoch_scalars skips it).
+        if is_main_process():
+            metrics = coco_metrics(coco_gt, results, image_ids, backend=backend)
+            if mark is not None:
+                mark("COCOeval")
+            metrics[CONFUSION_KEY] = confusion_matrix(coco_gt, results, image_ids)  # type: ignore[assignment]
+        metrics = broadcast_object(metrics)
+    return val_losses, metrics

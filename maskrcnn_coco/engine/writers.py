@@ -1,0 +1,287 @@
+"""The output hooks: the progress line, the console block, trackers, ``metrics.jsonl``, diagnostics and
+confusion matrices (detectron2's writers). All run on rank 0 only and none is critical: a failing
+output is reported once and training goes on (``engine.hooks``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from maskrcnn_coco.analysis.diagnostics import DIAGNOSTICS_FILE, Diagnosis, class_aps, diagnose
+from maskrcnn_coco.analysis.history import HISTORY_FILE
+from maskrcnn_coco.config import DiagnosticsConfig
+from maskrcnn_coco.engine.checkpoint import CHECKPOINT_DIR, Checkpointer, _display_path
+from maskrcnn_coco.engine.hooks import EpochResult, Hook
+from maskrcnn_coco.engine.monitors import (
+    DivergenceGuard,
+    GradNormMeter,
+    IterationTimer,
+    PeriodicCheckpoint,
+    SpikeMonitor,
+)
+from maskrcnn_coco.engine.progress import Progress
+from maskrcnn_coco.engine.settings import FitSettings
+from maskrcnn_coco.engine.state import TrainingState
+from maskrcnn_coco.evaluation.per_class import CONFUSION_KEY, save_confusion
+from maskrcnn_coco.tracking.backends import ExperimentTracker, NullTracker, log_scalars, log_text
+from maskrcnn_coco.tracking.scalars import IOU_TYPES, LOSS_COMPONENTS, TRAIN_TOTAL, VAL_TOTAL, loss_tag, map_tag
+
+log = logging.getLogger(__name__)
+
+
+def format_epoch_summary(epoch: int, epochs: int, scalars: Mapping[str, float], checkpoint: str | Path | None = None) -> str:
+    """The console block printed after each epoch, read from the epoch's scalars (components sorted by name)."""
+    lines = [f"Epoch {epoch}/{epochs}", "📊 Training Losses:"]
+    if TRAIN_TOTAL in scalars:
+        lines.append(f"   Total: {scalars[TRAIN_TOTAL]:.4f}")
+    components = sorted(k for k in LOSS_COMPONENTS if loss_tag("train", k) in scalars)
+    lines += [f"   {name}: {scalars[loss_tag('train', name)]:.4f}" for name in components]
+    if VAL_TOTAL in scalars:
+        lines.append(f"📈 Validation Loss: {scalars[VAL_TOTAL]:.4f}")
+
+    def fmt(tag: str) -> str:
+        return f"{scalars[tag]:.4f}" if tag in scalars else "n/a"
+
+    for iou_type, label in zip(IOU_TYPES, ("📦 Box mAP", "🎭 Mask mAP")):
+        if any(tag.startswith(map_tag(iou_type, "")) for tag in scalars):
+            lines.append(f"{label}: {fmt(map_tag(iou_type, 'AP'))} (AP50: {fmt(map_tag(iou_type, 'AP50'))})")
+    if checkpoint is not None:
+        lines.append(f"💾 Saved checkpoint: {checkpoint}")
+    return "\n".join(lines)
+
+
+def format_class_aps(scalars: Mapping[str, float], most: int = 12) -> str | None:
+    """One line of per-class AP (``mAP/segm_AP_class_<name>``, else bbox), lowest first beyond ``most`` classes."""
+    iou_type, aps = class_aps(scalars)
+    if not aps:
+        return None
+    shown = list(aps.items()) if len(aps) <= most else sorted(aps.items(), key=lambda kv: kv[1])[:5]
+    head = f"🏷️ AP per class ({iou_type})" + ("" if len(aps) <= most else f", lowest 5 of {len(aps)}")
+    return f"{head}: " + " | ".join(f"{name} {v:.3f}" for name, v in shown)
+
+
+class ConsoleSummary(Hook):
+    """The epoch block, through logging (rank-zero filtered, also in the run's log file), then the
+    per-class AP line when the epoch was evaluated."""
+
+    def after_epoch(self, state: TrainingState, result: EpochResult) -> None:
+        saved = _display_path(result.checkpoint) if result.checkpoint is not None else None
+        log.info("%s", format_epoch_summary(result.epoch, state.epochs, result.scalars, saved))
+        per_class = format_class_aps(result.scalars)
+        if per_class:
+            log.info("%s", per_class)
+
+
+class TrackerWriter(Hook):
+    """Every epoch scalar to an ``ExperimentTracker`` at ``step=epoch``, and the scalars hooks put at a
+    read-back (``state.put_scalar``) at ``step=global_step``."""
+
+    def __init__(self, tracker: ExperimentTracker | None):
+        self.tracker = tracker or NullTracker()
+
+    def at_read_back(self, state: TrainingState) -> None:
+        if state.scalars:
+            log_scalars(self.tracker, state.scalars, state.global_step)
+
+    def after_epoch(self, state: TrainingState, result: EpochResult) -> None:
+        log_scalars(self.tracker, result.scalars, result.epoch)
+
+
+def _finite_or_none(obj: Any) -> Any:
+    """JSON has no NaN: non-finite values become null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    return obj
+
+
+class HistoryWriter(Hook):
+    """``metrics.jsonl`` in the run folder: one JSON object of tags per epoch (rewritten atomically)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / HISTORY_FILE
+
+    def after_epoch(self, state: TrainingState, result: EpochResult) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(_finite_or_none(r)) + "\n" for r in state.history))
+        os.replace(tmp, self.path)
+
+
+class DiagnosticsWriter(Hook):
+    """The monitors of ``maskrcnn_coco.analysis.diagnostics`` after every epoch, over the history.
+
+    A finding is reported once per run (the first epoch it holds; a spike once per epoch and subject): as a warning under the epoch block
+    (console and ``train.log``) and as one JSON object in ``<run_dir>/diagnostics.jsonl`` (``epoch``,
+    ``kind``, ``components``, ``subject``, ``evidence``, ``cause``, ``config_key``, ``message``).
+    ``start``: the start-of-run audit's findings (epoch 0), written first; their logging is the
+    caller's. The file exists (possibly empty) once training starts: empty means nothing was found.
+    """
+
+    def __init__(self, run_dir: str | Path, config: DiagnosticsConfig | None = None, *, start: Sequence[Diagnosis] = (),
+                 tracker: ExperimentTracker | None = None):
+        self.path = Path(run_dir) / DIAGNOSTICS_FILE
+        self.tracker = tracker
+        self.config = config if config is not None else DiagnosticsConfig()
+        self.start = list(start)
+        self.reported: set[tuple[Any, ...]] = set()
+        self.confusions: list[Mapping[str, Any]] = []
+        self.failed = False
+
+    def _append(self, findings: Sequence[Diagnosis]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            for finding in findings:
+                f.write(json.dumps(finding.to_json()) + "\n")
+        if self.tracker is not None:
+            for finding in findings:
+                # TensorBoard's Text tab: one tag per kind (and subject), at the epoch it was found (0: audit).
+                tag = "diagnostics/" + finding.kind + (f"/{finding.subject}" if finding.subject else "")
+                log_text(self.tracker, tag, finding.text(), finding.epoch)
+
+    def _report(self, findings: Sequence[Diagnosis]) -> None:
+        new = [d for d in findings if d.key not in self.reported]
+        for finding in new:
+            self.reported.add(finding.key)
+            log.warning("%s", finding.text())
+        self._append(new)
+
+    def before_fit(self, state: TrainingState) -> None:
+        if not self.reported:  # a resumed run wrote its audit already
+            self._append(self.start)
+        self.reported.update(d.key for d in self.start)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What was reported (so a resumed run does not say it again) and the recent confusion matrices."""
+        return {"reported": sorted(self.reported, key=repr), "confusions": list(self.confusions)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.reported = {_as_key(k) for k in state.get("reported") or []}
+        self.confusions = list(state.get("confusions") or [])
+
+    def on_finding(self, state: TrainingState, finding: Diagnosis) -> None:
+        self._report([finding])
+
+    def after_epoch(self, state: TrainingState, result: EpochResult) -> None:
+        confusion = (result.record.get("metrics") or {}).get(CONFUSION_KEY)
+        if confusion:
+            self.confusions = [*self.confusions, confusion][-max(self.config.patience_epochs, 1):]
+        try:
+            found = diagnose(state.history, loss_weights=result.record.get("loss_weights"),
+                             num_classes=state.mapping.num_classes - 1, config=self.config, confusions=self.confusions,
+                             steps_per_epoch=state.global_step / result.epoch if state.global_step else None)
+        except Exception as err:  # noqa: BLE001 - a monitor's bug must not stop training
+            if not self.failed:
+                log.warning("Diagnostics failed after epoch %d (%s: %s); training goes on without them.",
+                            result.epoch, type(err).__name__, err)
+            self.failed = True
+            return
+        self._report(found)
+
+
+def _as_key(value: Any) -> Any:
+    return tuple(_as_key(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+class ConfusionWriter(Hook):
+    """``confusion_epoch_NNN.json`` and ``.png`` in the run folder after each evaluation: ground-truth
+    class x predicted class of matched detections (``maskrcnn_coco.evaluation.per_class``)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+
+    def after_epoch(self, state: TrainingState, result: EpochResult) -> None:
+        confusion = (result.record.get("metrics") or {}).get(CONFUSION_KEY)
+        if confusion:
+            save_confusion(confusion, self.run_dir / f"confusion_epoch_{result.epoch:03d}", title=f"epoch {result.epoch}")
+
+
+SHORT_NAMES = {
+    "loss_classifier": "cls",
+    "loss_box_reg": "box",
+    "loss_mask": "mask",
+    "loss_objectness": "obj",
+    "loss_rpn_box_reg": "rpn",
+}
+
+
+class ProgressBar(Hook):
+    """The epoch's progress (``engine.progress.Progress``: a bar in a terminal, a log line elsewhere),
+    with the running mean of each component, the weighted total, the first group's lr and the
+    iteration times (``state.latest["time"]``) at every read-back."""
+
+    def __init__(self) -> None:
+        self.bar: Progress | None = None
+
+    def before_epoch(self, state: TrainingState) -> None:
+        self.bar = Progress(None, f"Epoch {state.epoch}", start=state.iteration, total=state.epoch_length)
+
+    def after_step(self, state: TrainingState) -> None:
+        self.bar.advance()
+
+    def at_read_back(self, state: TrainingState) -> None:
+        if state.epoch_end:
+            return
+        means = state.loss_sums / state.n_batches
+        *values, total = torch.cat([means, (means * state.weights).sum()[None]]).tolist()  # a read-back point
+        postfix = {SHORT_NAMES[k]: f"{v:.3f}" for k, v in zip(LOSS_COMPONENTS, values)}
+        times = {k: f"{1e3 * v:.0f}ms" for k, v in state.latest.get("time", {}).items()}
+        lr = state.optimizer.param_groups[0]["lr"]
+        self.bar.update({**postfix, "total": f"{total:.3f}", "lr": f"{lr:.4g}", **times}, state.iteration + 1)
+
+    def at_boundary(self, state: TrainingState) -> None:
+        self.bar.close()
+
+    def after_train_epoch(self, state: TrainingState) -> None:
+        self.bar.close()
+
+
+def default_hooks(
+    run_dir: str | Path | None,
+    settings: FitSettings | None = None,
+    tracker: ExperimentTracker | None = None,
+    *,
+    grad_norm_every: int = 1,
+    divergence: DivergenceGuard | None = None,
+    checkpoint: Checkpointer | None = None,
+    checkpoint_every_n_iters: int | None = None,
+    diagnostics: DiagnosticsConfig | None = None,
+    audit: Sequence[Diagnosis] = (),
+) -> list[Hook]:
+    """The instruments of a training run, in their order (``engine.hooks``): gradient norms, the
+    iteration timer, the spike monitor (with diagnostics), the divergence guard, periodic step-boundary
+    checkpoints, the progress line, then, with a ``run_dir``: checkpoints (``checkpoint``, default:
+    every epoch under ``<run_dir>/checkpoints``), the console block, diagnostics (``audit``: the
+    start-of-run findings), confusion matrices, the tracker and ``metrics.jsonl``.
+
+    ``diagnostics.enabled=false`` leaves out the spike monitor and the diagnostics writer.
+    """
+    settings = settings if settings is not None else FitSettings()
+    enabled = diagnostics is None or diagnostics.enabled
+    hooks: list[Hook] = [GradNormMeter(every=grad_norm_every), IterationTimer(),
+                         divergence if divergence is not None else DivergenceGuard()]
+    if enabled:
+        hooks.append(SpikeMonitor(diagnostics))
+    if checkpoint_every_n_iters:
+        hooks.append(PeriodicCheckpoint(checkpoint_every_n_iters))
+    if settings.progress:
+        hooks.append(ProgressBar())
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        hooks += [
+            checkpoint if checkpoint is not None else Checkpointer(run_dir / CHECKPOINT_DIR),
+            ConsoleSummary(),
+            *([DiagnosticsWriter(run_dir, diagnostics, start=audit, tracker=tracker)] if enabled else []),
+            ConfusionWriter(run_dir),
+            TrackerWriter(tracker),
+            HistoryWriter(run_dir),
+        ]
+    return hooks
