@@ -10,8 +10,8 @@ event                  when                                                     
                        > 0: continuing a partial epoch, keep the epoch's sums)
 ``after_backward``     after the backward pass, before clipping and the optimizer step        train_one_epoch
 ``after_step``         after every optimizer step (host work only: never read the device)     train_one_epoch
-``at_read_back``       every ``print_freq`` iterations and at the epoch's end, where the loop  train_one_epoch
-                       reads device values back (``state.epoch_end`` at the end)
+``at_read_back``       every ``print_freq`` iterations, where the loop reads device values     train_one_epoch
+                       back, and for the epoch's last partial window (``state.epoch_end``)
 ``at_boundary``        a step-boundary stop (``state.request_boundary``: periodic checkpoint,  train_one_epoch
                        or a signal): ``state.progress`` says how far the epoch got
 ``after_train_epoch``  the epoch is trained (means reduced), before evaluation                train_one_epoch

@@ -173,11 +173,10 @@ def train_one_epoch(
             raise TrainingStopped(epoch, state.progress, reason)
     if state.n_batches == 0:
         raise ValueError("train_one_epoch got an empty data loader")
-    # The epoch's last read-back (also when its last iteration was one: the cost of an epoch's end does
-    # not depend on its length): spikes, the divergence check; no progress line.
     state.epoch_end = True
-    hooks.call("at_read_back", state)
-    state.scalars.clear()
+    if it % print_freq != 0:  # the epoch's last, partial window (no progress line)
+        hooks.call("at_read_back", state)
+        state.scalars.clear()
     n_batches: Any = state.n_batches
     if distributed:  # one collective: every rank's loss sums and batch count
         totals = all_reduce_sum(torch.cat([sums, torch.full((1,), float(n_batches), device=device)]))

@@ -461,8 +461,12 @@ class DivergenceGuard(Hook):
         self.recent_ids[state.iteration] = state.step_image_ids
 
     def at_read_back(self, state: TrainingState) -> None:
+        if not state.epoch_end:  # the epoch's end is checked once, in after_train_epoch
+            self.check(state)
+            self.recent_ids.clear()
+
+    def after_train_epoch(self, state: TrainingState) -> None:
         self.check(state)
-        self.recent_ids.clear()
 
     def at_boundary(self, state: TrainingState) -> None:
         self.check(state)  # never hand out weights that are already non-finite or diverged
