@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from maskrcnn_coco.cli.benchmark import JSON_KEYS, cli, main
+from maskrcnn_coco.benchmark.cli import JSON_KEYS, cli, main
 from maskrcnn_coco.engine.eval_step import STAGES
 
 from conftest import TINY_OVERRIDES

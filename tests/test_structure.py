@@ -12,19 +12,20 @@ PACKAGE = Path(maskrcnn_coco.__file__).parent
 # Lower floors never import higher ones (README "Code map").
 FLOORS = {
     "utils": 0,
-    "config": 0,
-    "tracking": 1,
-    "data": 1,
-    "modeling": 1,
-    "solver": 1,
-    "evaluation": 2,
-    "analysis": 2,
-    "engine": 3,
-    "probe": 4,
-    "cli": 5,
-    "__init__": 6,
-    "__main__": 6,
-    "main_mlops": 6,
+    "config": 1,
+    "tracking": 2,
+    "data": 2,
+    "modeling": 2,
+    "solver": 2,
+    "evaluation": 3,
+    "analysis": 3,
+    "engine": 4,
+    "probe": 5,
+    "cli": 6,
+    "benchmark": 7,
+    "__init__": 8,
+    "__main__": 8,
+    "main_mlops": 8,
 }
 
 
@@ -94,7 +95,8 @@ def test_no_print_outside_the_cli():
     """Human-readable output goes through logging (rank-zero filtered); only the CLI prints."""
     offenders = []
     for path in PACKAGE.rglob("*.py"):
-        if path.relative_to(PACKAGE).parts[0] in ("cli", "main_mlops.py", "__main__.py"):
+        relative = path.relative_to(PACKAGE)
+        if relative.parts[0] in ("cli", "main_mlops.py", "__main__.py") or relative == Path("benchmark", "cli.py"):
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":

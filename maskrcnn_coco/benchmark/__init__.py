@@ -1,1 +1,1 @@
-"""The benchmark's parts (setup, timing, sections, report); the command is ``maskrcnn_coco.cli.benchmark``."""
+"""The benchmark's parts (setup, timing, sections, report); the command is ``maskrcnn_coco.benchmark.cli``."""
