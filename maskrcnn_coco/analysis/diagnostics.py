@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from maskrcnn_coco.config import LOSS_COMPONENTS, DiagnosticsConfig
+from maskrcnn_coco.tracking.scalars import loss_tag, map_tag
 
 DOC = "docs/LOSS_BREAKDOWN.md"
 # One JSON object per finding, in the run folder (written by ``engine.sinks.DiagnosticsSink``).
@@ -168,7 +169,7 @@ def _others_fall(history, weights, exclude: str, n: int, cfg: DiagnosticsConfig)
     for c in _optimised(weights):
         if c == exclude:
             continue
-        values = _window(history, f"loss/train_{c}", n)
+        values = _window(history, loss_tag("train", c), n)
         if values and values[0]:
             drops.append(values[-1] / values[0] - 1.0)
     if not drops:
@@ -240,7 +241,7 @@ def stuck_at_chance(history, weights, num_classes: int, cfg: DiagnosticsConfig) 
     for c, chance in chance_values(num_classes).items():
         if weights.get(c, 1.0) <= 0:
             continue
-        values = _window(history, f"loss/train_{c}", n)
+        values = _window(history, loss_tag("train", c), n)
         if values is None or not all(abs(v - chance) <= cfg.chance_tolerance * chance for v in values):
             continue
         if values[-1] / values[0] - 1.0 < -cfg.fall_rel:
@@ -270,7 +271,7 @@ def stalled_or_rising(history, weights, num_classes: int, cfg: DiagnosticsConfig
     n = cfg.patience_epochs + 1
     chances = chance_values(num_classes)
     for c in _optimised(weights):
-        values = _window(history, f"loss/train_{c}", n)
+        values = _window(history, loss_tag("train", c), n)
         if values is None:
             continue
         changes = _changes(values)
@@ -309,11 +310,11 @@ def train_val_gap(history, weights, num_classes: int, cfg: DiagnosticsConfig) ->
     out = []
     n = cfg.patience_epochs + 1
     for c in _optimised(weights):
-        val = _window(history, f"loss/val_{c}", n)
+        val = _window(history, loss_tag("val", c), n)
         if val is None:
             continue
-        epochs = [e for e, _ in series(history, f"loss/val_{c}")][-n:]
-        by_epoch = dict(series(history, f"loss/train_{c}"))
+        epochs = [e for e, _ in series(history, loss_tag("val", c))][-n:]
+        by_epoch = dict(series(history, loss_tag("train", c)))
         if any(e not in by_epoch or by_epoch[e] <= 0 for e in epochs):
             continue
         train = [by_epoch[e] for e in epochs]
@@ -351,7 +352,7 @@ def dominant_component(history, weights, num_classes: int, cfg: DiagnosticsConfi
         ratios: list[float] = []
         shares: list[float] = []
         for record in history[-n:]:
-            found = dominance(optimised_weighted({o: record.get(f"loss/train_{o}") for o in optimised}, weights))
+            found = dominance(optimised_weighted({o: record.get(loss_tag("train", o)) for o in optimised}, weights))
             if c not in found:
                 break
             ratios.append(found[c][0])
@@ -359,7 +360,7 @@ def dominant_component(history, weights, num_classes: int, cfg: DiagnosticsConfi
         if len(ratios) < n or not all(dominates(r, f, cfg) for r, f in zip(ratios, shares)):
             continue
         w = weights.get(c, 1.0)
-        raw = history[-1][f"loss/train_{c}"]
+        raw = history[-1][loss_tag("train", c)]
         cause, key = dominance_cause(c, w)
         out.append(Diagnosis(
             kind="dominant", components=(c,), section="dominant-component", epoch=_epoch(history),
@@ -381,7 +382,7 @@ def unoptimised_rising(history, weights, num_classes: int, cfg: DiagnosticsConfi
     for c in LOSS_COMPONENTS:
         if weights.get(c, 1.0) != 0:
             continue
-        values = _window(history, f"loss/train_{c}", n)
+        values = _window(history, loss_tag("train", c), n)
         if values is None or not all(d > cfg.rise_rel for d in _changes(values)):
             continue
         out.append(Diagnosis(
@@ -403,7 +404,7 @@ def class_aps(record: Mapping[str, Any], iou_type: str | None = None) -> tuple[s
     """``(IoU type, {class name: AP})`` from an epoch record's ``mAP/<iou_type>_AP_class_<name>``
     tags; without ``iou_type`` segm when it has any, else bbox."""
     for t in (iou_type,) if iou_type else ("segm", "bbox"):
-        prefix = f"mAP/{t}_AP_class_"
+        prefix = map_tag(t, "AP_class_")
         aps = {k[len(prefix):]: float(v) for k, v in record.items() if k.startswith(prefix) and isinstance(v, (int, float))}
         if aps:
             return t, aps

@@ -30,7 +30,16 @@ from maskrcnn_coco.analysis.diagnostics import DIAGNOSTICS_FILE
 from maskrcnn_coco.analysis.history import HISTORY_FILE, read_history
 from maskrcnn_coco.analysis.runs import read_scalars
 from maskrcnn_coco.config import DiagnosticsConfig
-from maskrcnn_coco.tracking.scalars import IOU_TYPES, LOSS_COMPONENTS, METRIC_NAMES, TRAIN_TOTAL, VAL_TOTAL
+from maskrcnn_coco.tracking.scalars import (
+    IOU_TYPES,
+    LOSS_COMPONENTS,
+    METRIC_NAMES,
+    TRAIN_ONLY_TOTAL,
+    TRAIN_TOTAL,
+    VAL_TOTAL,
+    loss_tag,
+    map_tag,
+)
 from maskrcnn_coco.utils.errors import UserError
 
 EVENT_FILE_MARK = "tfevents"
@@ -252,9 +261,9 @@ def table_tags(scalars: Mapping[str, Any], all_tags: bool = False) -> list[str]:
     """The tags a run's table shows, in reading order: train total and components, val total and
     components, bbox then segm COCO metrics; ``all_tags`` adds every other tag (per-class AP, lr, ...)."""
     order = [
-        TRAIN_TOTAL, "loss/train", *(f"loss/train_{c}" for c in LOSS_COMPONENTS),
-        VAL_TOTAL, *(f"loss/val_{c}" for c in LOSS_COMPONENTS),
-        *(f"mAP/{iou}_{m}" for iou in IOU_TYPES for m in METRIC_NAMES),
+        TRAIN_TOTAL, TRAIN_ONLY_TOTAL, *(loss_tag("train", c) for c in LOSS_COMPONENTS),
+        VAL_TOTAL, *(loss_tag("val", c) for c in LOSS_COMPONENTS),
+        *(map_tag(iou, m) for iou in IOU_TYPES for m in METRIC_NAMES),
     ]
     tags = [t for t in order if t in scalars]
     if all_tags:
@@ -415,7 +424,7 @@ def plot_runs(runs: Sequence[Run], path: str | Path) -> str:
     from matplotlib.ticker import MaxNLocator
 
     panels: list[tuple[str, tuple[str, ...]]] = [
-        *((c, (f"loss/train_{c}", f"loss/val_{c}")) for c in LOSS_COMPONENTS),
+        *((c, (loss_tag("train", c), loss_tag("val", c))) for c in LOSS_COMPONENTS),
         ("total: loss/train_total, loss/val", (TRAIN_TOTAL, VAL_TOTAL)),
         ("mAP/segm_AP", ("mAP/segm_AP",)),
     ]

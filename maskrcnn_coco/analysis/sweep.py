@@ -27,13 +27,13 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from maskrcnn_coco.analysis.history import best_epoch, last_value, read_history, record_metric
-from maskrcnn_coco.tracking.scalars import DEFAULT_OBJECTIVE, LOSS_COMPONENTS, TRAIN_TOTAL, VAL_TOTAL
+from maskrcnn_coco.tracking.scalars import DEFAULT_OBJECTIVE, LOSS_COMPONENTS, TRAIN_TOTAL, VAL_TOTAL, loss_tag
 
 # Final values shown per job, by scalar tag (the one vocabulary of maskrcnn_coco.tracking.scalars).
 log = logging.getLogger(__name__)
 
 SUMMARY_TAGS = (
-    *(f"loss/train_{k}" for k in LOSS_COMPONENTS),
+    *(loss_tag("train", k) for k in LOSS_COMPONENTS),
     TRAIN_TOTAL,
     VAL_TOTAL,
     "mAP/bbox_AP",
@@ -151,7 +151,7 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    panels = [*(f"loss/train_{k}" for k in LOSS_COMPONENTS), VAL_TOTAL, DEFAULT_OBJECTIVE]
+    panels = [*(loss_tag("train", k) for k in LOSS_COMPONENTS), VAL_TOTAL, DEFAULT_OBJECTIVE]
     fig, axes = plt.subplots(2, 4, figsize=(18, 8), squeeze=False)
     flat = axes.flatten()
     for ax, tag in zip(flat, panels):

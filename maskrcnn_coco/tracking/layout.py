@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from maskrcnn_coco.tracking.scalars import LOSS_COMPONENTS, TRAIN_TOTAL, VAL_TOTAL
+from maskrcnn_coco.tracking.scalars import LOSS_COMPONENTS, TRAIN_ONLY_TOTAL, TRAIN_TOTAL, VAL_TOTAL, loss_tag
 
 Layout = dict[str, dict[str, list]]
 
@@ -25,8 +25,8 @@ def _exact(tag: str) -> str:
 
 def layout_spec() -> dict[str, dict[str, list[str]]]:
     """``{category: {chart: [tag regex, ...]}}`` before filtering by what a run logged."""
-    losses = {"total": [_exact(TRAIN_TOTAL), _exact("loss/train"), _exact(VAL_TOTAL)]}
-    losses.update({name: [_exact(f"loss/train_{name}"), _exact(f"loss/val_{name}")] for name in LOSS_COMPONENTS})
+    losses = {"total": [_exact(TRAIN_TOTAL), _exact(TRAIN_ONLY_TOTAL), _exact(VAL_TOTAL)]}
+    losses.update({name: [_exact(loss_tag("train", name)), _exact(loss_tag("val", name))] for name in LOSS_COMPONENTS})
     return {
         "Losses (train vs val)": losses,
         "Optimisation": {"lr (all groups)": [r"lr/.*"], "grad_norm (all groups)": [r"grad_norm/.*"]},

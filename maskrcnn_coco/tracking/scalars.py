@@ -27,6 +27,7 @@ T = TypeVar("T")
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 IOU_TYPES = ("bbox", "segm")
 TRAIN_TOTAL = "loss/train_total"
+TRAIN_ONLY_TOTAL = "loss/train"  # a train loss known only as a float total
 VAL_TOTAL = "loss/val"
 OBJECTIVE_MODES = ("final", "best")
 
@@ -73,7 +74,7 @@ def _losses(split: str, value: Any, weights: Mapping[str, float] | None) -> dict
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        return {"loss/train" if split == "train" else VAL_TOTAL: float(value)}
+        return {TRAIN_ONLY_TOTAL if split == "train" else VAL_TOTAL: float(value)}
     if not value:
         return {}
     total_tag = TRAIN_TOTAL if split == "train" else VAL_TOTAL
