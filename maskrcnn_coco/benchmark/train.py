@@ -80,15 +80,8 @@ class TrainBench:
         components = torch.stack([losses[k] for k in sorted(losses)]).detach().float()
         sum(losses.values()).backward()
 
-        class Idle(Hook):
-            def after_backward(self, state: TrainingState) -> None:
-                pass
-
-            def after_step(self, state: TrainingState) -> None:
-                pass
-
-            def at_read_back(self, state: TrainingState) -> None:
-                pass
+        class Idle(Hook):  # overrides the per-iteration events with nothing: the dispatch alone
+            after_backward = after_step = at_read_back = lambda self, state: None
 
         out = {}
         for label, hooks in (("default_hooks", self.hooks(settings)), ("dispatch_only", [Idle() for _ in range(6)])):

@@ -188,7 +188,7 @@ def restore_training_state(path: str | Path, state: TrainingState, ckpt: Mapping
 
 
 
-def _display_path(path: Path) -> str:
+def display_path(path: Path) -> str:
     try:
         return str(path.resolve().relative_to(Path.cwd()))
     except ValueError:
@@ -271,4 +271,4 @@ class Checkpointer(Hook):
         snapshot = {**training_state(state, state.epoch - 1, extra=self.extra), "interrupted_mid_iteration": True}
         path = save_checkpoint(self.directory / INTERRUPTED, snapshot)
         log.info("Interrupted during epoch %d: saved %s (weights mid-epoch %d; resume from %s).", state.epoch,
-                 _display_path(path), state.epoch, LAST)
+                 display_path(path), state.epoch, LAST)

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from maskrcnn_coco.data.coco import CategoryMapping
+from maskrcnn_coco.engine.checkpoint import CHECKPOINT_DIR, LAST
 from maskrcnn_coco.engine.evaluate import evaluate
 from maskrcnn_coco.engine.hooks import EpochResult, Hook, HookList
 from maskrcnn_coco.engine.loop import TrainingStopped, train_one_epoch
@@ -105,7 +106,7 @@ def fit(
                 if state.evaluating:
                     # Every rank evaluates rank 0's model, the one that is checkpointed.
                     broadcast_buffers(module)
-                    val_loss, metrics = _evaluate(module, val_loader, device, epoch, mapping=mapping, settings=settings)
+                    val_loss, metrics = _evaluate(module, val_loader, device, state, mapping=mapping, settings=settings)
                 parts = state.record
                 record = {
                     "train_loss": train_loss,
@@ -152,16 +153,17 @@ def _train_epoch(model: nn.Module, state: TrainingState, train_loader: DataLoade
             stop.deferring = False
 
 
-def _evaluate(model: nn.Module, val_loader: DataLoader, device: torch.device, epoch: int, *, mapping: CategoryMapping,
-              settings: FitSettings) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+def _evaluate(model: nn.Module, val_loader: DataLoader, device: torch.device, state: TrainingState, *,
+              mapping: CategoryMapping, settings: FitSettings) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     try:
         return evaluate(model, val_loader, device, mapping=mapping, compute_losses=settings.compute_val_loss,
                         mask_threshold=settings.mask_threshold, progress=settings.progress, backend=settings.eval_backend)
     except (StopRequested, KeyboardInterrupt):
         raise
     except Exception as err:
+        saved = state.last_checkpoint or f"<run>/{CHECKPOINT_DIR}/{LAST}"
         raise EvaluationFailed(
-            f"Evaluation after epoch {epoch} failed ({type(err).__name__}: {err}). The trained epoch is saved "
-            "(checkpoints/last.pth): fix the cause, then continue with resume=<run>/checkpoints/last.pth"
+            f"Evaluation after epoch {state.epoch} failed ({type(err).__name__}: {err}). The trained epoch is saved "
+            f"({saved}): fix the cause, then continue with resume={saved}"
         ) from err
 

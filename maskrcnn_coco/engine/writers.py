@@ -17,7 +17,7 @@ import torch
 from maskrcnn_coco.analysis.diagnostics import DIAGNOSTICS_FILE, Diagnosis, class_aps, diagnose
 from maskrcnn_coco.analysis.history import HISTORY_FILE
 from maskrcnn_coco.config import DiagnosticsConfig
-from maskrcnn_coco.engine.checkpoint import CHECKPOINT_DIR, Checkpointer, _display_path
+from maskrcnn_coco.engine.checkpoint import CHECKPOINT_DIR, Checkpointer, display_path
 from maskrcnn_coco.engine.hooks import EpochResult, Hook
 from maskrcnn_coco.engine.monitors import (
     DivergenceGuard,
@@ -72,7 +72,7 @@ class ConsoleSummary(Hook):
     per-class AP line when the epoch was evaluated."""
 
     def after_epoch(self, state: TrainingState, result: EpochResult) -> None:
-        saved = _display_path(result.checkpoint) if result.checkpoint is not None else None
+        saved = display_path(result.checkpoint) if result.checkpoint is not None else None
         log.info("%s", format_epoch_summary(result.epoch, state.epochs, result.scalars, saved))
         per_class = format_class_aps(result.scalars)
         if per_class:
@@ -119,11 +119,12 @@ class HistoryWriter(Hook):
 class DiagnosticsWriter(Hook):
     """The monitors of ``maskrcnn_coco.analysis.diagnostics`` after every epoch, over the history.
 
-    A finding is reported once per run (the first epoch it holds; a spike once per epoch and subject): as a warning under the epoch block
-    (console and ``train.log``) and as one JSON object in ``<run_dir>/diagnostics.jsonl`` (``epoch``,
-    ``kind``, ``components``, ``subject``, ``evidence``, ``cause``, ``config_key``, ``message``).
-    ``start``: the start-of-run audit's findings (epoch 0), written first; their logging is the
-    caller's. The file exists (possibly empty) once training starts: empty means nothing was found.
+    A finding is reported once per run (the first epoch it holds; a spike once per epoch and subject),
+    also across a resume (what was reported is the hook's checkpointed state): as a warning under the
+    epoch block (console and ``train.log``) and as one JSON object in ``<run_dir>/diagnostics.jsonl``
+    (``Diagnosis.to_json``: the fields ``analysis.diagnostics.FINDING_FIELDS``). ``start``: the
+    start-of-run audit's findings (epoch 0), written first; their logging is the caller's. The file
+    exists (possibly empty) once training starts: empty means nothing was found.
     """
 
     def __init__(self, run_dir: str | Path, config: DiagnosticsConfig | None = None, *, start: Sequence[Diagnosis] = (),
