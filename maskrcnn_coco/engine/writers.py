@@ -156,8 +156,7 @@ class DiagnosticsWriter(Hook):
         self._append(new)
 
     def before_fit(self, state: TrainingState) -> None:
-        if not self.reported:  # a resumed run wrote its audit already
-            self._append(self.start)
+        self._append(self.start)  # this start's audit (a resumed run audits again)
         self.reported.update(d.key for d in self.start)
 
     def state_dict(self) -> dict[str, Any]:
