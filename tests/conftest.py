@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -122,3 +123,25 @@ def tiny_model(tiny_data):
 
     torch.manual_seed(0)
     return build_model(tiny_model_cfg(), tiny_data.mapping.num_classes)
+
+
+@pytest.fixture
+def stub_evaluate(monkeypatch):
+    """Replace fit's evaluate: record the epoch (train passes so far) of each call, return fixed results."""
+
+    class Stub:
+        def __init__(self):
+            self.calls = []
+            self.val_losses = dict(VAL_LOSSES)
+            self.train_loader = None  # set by run_fit: its pass count is the epoch being evaluated
+
+        def __call__(self, model, loader, device, **kwargs):
+            self.calls.append((self.train_loader.passes if self.train_loader else None, loader, kwargs))
+            return dict(self.val_losses), {k: dict(v) for k, v in METRICS.items()}
+
+    from helpers import METRICS, VAL_LOSSES
+
+    stub = Stub()
+    # By module: the package's `fit` attribute is the function, which shadows the module name.
+    monkeypatch.setattr(importlib.import_module("maskrcnn_coco.engine.fit"), "evaluate", stub)
+    return stub

@@ -18,6 +18,7 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_benchmark_smoke_writes_the_json_report(tmp_path, capsys, restore_threads):
     out = tmp_path / "bench.json"
     code = main(["--iters", "2", "--repeats", "1", "--warmup", "0", "--eval-batches", "1", "--output", str(out), *TINY_OVERRIDES])

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from maskrcnn_coco.cli.check_dataset import main
@@ -32,6 +33,7 @@ def messy_dataset(root):
             f"data.train_annotations={train_ann}", f"data.val_annotations={val_ann}"]
 
 
+@pytest.mark.slow
 def test_script_reports_every_problem_and_fails_on_an_undecodable_image(tmp_path):
     overrides = messy_dataset(tmp_path)
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "check_dataset.py"), "--no-progress", *overrides],

@@ -3,6 +3,7 @@ from dataclasses import fields, is_dataclass
 from typing import get_type_hints
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
@@ -203,3 +204,31 @@ def test_choices_spelled_in_the_config_are_their_owners():
     assert tuple(AMP_DTYPES) == AMP_MODES
     assert BACKENDS == EVAL_BACKENDS
     assert param_groups.OPTIMIZER_IMPLS is OPTIMIZER_IMPLS
+
+
+def test_config_keys_and_amp_resolution():
+    from hydra import compose, initialize_config_dir
+
+    from maskrcnn_coco.analysis.sweep import register_resolvers
+    from maskrcnn_coco.cli.experiment import cpu_has_bf16, resolve_amp
+    from maskrcnn_coco.config import config_dir, register_configs, validate_config
+    from maskrcnn_coco.data.coco import resolve_num_workers
+    from maskrcnn_coco.utils.errors import ConfigError
+
+    register_configs()
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=["train.amp=bf16", "data.num_workers=auto", "eval.backend=pycocotools"])
+        validate_config(cfg)
+        assert resolve_amp(cfg, torch.device("cpu")) == "bf16"
+        off = compose("config", overrides=["train.amp=off"])
+        assert off.train.amp == "off"
+        default = compose("config")
+        assert default.train.amp == "auto" and default.train.grad_norm_every == 10
+        assert resolve_amp(default, torch.device("cuda")) == "off"  # no mode measured on CUDA: off unless asked
+        assert resolve_amp(default, torch.device("cpu")) == ("bf16" if cpu_has_bf16() else "off")
+        for bad in (["train.amp=fp32"], ["eval.backend=fast"], ["optimizer.impl=magic"], ["data.num_workers=-1"],
+                    ["train.grad_norm_every=0"]):
+            with pytest.raises(ConfigError):
+                validate_config(compose("config", overrides=bad))
+    assert 0 <= resolve_num_workers("auto") <= 8 and resolve_num_workers(3) == 3

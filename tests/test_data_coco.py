@@ -1,14 +1,14 @@
-import json
+"""``data/coco.py``: the category mapping, targets of the train and val splits, flips, config paths, and
+one-line errors for images that cannot be decoded (data/validate.py's checks: tests/test_validate.py)."""
+
 import logging
 import math
 import re
 
-import numpy as np
 import pytest
 import torch
+from helpers import CATS, NO_AUG, noise_png, simple_dataset, truncate
 from omegaconf import OmegaConf
-from PIL import Image
-from pycocotools import mask as mask_utils
 
 from maskrcnn_coco.config import AugmentConfig, CocoDataConfig
 from maskrcnn_coco.data.coco import (
@@ -20,13 +20,8 @@ from maskrcnn_coco.data.coco import (
     load_coco,
     make_loader,
 )
-from maskrcnn_coco.data.validate import load_rgb, to_rgb
-from maskrcnn_coco.utils.errors import ConfigError
 
 from conftest import square_ann, write_coco_dataset
-
-CATS = [{"id": 90, "name": "toothbrush"}, {"id": 3, "name": "car"}, {"id": 7, "name": "train"}]
-NO_AUG = AugmentConfig(hflip_prob=0.0)
 
 
 def make_dataset(tmp_path):
@@ -119,24 +114,7 @@ def test_coco_config_paths_and_errors(tmp_path):
         build_data(default, progress=False)
 
 
-# ------------------------------------------------------------------------ messy data (reliability)
-def noise_png(path, width=64, height=48, seed=0):
-    """A PNG that compresses badly, so that cutting it short really truncates the pixel data."""
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(path)
-
-
-def truncate(path):
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-
-
-def simple_dataset(tmp_path, split="train", n=2, anns=None, cats=CATS):
-    images = [{"id": i, "file_name": f"{i}.png", "height": 48, "width": 64} for i in range(1, n + 1)]
-    anns = anns if anns is not None else [square_ann(i, i, 3, 4, 4, 10) for i in range(1, n + 1)]
-    return write_coco_dataset(tmp_path, cats, images, anns, split=split)
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_truncated_png_names_file_and_image_id(tmp_path, split):
     img_dir, ann_file = simple_dataset(tmp_path, split)
@@ -162,192 +140,3 @@ def test_data_error_from_a_worker_keeps_only_the_message():
                '  File "x.py", line 1, in f\nmaskrcnn_coco.data.coco.DataError: Cannot decode image a.png (image id 3)\n')
     assert str(DataError(wrapped)) == "Cannot decode image a.png (image id 3)"
     assert str(DataError("plain: message")) == "plain: message"
-
-
-def test_degenerate_polygons_are_named_and_skipped(tmp_path, caplog):
-    images = [{"id": 1, "file_name": "1.png", "height": 48, "width": 64}]
-    anns = [
-        square_ann(1, 1, 3, 4, 4, 10),
-        {**square_ann(2, 1, 3, 20, 4, 10), "segmentation": []},
-        {**square_ann(3, 1, 7, 20, 20, 10), "segmentation": [[20, 20]]},  # 1 point
-        {**square_ann(4, 1, 7, 40, 20, 10), "segmentation": [[40, 20, 50, 30]]},  # 2 points (pycocotools: a box!)
-        {**square_ann(5, 1, 90, 40, 4, 8), "segmentation": [[40, 4, 48, 4, float("nan"), 12]]},
-        # One usable part and one degenerate part: kept, without the degenerate part.
-        {**square_ann(6, 1, 90, 30, 30, 10), "segmentation": [[30, 30, 40, 30, 40, 40, 30, 40], [1, 1, 2, 2]]},
-        {**square_ann(7, 1, 90, 4, 30, 8), "segmentation": [[50, 2, 60, 2, 60, 10, 50, 10]]},  # elsewhere than its box
-    ]
-    img_dir, ann_file = write_coco_dataset(tmp_path, CATS, images, anns)
-    problems = {p["annotation_id"]: p for p in find_invalid_annotations(load_coco(ann_file))}
-    assert set(problems) == {2, 3, 4, 5, 7}
-    assert problems[2]["problem"] == "empty segmentation []"
-    assert "polygon with 1 point" in problems[3]["problem"] and "polygon with 2 points" in problems[4]["problem"]
-    assert "NaN" in problems[5]["problem"] and "IoU 0.00" in problems[7]["problem"]
-    assert all(p["image_id"] == 1 and p["file"] == "1.png" for p in problems.values())
-    with caplog.at_level(logging.WARNING):
-        ds = build_coco_dataset(img_dir, ann_file, train=True, augment=NO_AUG, drop_empty=True)
-    assert "5 invalid annotations in instances_train.json are skipped" in caplog.text
-    assert "ann 2 (image 1 (1.png)): empty segmentation []" in caplog.text
-    assert "1 annotations in instances_train.json had polygon parts with fewer than 3 points" in caplog.text
-    _, target = ds[0]
-    assert target["labels"].tolist() == [1, 3]  # annotations 1 and 6
-    assert target["masks"].shape == (2, 48, 64)
-    assert [int(m.sum()) for m in target["masks"]] == [100, 100]
-    assert torch.allclose(target["boxes"], torch.tensor([[4.0, 4, 14, 14], [30, 30, 40, 40]]))
-    # The skipped ones are gone from the dataset's ground truth too; the probe still finds them.
-    assert sorted(ds.coco.anns) == [1, 6]
-    assert {p["annotation_id"] for p in find_invalid_annotations(ds.coco, [1])} == {2, 3, 4, 5, 7}
-
-
-def test_rle_size_must_match_the_image(tmp_path):
-    mask = np.zeros((48, 64), np.uint8)
-    mask[10:20, 30:50] = 1
-    rle = mask_utils.encode(np.asfortranarray(mask))
-    good = {"size": [48, 64], "counts": rle["counts"].decode("ascii")}
-    images = [{"id": 1, "file_name": "1.png", "height": 48, "width": 64}]
-    anns = [
-        {**square_ann(1, 1, 3, 30, 10, 20), "bbox": [30, 10, 20, 10], "segmentation": good},
-        {**square_ann(2, 1, 3, 30, 10, 20), "bbox": [30, 10, 20, 10], "segmentation": {**good, "size": [64, 48]}},
-        {**square_ann(3, 1, 7, 0, 0, 4), "segmentation": {"size": [48, 64], "counts": [5, 3]}},  # too few pixels
-    ]
-    img_dir, ann_file = write_coco_dataset(tmp_path, CATS, images, anns)
-    problems = {p["annotation_id"]: p["problem"] for p in find_invalid_annotations(load_coco(ann_file))}
-    assert problems == {
-        2: "RLE size [64, 48] differs from the image's [height, width] [48, 64]",
-        3: "RLE counts cover 8 pixels, not 48x64",
-    }
-    ds = build_coco_dataset(img_dir, ann_file, train=True, augment=NO_AUG, drop_empty=True)
-    _, target = ds[0]
-    assert target["labels"].tolist() == [1] and torch.equal(target["masks"][0], torch.from_numpy(mask))
-
-
-def test_missing_image_beyond_the_first_fifty_is_reported_at_build(tmp_path, caplog):
-    img_dir, ann_file = simple_dataset(tmp_path, n=60)
-    (img_dir / "55.png").unlink()
-    with pytest.raises(DataError) as err:
-        build_coco_dataset(img_dir, ann_file, train=True, augment=NO_AUG, drop_empty=True)
-    message = str(err.value)
-    assert "1 images listed in instances_train.json cannot be used (missing file: 1)" in message
-    assert f"image 55 (55.png): not found in {img_dir}" in message and "data.on_invalid=drop" in message
-    with caplog.at_level(logging.WARNING):
-        ds = build_coco_dataset(img_dir, ann_file, train=True, augment=NO_AUG, drop_empty=True, on_invalid="drop")
-    assert len(ds) == 59 and 55 not in ds.ids
-    assert "1 images listed in instances_train.json are dropped (missing file: 1), e.g. image 55 (55.png)" in caplog.text
-    with pytest.raises(ConfigError, match=re.escape("data.on_invalid='skip'")):
-        build_coco_dataset(img_dir, ann_file, train=True, augment=NO_AUG, drop_empty=True, on_invalid="skip")
-
-
-def test_real_size_must_match_the_annotation_file(tmp_path, caplog):
-    img_dir, ann_file = simple_dataset(tmp_path, n=3)
-    Image.new("RGB", (48, 64)).save(img_dir / "2.png")  # transposed: 48 wide, 64 high
-    ds = build_coco_dataset(img_dir, ann_file, train=True, augment=NO_AUG, drop_empty=True)
-    with pytest.raises(DataError, match=re.escape(f"Image {img_dir / '2.png'} (image id 2) is 48x64 pixels but "
-                                                  "instances_train.json says 64x48")):
-        ds[1]
-    # on_invalid=drop decodes every image at build and drops the bad ones (here: also a truncated one).
-    noise_png(img_dir / "3.png")
-    truncate(img_dir / "3.png")
-    with caplog.at_level(logging.WARNING):
-        ds = build_coco_dataset(img_dir, ann_file, train=True, augment=NO_AUG, drop_empty=True, on_invalid="drop")
-    assert ds.ids == [1]
-    assert "2 images listed in instances_train.json are dropped (image size mismatch: 1, undecodable image: 1)" in caplog.text
-    assert "image 2 (2.png): is 48x64 pixels but the annotation file says 64x48" in caplog.text
-    image, _ = ds[0]
-    assert image.shape == (3, 48, 64)
-
-
-def test_category_without_training_instance_is_warned(tmp_path, caplog):
-    anns = [square_ann(1, 1, 3, 4, 4, 10), {**square_ann(2, 2, 90, 4, 4, 10), "bbox": [4, 4, 0, 10]}]
-    img_dir, ann_file = simple_dataset(tmp_path, anns=anns)
-    with caplog.at_level(logging.WARNING):
-        build_coco_dataset(img_dir, ann_file, train=True, augment=NO_AUG, drop_empty=True)
-    assert ("No training instance of 2 categories in instances_train.json: 'train' (id 7), 'toothbrush' (id 90); "
-            "the model cannot learn them") in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING):
-        build_coco_dataset(img_dir, ann_file, train=False, augment=NO_AUG, drop_empty=False)
-    assert "No training instance" not in caplog.text  # a validation split need not cover every category
-
-
-# 8-bit grey levels 0..255 over a 16 x 16 image, and the same ramp in each mode's own range.
-RAMP = np.arange(256, dtype=np.uint8).reshape(16, 16)
-
-
-def mode_image(mode):
-    """(PIL image in ``mode``, suffix to save it with, expected RGB array)."""
-    grey = np.repeat(RAMP[..., None], 3, axis=2)
-    if mode == "L":
-        return Image.fromarray(RAMP, "L"), "png", grey
-    if mode == "1":
-        bits = RAMP >= 128
-        return Image.fromarray(bits), "png", np.repeat((bits * 255).astype(np.uint8)[..., None], 3, axis=2)
-    if mode == "I;16":
-        return Image.fromarray(RAMP.astype(np.uint16) * 257), "png", grey  # the full 16-bit range
-    if mode == "I":
-        return Image.fromarray(RAMP.astype(np.int32) * 257), "tif", grey
-    if mode == "F":
-        return Image.fromarray(RAMP.astype(np.float32) / 255), "tif", grey
-    rgb = np.stack([RAMP, RAMP[::-1], np.full_like(RAMP, 40)], axis=2)
-    if mode in ("RGBA", "LA"):  # alpha dropped, whatever it is
-        alpha = np.full_like(RAMP, 7)
-        if mode == "LA":
-            return Image.fromarray(np.stack([RAMP, alpha], axis=2), "LA"), "png", grey
-        return Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), "png", rgb
-    if mode == "P":
-        palette_image = Image.fromarray(RAMP, "L").convert("P")  # a grey palette
-        palette_image.putpalette([v for i in range(256) for v in (255 - i, i, 9)])
-        return palette_image, "png", np.stack([255 - RAMP, RAMP, np.full_like(RAMP, 9)], axis=2)
-    if mode == "CMYK":
-        return Image.fromarray(rgb).convert("CMYK"), "tif", rgb
-    raise AssertionError(mode)
-
-
-@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "I;16", "I", "F", "CMYK", "1"])
-def test_every_pil_mode_becomes_the_right_rgb(tmp_path, mode):
-    image, suffix, expected = mode_image(mode)
-    path = tmp_path / f"image.{suffix}"
-    image.save(path)
-    assert Image.open(path).mode == mode  # the file really holds that mode
-    rgb = load_rgb(path)
-    assert rgb.mode == "RGB" and rgb.size == (16, 16)
-    assert np.array_equal(np.asarray(rgb), expected)
-
-
-def test_float_and_int_images_outside_their_usual_range_are_stretched():
-    assert np.asarray(to_rgb(Image.fromarray(np.array([[-1.0, 0.5, 3.0]], np.float32))))[0, :, 0].tolist() == [0, 96, 255]
-    assert np.asarray(to_rgb(Image.fromarray(np.array([[-5, 0, 95]], np.int32))))[0, :, 0].tolist() == [0, 13, 255]
-
-
-def test_16bit_png_through_the_dataset(tmp_path):
-    img_dir, ann_file = simple_dataset(tmp_path, n=1)
-    values = np.full((48, 64), 65535, np.uint16)
-    values[:, :32] = 257 * 100
-    Image.fromarray(values).save(img_dir / "1.png")
-    ds = build_coco_dataset(img_dir, ann_file, train=False, augment=NO_AUG, drop_empty=False)
-    image, _ = ds[0]
-    assert image.shape == (3, 48, 64)
-    assert torch.allclose(image[:, :, :32], torch.tensor(100 / 255)) and torch.allclose(image[:, :, 32:], torch.tensor(1.0))
-
-
-def test_duplicate_ids_and_bad_image_records(tmp_path):
-    images = [{"id": 1, "file_name": "1.png", "height": 48, "width": 64}, {"id": 2, "file_name": "2.png", "height": 48, "width": 64}]
-    anns = [
-        square_ann(1, 1, 3, 4, 4, 10),
-        square_ann(1, 1, 7, 30, 20, 12),  # the same id again: scored twice by COCOeval otherwise
-        square_ann(2, 2, 3, 4, 4, 10),
-        {**square_ann(3, 1, 3, 0, 0, 30, iscrowd=1), "segmentation": {"size": [10, 10], "counts": [100]}},
-    ]
-    img_dir, ann_file = write_coco_dataset(tmp_path, CATS, images, anns)
-    problems = find_invalid_annotations(load_coco(ann_file))
-    assert [(p["annotation_id"], p["kind"], p["iscrowd"]) for p in problems] == [
-        (1, "duplicate annotation id", 0), (3, "bad segmentation", 1)]
-    ds = build_coco_dataset(img_dir, ann_file, train=True, augment=NO_AUG, drop_empty=True)
-    assert len(ds.coco.dataset["annotations"]) == 2 and ds.coco.anns[1]["category_id"] == 3
-    _, target = ds[0]
-    assert target["labels"].tolist() == [1]
-
-    data = json.loads(ann_file.read_text())
-    del data["images"][1]["width"]
-    ann_file.write_text(json.dumps(data))
-    with pytest.raises(DataError, match=re.escape("image 2 (2.png): width=None, height=48: not positive integers")):
-        build_coco_dataset(img_dir, ann_file, train=True, augment=NO_AUG, drop_empty=False)
-    assert build_coco_dataset(img_dir, ann_file, train=True, augment=NO_AUG, drop_empty=False, on_invalid="drop").ids == [1]

@@ -1,17 +1,16 @@
-"""The in-training monitors on synthetic histories, and the sink that reports them."""
+"""``analysis/diagnostics.py``: the in-training diagnoses on synthetic histories, and iteration-level spikes.
 
-import json
-import logging
+The hook that reports them is tests/test_writers.py's."""
+
 import math
 import random
 import statistics
-from types import SimpleNamespace
 
 import pytest
+from helpers import PARTS, falling, make_history
 
-from maskrcnn_coco.analysis.diagnostics import chance_values, confused_classes, diagnose
+from maskrcnn_coco.analysis.diagnostics import chance_values, confused_classes, diagnose, iteration_spikes
 from maskrcnn_coco.config import LOSS_COMPONENTS, DiagnosticsConfig
-from maskrcnn_coco.data.coco import CategoryMapping
 
 # README "What the default run gives": train epoch means of the default run (5 epochs, 250 steps each).
 README_DEFAULT_RUN = [
@@ -23,31 +22,6 @@ README_DEFAULT_RUN = [
 ]
 README_VAL_TOTAL = [1.2071, 0.8959, 0.6329, 0.4836, 0.4355]
 K = 3  # shapes: circle, square, triangle
-
-
-def make_history(rows, val_rows=None, extra=None):
-    """rows: per epoch, the five train components (tuple in LOSS_COMPONENTS order or a dict)."""
-    history = []
-    for e, row in enumerate(rows, start=1):
-        values = row if isinstance(row, dict) else dict(zip(LOSS_COMPONENTS, row))
-        record = {"epoch": e, **{f"loss/train_{c}": v for c, v in values.items()}}
-        if val_rows is not None:
-            val = val_rows[e - 1]
-            val = val if isinstance(val, dict) else dict(zip(LOSS_COMPONENTS, val))
-            record.update({f"loss/val_{c}": v for c, v in val.items()})
-        record.update((extra or {}).get(e, {}))
-        history.append(record)
-    return history
-
-
-def falling(n, start=(0.8, 0.4, 0.6, 0.2, 0.05), rate=0.8, **fixed):
-    """n epochs where every component falls by ``rate`` per epoch, except ``fixed`` ones (lists of values)."""
-    rows = []
-    for e in range(n):
-        row = {c: s * rate**e for c, s in zip(LOSS_COMPONENTS, start)}
-        row.update({c: values[e] for c, values in fixed.items()})
-        rows.append(row)
-    return rows
 
 
 def findings_each_epoch(history, **kwargs):
@@ -244,40 +218,31 @@ def test_thresholds_come_from_the_config():
     assert diagnose(history[:2], num_classes=K, loss_weights=weights, config=DiagnosticsConfig(patience_epochs=3)) == []
 
 
-# ------------------------------------------------------------------------------------------ sink
-def test_the_sink_logs_each_finding_once_and_writes_jsonl(tmp_path, caplog):
-    # The engine's diagnostics hook (engine/sinks.py's DiagnosticsSink, now engine/writers.py's DiagnosticsWriter).
-    from maskrcnn_coco.analysis.diagnostics import FINDING_FIELDS, Diagnosis
-    from maskrcnn_coco.engine.hooks import EpochResult
-    from maskrcnn_coco.engine.writers import DIAGNOSTICS_FILE
-    from maskrcnn_coco.engine.writers import DiagnosticsWriter as DiagnosticsSink
-
-    caplog.set_level(logging.WARNING, logger="maskrcnn_coco")
-    start = Diagnosis(kind="zero_weight", components=("loss_mask",), message="m.", cause="c", config_key="loss.weights.loss_mask",
-                      section="not-optimised")
-    sink = DiagnosticsSink(tmp_path, start=[start])
-    mapping = CategoryMapping([{"id": i, "name": n} for i, n in enumerate(["circle", "square", "triangle"], 1)])
-    state = SimpleNamespace(history=[], mapping=mapping, global_step=0)
-    sink.before_fit(state)
-    rows = falling(4, start=(1.39, 0.14, 1.0, 0.69, 0.03), rate=0.98)
-    for e, row in enumerate(rows, start=1):
-        record = {"train_loss": row, "loss_weights": {"loss_objectness": 50.0}}
-        state.history.append(make_history([row])[0] | {"epoch": e})
-        state.global_step += 10
-        sink.after_epoch(state, EpochResult(epoch=e, record=record, scalars={}))
-    lines = [json.loads(line) for line in (tmp_path / DIAGNOSTICS_FILE).read_text().splitlines()]
-    assert [(line["epoch"], line["kind"], line["components"]) for line in lines] == [
-        (0, "zero_weight", ["loss_mask"]), (2, "dominant", ["loss_objectness"])]
-    assert set(lines[1]) == set(FINDING_FIELDS) and lines[1]["severity"] == "warning"
-    assert lines[1]["evidence"]["weight"] == 50.0
-    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warned) == 1 and warned[0].startswith("loss_objectness dominates")  # the start finding is the caller's to log
+# ---------------------------------------------------------------------------- iteration-level spikes
+def test_a_loss_spike_names_the_component_that_rose():
+    parts = PARTS | {"loss_mask": 4.2}
+    found = iteration_spikes(3, loss=(5.0, 57, parts), loss_reference=(1.0, PARTS), grad_norms={}, grad_references={},
+                             window=20)
+    assert [(f.kind, f.components, f.epoch) for f in found] == [("loss_spike", ("loss_mask",), 3)]
+    text = found[0].text()
+    assert "iteration 57" in text and "5.0x the run's lowest mean over 20 iterations" in text and "loss_mask 4.2 (21.0x)" in text
+    assert "optimizer.lr" in text and "optimizer.clip_grad_norm" in text and "#iteration-spikes" in text
+    assert found[0].evidence["ratio"] == 5.0
 
 
-def test_default_sinks_put_diagnostics_after_the_console_block(tmp_path):
-    from maskrcnn_coco.engine.writers import default_hooks as default_sinks
+def test_below_the_factor_or_switched_off_nothing_is_said():
+    kwargs = {"loss_reference": (1.0, PARTS), "grad_norms": {"heads": (19.9, 3)}, "grad_references": {"heads": 1.0}, "window": 20}
+    assert iteration_spikes(1, loss=(4.9, 3, PARTS), **kwargs) == []
+    off = DiagnosticsConfig(spike_loss_factor=0, spike_grad_factor=0)
+    assert iteration_spikes(1, loss=(50.0, 3, PARTS), **(kwargs | {"grad_norms": {"heads": (99.0, 3)}}), config=off) == []
+    # No reference yet (the run's first window): nothing to compare with.
+    assert iteration_spikes(1, loss=(50.0, 3, PARTS), loss_reference=None, grad_norms={}, grad_references={}, window=20) == []
 
-    names = [type(s).__name__ for s in default_sinks(tmp_path)]
-    assert names.index("DiagnosticsWriter") == names.index("ConsoleSummary") + 1
-    off = [type(s).__name__ for s in default_sinks(tmp_path, diagnostics=DiagnosticsConfig(enabled=False))]
-    assert "DiagnosticsWriter" not in off and "ConfusionWriter" in off
+
+def test_a_gradient_norm_spike_names_the_components_of_its_module():
+    found = iteration_spikes(2, loss=None, loss_reference=None,
+                             grad_norms={"module.rpn_head": (50.0, 40), "backbone": (1.0, 40)},
+                             grad_references={"module.rpn_head": 2.0, "backbone": 1.0}, window=20)
+    assert [(f.kind, f.subject, f.components) for f in found] == [
+        ("grad_norm_spike", "module.rpn_head", ("loss_objectness", "loss_rpn_box_reg"))]
+    assert "grad_norm/module.rpn_head 50 is 25.0x its recent mean (2)" in found[0].text()

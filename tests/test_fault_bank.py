@@ -28,6 +28,8 @@ from maskrcnn_coco.data.shapes import ShapesParams, ensure_shapes_dataset
 
 from conftest import REPO, TINY_MODEL_OVERRIDES, TINY_OVERRIDES
 
+pytestmark = pytest.mark.slow  # short real training runs
+
 # One optimizer step, one validation image: enough for the audit, cheap on 2 cores.
 ONE_STEP = ["epochs=1", "data.num_train=2", "data.num_val=1", "checkpoint.every_n_epochs=0",
             "scheduler.warmup_iters=0", "scheduler.milestones=[]"]

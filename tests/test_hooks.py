@@ -5,10 +5,9 @@ import logging
 
 import pytest
 import torch
+from helpers import ScriptedLosses, scripted_loader
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torch import nn
 
-from maskrcnn_coco.config import LOSS_COMPONENTS
 from maskrcnn_coco.data.coco import CategoryMapping
 from maskrcnn_coco.engine import (
     Checkpointer,
@@ -28,24 +27,12 @@ from maskrcnn_coco.tracking.backends import TensorBoardTracker
 MAPPING = CategoryMapping([{"id": 1, "name": "a"}])
 
 
-class Scripted(nn.Module):
-    """loss_k = w * c_k with c_k from the batch."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.ones(()))
-
-    def forward(self, images, targets=None):
-        values = targets[0]["c"]
-        return {k: self.w * values[i] for i, k in enumerate(LOSS_COMPONENTS)}
-
-
 def batches(n, value=1.0):
-    return [([torch.zeros(1)], [{"image_id": i, "c": torch.full((5,), value)}]) for i in range(n)]
+    return scripted_loader([[value] * 5] * n)
 
 
 def setup(lr=0.01):
-    model = Scripted()
+    model = ScriptedLosses()
     return model, torch.optim.SGD([{"params": [model.w], "name": "heads"}], lr=lr)
 
 
@@ -157,8 +144,8 @@ def test_only_overridden_events_are_dispatched():
 
 def test_a_nan_only_guard_is_added_when_none_is_given():
     model, opt = setup(lr=0.0)
-    rows = [([torch.zeros(1)], [{"image_id": 7, "c": torch.full((5,), float("nan"))}])]
-    with pytest.raises(FloatingPointError, match=r"image ids \[7\]"):
+    rows = batches(3)[:1] + batches(1, float("nan"))
+    with pytest.raises(FloatingPointError, match=r"iteration 1: .*image ids \[0\]"):
         train_one_epoch(model, opt, rows, "cpu", 1, [])
     model, opt = setup(lr=0.0)  # the NaN step made w NaN
     runner = HookList([DivergenceGuard(max_loss=10.0)])

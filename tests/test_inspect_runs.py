@@ -91,6 +91,7 @@ def row(lines, tag):
     return line
 
 
+@pytest.mark.slow
 def test_the_tables_show_first_best_last_of_every_component_as_the_event_files_hold_them(runs, capsys):
     assert main([str(runs)]) == 0
     out = capsys.readouterr().out
@@ -122,6 +123,7 @@ def test_the_tables_show_first_best_last_of_every_component_as_the_event_files_h
     assert "epoch 1 · custom · loss_objectness" in b
 
 
+@pytest.mark.slow
 def test_csv_rows_are_every_scalar_of_every_run(runs, tmp_path, capsys):
     path = tmp_path / "out" / "runs.csv"
     assert main([str(runs / "b"), str(runs / "a"), "--csv", str(path)]) == 0
@@ -136,6 +138,7 @@ def test_csv_rows_are_every_scalar_of_every_run(runs, tmp_path, capsys):
     assert {tag for _, tag, _, _ in rows} >= set(TABLE_TAGS)
 
 
+@pytest.mark.slow
 def test_plot_has_a_panel_per_component_and_names_the_runs(runs, tmp_path, capsys):
     path = tmp_path / "runs.png"
     title = plot_runs(load_runs([runs]), path)
@@ -146,6 +149,7 @@ def test_plot_has_a_panel_per_component_and_names_the_runs(runs, tmp_path, capsy
     assert "Plot: " in capsys.readouterr().out and (tmp_path / "one.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_a_path_without_a_run_is_one_error_line_and_exit_2(runs, tmp_path, capsys, monkeypatch):
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
@@ -239,6 +243,7 @@ def get_json(opener, url):
         return json.loads(response.read().decode())
 
 
+@pytest.mark.slow
 def test_tensorboard_server_serves_the_values_read_scalars_returns(runs, tmp_path):
     """``tensorboard --logdir <run>`` on a loopback port: its scalars data API gives every tag with
     the same (step, value) pairs as ``read_scalars``."""

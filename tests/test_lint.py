@@ -8,6 +8,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # ruff in a subprocess
+
 
 def test_ruff_passes():
     if importlib.util.find_spec("ruff") is None:

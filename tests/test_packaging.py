@@ -31,7 +31,9 @@ def _can_build_wheels() -> bool:
     return importlib.util.find_spec("setuptools.command.bdist_wheel") is not None or importlib.util.find_spec("wheel") is not None
 
 
-pytestmark = pytest.mark.skipif(not _can_build_wheels(), reason="building a wheel offline needs setuptools (and bdist_wheel)")
+# slow: builds and installs a wheel, trains in subprocesses
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not _can_build_wheels(), reason="building a wheel offline needs setuptools (and bdist_wheel)")]
 
 PIP_ENV = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
 

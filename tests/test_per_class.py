@@ -11,7 +11,7 @@ from torch import nn
 
 from maskrcnn_coco.config import LOSS_COMPONENTS
 from maskrcnn_coco.engine import evaluate
-from maskrcnn_coco.engine.writers import ConfusionWriter, EpochResult, format_class_aps
+from maskrcnn_coco.engine.writers import ConfusionWriter, EpochResult
 from maskrcnn_coco.evaluation.coco_eval import coco_metrics
 from maskrcnn_coco.evaluation.per_class import (
     CONFUSION_KEY,
@@ -146,11 +146,3 @@ def test_evaluate_returns_the_confusion_matrix_and_the_sink_writes_it(tiny_data,
     assert sum(cm["matrix"][3]) == 0
     ConfusionWriter(tmp_path).after_epoch(None, EpochResult(epoch=3, record={"metrics": metrics}, scalars={}))
     assert {p.name for p in tmp_path.iterdir()} == {"confusion_epoch_003.json", "confusion_epoch_003.png"}
-
-
-def test_the_per_class_line_under_the_epoch_block():
-    scalars = {"mAP/segm_AP": 0.5, "mAP/segm_AP_class_circle": 0.712, "mAP/segm_AP_class_square": 0.69, "mAP/bbox_AP_class_circle": 0.8}
-    assert format_class_aps(scalars) == "🏷️ AP per class (segm): circle 0.712 | square 0.690"
-    many = {f"mAP/bbox_AP_class_c{i}": i / 100 for i in range(80)}
-    assert format_class_aps(many) == "🏷️ AP per class (bbox), lowest 5 of 80: c0 0.000 | c1 0.010 | c2 0.020 | c3 0.030 | c4 0.040"
-    assert format_class_aps({"mAP/segm_AP": 0.5}) is None

@@ -8,8 +8,10 @@ import sys
 
 import pytest
 import torch
+from helpers import SWEEP_JOB
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from maskrcnn_coco.cli.probe import main
+from maskrcnn_coco.cli.probe import main, quote_override_value
 from maskrcnn_coco.config import LOSS_COMPONENTS
 from maskrcnn_coco.engine import move_to_device
 from maskrcnn_coco.probe.core import check_per_level_sums, probe_batch, run_probe
@@ -37,6 +39,7 @@ def test_raw_components_equal_the_models_own_losses(tiny_model, tiny_data):
     assert record["loss_components"]["total"] == pytest.approx(sum(float(v) for v in expected.values()))
 
 
+@pytest.mark.slow
 def test_per_level_contributions_sum_to_each_component(tiny_model, tiny_data):
     records = run_probe(tiny_model, tiny_data.train_loader, "cpu", num_batches=3, progress=False)
     assert len(records) == 3
@@ -55,6 +58,7 @@ def test_per_level_contributions_sum_to_each_component(tiny_model, tiny_data):
         assert record["normalization_factors"]["loss_mask"] == record["sampling"]["roi_positive_proposals"]
 
 
+@pytest.mark.slow
 def test_model_is_bit_identical_after_a_probe(tiny_model, tiny_data):
     tiny_model.eval()
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
@@ -64,6 +68,7 @@ def test_model_is_bit_identical_after_a_probe(tiny_model, tiny_data):
     assert not tiny_model.training and not any(m.training for m in tiny_model.modules())
 
 
+@pytest.mark.slow
 def test_constant_predictions_and_dominance_are_diagnosed(tiny_model, tiny_data):
     images, targets = first_batch(tiny_data.train_loader)
     heavy = probe_batch(tiny_model, images, targets, loss_weights={"loss_objectness": 1000.0})
@@ -107,6 +112,7 @@ def nan_dataset(tmp_path):
             f"data.train_annotations={ann_file}", f"data.val_annotations={ann_file}"]
 
 
+@pytest.mark.slow
 def test_planted_nan_box_gives_a_warning_naming_the_image(tmp_path, capsys):
     data = ["data=coco", f"data.root={tmp_path}", "data.batch_size=2", "data.num_workers=0", *nan_dataset(tmp_path)]
     out_dir = tmp_path / "probe"
@@ -122,6 +128,7 @@ def test_planted_nan_box_gives_a_warning_naming_the_image(tmp_path, capsys):
     assert "image 12 annotation 3" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_files_are_identical_for_the_same_seed_and_carry_the_run(tmp_path, capsys):
     outputs = []
     for name in ("a", "b"):
@@ -158,6 +165,7 @@ def test_files_are_identical_for_the_same_seed_and_carry_the_run(tmp_path, capsy
     assert other[0]["loss_components"] != records[0]["loss_components"]
 
 
+@pytest.mark.slow
 def test_weights_and_compare(tmp_path, tiny_data, capsys):
     from maskrcnn_coco.modeling.build import build_model
 
@@ -186,6 +194,7 @@ def test_weights_and_compare(tmp_path, tiny_data, capsys):
     assert float(lines["loss_classifier"][3].rstrip("*")) == pytest.approx(math.log(4) / mean_a, abs=0.01)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -203,6 +212,7 @@ def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path, args, message):
     assert proc.stderr.startswith(message), proc.stderr
 
 
+@pytest.mark.slow
 def test_experiment_yaml_and_backbone_weights(tmp_path):
     """--config takes a YAML elsewhere that builds on the training config; groups still come from conf/."""
     import torchvision
@@ -220,6 +230,7 @@ def test_experiment_yaml_and_backbone_weights(tmp_path):
     assert not (out / "loss_components.csv").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["maskrcnn_r50_fpn", "maskrcnn_r50_fpn_v2"])
 def test_per_level_sums_on_torchvision_models(tiny_data, arch):
     from omegaconf import OmegaConf
@@ -237,6 +248,7 @@ def test_per_level_sums_on_torchvision_models(tiny_data, arch):
     assert not [w for w in record["warnings"] if w["kind"] in ("per_level_mismatch", "constant_predictions")]
 
 
+@pytest.mark.slow
 def test_the_json_carries_its_schema_and_findings_are_diagnoses(tmp_path, capsys):
     """Every JSON record has ``schema`` (2); its findings have the fields of a diagnostics.jsonl line."""
     from maskrcnn_coco.analysis.diagnostics import FINDING_FIELDS
@@ -319,3 +331,10 @@ def test_the_plot_names_its_weights_and_split(tiny_model, tiny_data, tmp_path):
     png = next(p for p in write_reports(records, run, tmp_path, "json") if p.suffix == ".png")
     title = Image.open(png).text["Title"]
     assert f"weights: {weights}" in title and "split: val" in title and "1 batch" in title
+
+
+def test_quoted_override_values_read_back_exactly():
+    parser = OverridesParser.create()
+    for value in (f"{SWEEP_JOB}/checkpoints/last.pth", "a,b/[c]/{d} e/it's", "C:\\runs\\x=1\\", "a\\'b", "''", "\\"):
+        (override,) = parser.parse_overrides([f"model.weights={quote_override_value(value)}"])
+        assert override.value() == value, value

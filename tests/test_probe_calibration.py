@@ -32,6 +32,7 @@ def codes(records, severity="warning"):
     return [w["kind"] for r in records for w in r["warnings"] if w["severity"] == severity]
 
 
+@pytest.mark.slow
 def test_a_healthy_fresh_model_is_not_diagnosed(tiny_model, tiny_data):
     records = run_probe(tiny_model, tiny_data.train_loader, "cpu", num_batches=4, progress=False)
     assert codes(records) == [], [w["message"] for r in records for w in r["warnings"]]
@@ -42,6 +43,7 @@ def test_a_healthy_fresh_model_is_not_diagnosed(tiny_model, tiny_data):
         assert r["anchor_fit"]["num_objects"] == r["batch_stats"]["total_objects"]
 
 
+@pytest.mark.slow
 def test_a_zero_weight_is_not_optimised_and_blames_no_one(tiny_model, tiny_data):
     records = run_probe(tiny_model, tiny_data.train_loader, "cpu", num_batches=4, progress=False,
                         loss_weights={"loss_mask": 0.0})
@@ -108,6 +110,7 @@ def test_the_probe_and_the_run_monitors_flag_dominance_by_one_threshold():
     assert not [f for f in diagnose(epochs_of(late), num_classes=3, loss_weights=weights) if f.kind == "dominant"]
 
 
+@pytest.mark.slow
 def test_the_probes_anchor_fit_is_the_audits(tiny_data):
     """The probe's anchor numbers are audit.anchor_fit's: per batch on the batch's boxes, and for the rule on
     the probed split's objects, number for number the start-of-run audit's fit of the training set."""
@@ -133,6 +136,7 @@ def test_the_probes_anchor_fit_is_the_audits(tiny_data):
         assert split[key] == pytest.approx(getattr(audited, key), abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_anchors_far_too_small_are_named(tiny_data):
     torch.manual_seed(0)
     model = build_model(tiny_model_cfg(anchor_sizes=[2, 4, 8]), tiny_data.mapping.num_classes)
@@ -168,6 +172,7 @@ def test_split_ratios_flag_the_component_that_stands_out():
     assert not any(row["flagged"] for row in split_ratios(train, recs(dict.fromkeys(LOSS_COMPONENTS, 0.7))).values())
 
 
+@pytest.mark.slow
 def test_train_and_val_splits_of_a_trained_checkpoint(tmp_path, capsys):
     register_configs()
     register_resolvers()

@@ -51,6 +51,7 @@ def test_disabled_or_bar_mode_logs_nothing(caplog):
     assert caplog.records == []
 
 
+@pytest.mark.slow
 def test_a_run_written_to_a_file_has_no_bar_frames_and_one_line_per_print_freq(tmp_path):
     # The shapes set generated beforehand: its generation bar is the data package's, not the loop's.
     build_data(tiny_data_cfg(cache_dir=os.path.join(os.environ["MASKRCNN_COCO_CACHE"], "shapes")), seed=0, progress=False)

@@ -3,9 +3,12 @@ import math
 
 import pytest
 import torch
+from helpers import sgd_config
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from torch import nn
 
+from maskrcnn_coco.analysis.sweep import register_resolvers
 from maskrcnn_coco.config import SchedulerConfig, register_configs
 from maskrcnn_coco.modeling.build import build_model
 from maskrcnn_coco.solver import (
@@ -15,6 +18,7 @@ from maskrcnn_coco.solver import (
     format_parameter_groups,
     get_parameter_groups,
 )
+from maskrcnn_coco.solver.schedule import check_schedule
 
 from conftest import REPO, tiny_model_cfg
 
@@ -173,3 +177,32 @@ def test_group_specs_are_checked(model):
         get_parameter_groups(model, lr=0.1, groups={"heads": {"prefixes": ["roi_heads"], "lr_mul": 3}})
     with pytest.raises(ParamGroupError, match="needs a non-empty list of module-name prefixes"):
         get_parameter_groups(model, lr=0.1, groups={"heads": {"lr_mult": 3}})
+
+
+def test_optimizer_implementation_choice():
+    from maskrcnn_coco.utils.errors import ConfigError
+
+    model = nn.Module()
+    model.backbone = nn.Linear(3, 2)
+    assert build_optimizer(sgd_config("auto"), model, verbose=False).defaults["fused"] is True
+    assert build_optimizer(sgd_config("foreach"), model, verbose=False).defaults["foreach"] is True
+    assert build_optimizer(sgd_config("for_loop"), model, verbose=False).defaults["foreach"] is False
+    assert not build_optimizer(sgd_config("auto", foreach=True), model, verbose=False).defaults["fused"]  # factory wins
+    rms = OmegaConf.merge(sgd_config("fused"), {"factory": {"_target_": "torch.optim.RMSprop", "momentum": 0.0}})
+    with pytest.raises(ConfigError, match="no fused"):
+        build_optimizer(rms, model, verbose=False)
+
+
+def compose_default(*overrides):
+    register_configs()
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_the_default_schedule_fits_the_default_run(caplog):
+    cfg = compose_default()
+    iters = math.ceil(cfg.data.num_train / cfg.data.batch_size)
+    with caplog.at_level(logging.WARNING, logger="maskrcnn_coco"):
+        assert check_schedule(cfg.scheduler, iters, cfg.epochs) == []
+    assert not caplog.records

@@ -349,3 +349,13 @@ def test_a_guard_lets_stop_signals_through():
 
     with pytest.raises(Stop):
         GuardedTracker(Stopping(), propagate=(Stop,)).flush()
+
+
+def test_bad_objective_is_rejected_before_training():
+    from maskrcnn_coco.tracking.scalars import check_objective
+    from maskrcnn_coco.utils.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"objective\.metric='mAP/segm'"):
+        check_objective("mAP/segm", "final")
+    with pytest.raises(ConfigError, match=r"objective\.mode='last'"):
+        check_objective("mAP/segm_AP", "last")

@@ -1,6 +1,6 @@
 """MLflow and W&B backends, composed from config, next to TensorBoard; a failing backend never stops training.
 
-One tiny in-process run (``run_training``, as tests/test_resume.py) logs to TensorBoard, MLflow, W&B
+One tiny in-process run (``run_training``, as tests/test_experiment.py) logs to TensorBoard, MLflow, W&B
 (offline) and a backend that raises; each is read back through its own library.
 """
 
@@ -111,6 +111,7 @@ def mlflow_run(root):
     return client, run
 
 
+@pytest.mark.slow
 def test_tensorboard_and_mlflow_log_the_same_tags_and_values(tracked_run):
     root, run_dir, _ = tracked_run
     tensorboard = read_scalars(run_dir)
@@ -124,6 +125,7 @@ def test_tensorboard_and_mlflow_log_the_same_tags_and_values(tracked_run):
     assert run.info.run_name == "run1"
 
 
+@pytest.mark.slow
 def test_mlflow_gets_the_whole_config_as_params_and_the_summary_files(tracked_run):
     root, _, _ = tracked_run
     client, run = mlflow_run(root)
@@ -137,6 +139,7 @@ def test_mlflow_gets_the_whole_config_as_params_and_the_summary_files(tracked_ru
     assert (root / "mlflow.db").is_file() and (root / "mlartifacts").is_dir()  # the store beside the runs
 
 
+@pytest.mark.slow
 def test_wandb_offline_writes_its_run_folder(tracked_run):
     _, run_dir, _ = tracked_run
     (folder,) = glob.glob(str(run_dir / "wandb" / "offline-run-*"))
@@ -147,6 +150,7 @@ def test_wandb_offline_writes_its_run_folder(tracked_run):
     assert b"hflip_prob" in data  # the config
 
 
+@pytest.mark.slow
 def test_a_failing_backend_warns_once_and_training_goes_on(tracked_run):
     _, run_dir, records = tracked_run
     warnings = [r for r in records if r.levelno >= logging.WARNING and "Tracker" in r.getMessage()]

@@ -8,7 +8,7 @@ in their inference setting on the same features (they choose by ``self.training`
 in eval mode throughout (``loss_mode``), so the losses are the same numbers as
 ``model(images, targets)`` under ``loss_mode``: the same ops in the same order, the same random
 draws (the training-mode transform draws its resize choice from the global RNG, the samplers draw
-after it), bit for bit (``tests/test_perf.py``).
+after it), bit for bit (``tests/test_eval_step.py``).
 
 The RPN head (the 3x3 conv over every FPN level: most of the RPN's time with R50-FPN) is also
 computed once and its output given to both settings, when its layers behave alike in train and eval

@@ -1,14 +1,17 @@
+"""``evaluation/coco_eval.py``: COCO results and metrics, cleaned ground truth, mask-area size ranges, backends."""
+
 import math
 
+import numpy as np
 import pytest
 import torch
+from helpers import Oracle
 from pycocotools import mask as mask_utils
-from test_engine import Oracle
 
 from maskrcnn_coco.config import AugmentConfig
 from maskrcnn_coco.data.coco import CategoryMapping, build_coco_dataset, load_coco, make_loader
 from maskrcnn_coco.engine import evaluate
-from maskrcnn_coco.evaluation.coco_eval import coco_metrics, predictions_to_coco, results_for_loadres
+from maskrcnn_coco.evaluation.coco_eval import coco_metrics, predictions_to_coco, resolve_backend, results_for_loadres
 
 from conftest import square_ann, write_coco_dataset
 
@@ -95,3 +98,66 @@ def test_segm_size_ranges_use_mask_areas(tmp_path):
     # With box areas the false positive would be "medium" and APs a perfect 1.0.
     assert metrics["APs"] == pytest.approx(metrics["AP"]) and metrics["APs"] < 0.6
     assert math.isnan(metrics["APm"])
+
+
+# ------------------------------------------------------------ batched host copies, COCOeval backends
+def per_image_reference(outputs, image_ids, mapping, mask_threshold=0.5):
+    """predictions_to_coco before batching: four copies per image."""
+    from pycocotools import mask as mask_utils
+
+    results = []
+    for out, image_id in zip(outputs, image_ids):
+        boxes = out["boxes"].detach().float().cpu()
+        if boxes.numel() == 0:
+            continue
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+        scores = out["scores"].detach().float().cpu().tolist()
+        labels = out["labels"].detach().cpu().tolist()
+        masks = out["masks"].detach()
+        masks = (masks[:, 0] if masks.dim() == 4 else masks) > mask_threshold
+        rles = mask_utils.encode(np.asfortranarray(masks.permute(1, 2, 0).cpu().numpy().astype(np.uint8)))
+        for i, (box, score, label) in enumerate(zip(xywh, scores, labels)):
+            results.append({"image_id": int(image_id), "category_id": mapping.to_coco_id(label), "bbox": box, "score": score,
+                            "segmentation": {"size": rles[i]["size"], "counts": rles[i]["counts"].decode("ascii")}})
+    return results
+
+
+def random_outputs(sizes, counts, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    outs = []
+    for (h, w), n in zip(sizes, counts):
+        xy = torch.rand(n, 2, generator=g) * torch.tensor([w / 2, h / 2])
+        boxes = torch.cat([xy, xy + 1 + torch.rand(n, 2, generator=g) * torch.tensor([w / 2, h / 2])], dim=1)
+        outs.append({"boxes": boxes, "scores": torch.rand(n, generator=g), "labels": torch.randint(1, 4, (n,), generator=g),
+                     "masks": torch.rand(n, 1, h, w, generator=g)})
+    return outs
+
+
+def test_predictions_to_coco_per_batch_equals_per_image_copies(tiny_data):
+    outputs = random_outputs([(20, 30), (17, 9), (20, 30), (5, 40)], [3, 0, 5, 1])
+    ids = [11, 12, 13, 14]
+    assert predictions_to_coco(outputs, ids, tiny_data.mapping) == per_image_reference(outputs, ids, tiny_data.mapping)
+
+
+def test_cocoeval_backends_give_identical_metrics(tiny_data):
+    if resolve_backend("auto") != "faster_coco_eval":
+        pytest.skip("faster-coco-eval is not installed")
+    coco = tiny_data.val_loader.dataset.coco
+    g = torch.Generator().manual_seed(1)
+    results = []
+    for ann in coco.anns.values():  # every object found, jittered, with a random score; some false positives
+        x, y, w, h = ann["bbox"]
+        jitter = (torch.rand(4, generator=g) - 0.5).tolist()
+        results.append({"image_id": ann["image_id"], "category_id": ann["category_id"], "score": float(torch.rand(1, generator=g)),
+                        "bbox": [x + 3 * jitter[0], y + 3 * jitter[1], w + 4 * jitter[2], h + 4 * jitter[3]],
+                        "segmentation": ann["segmentation"]})
+        results.append({**results[-1], "category_id": 1 + ann["category_id"] % 3, "score": 0.3 * results[-1]["score"]})
+    ids = sorted(coco.imgs)
+    a = coco_metrics(coco, results, ids, backend="pycocotools")
+    b = coco_metrics(coco, results, ids, backend="faster_coco_eval")
+    assert a.keys() == b.keys() == {"bbox", "segm"}
+    for iou_type in a:
+        assert a[iou_type].keys() == b[iou_type].keys()
+        for k, v in a[iou_type].items():
+            assert (math.isnan(v) and math.isnan(b[iou_type][k])) or v == b[iou_type][k], (iou_type, k)
+    assert 0 < a["segm"]["AP"] < 1

@@ -1,4 +1,5 @@
-"""Distributed training on CPU with gloo: torchrun end to end, and the reductions checked in-process."""
+"""``utils/dist.py``: distributed training on CPU with gloo, torchrun end to end, and the reductions
+checked in spawned processes."""
 
 import json
 import os
@@ -18,6 +19,8 @@ from maskrcnn_coco.tracking.scalars import LOSS_COMPONENTS
 
 from conftest import ENTRY, TINY_OVERRIDES
 
+pytestmark = pytest.mark.slow  # several processes each
+
 TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
 ROWS = {  # per rank: the scripted loss rows of its batches
     0: [[1.0, 2.0, 3.0, 4.0, 5.0], [3.0, 2.0, 1.0, 0.0, 1.0]],
@@ -28,7 +31,7 @@ ROWS = {  # per rank: the scripted loss rows of its batches
 def _rank_main(rank, world, init_file, out_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    from test_engine import ScriptedLosses, scripted_loader
+    from helpers import ScriptedLosses, scripted_loader
 
     from maskrcnn_coco.engine import FitSettings, train_one_epoch
 
@@ -47,33 +50,6 @@ def test_epoch_means_are_reduced_over_all_ranks(tmp_path):
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got == pytest.approx(expected)
-
-
-def _shard_main(rank, world, init_file, out_dir, size):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
-    torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    from maskrcnn_coco.data.samplers import ShardSampler, TrainSampler
-
-    val = list(ShardSampler(size, rank=rank, world_size=world))
-    train = TrainSampler(size, seed=3, rank=rank, world_size=world)
-    train.set_epoch(2)
-    (out_dir / f"shard{rank}.json").write_text(json.dumps({"val": val, "train": [i for i, _ in train]}))
-    torch_dist.destroy_process_group()
-
-
-def test_shards_cover_the_set_once():
-    """Validation shards: every image exactly once even when the count does not divide; training
-    shards: equal lengths (padded), together a permutation of the set plus the padding."""
-    from maskrcnn_coco.data.samplers import ShardSampler, TrainSampler
-
-    val = [list(ShardSampler(7, rank=r, world_size=2)) for r in (0, 1)]
-    assert sorted(val[0] + val[1]) == list(range(7))
-    train = []
-    for r in (0, 1):
-        sampler = TrainSampler(7, seed=3, rank=r, world_size=2)
-        sampler.set_epoch(2)
-        train.append([i for i, _ in sampler])
-    assert len(train[0]) == len(train[1]) == 4 and set(train[0] + train[1]) == set(range(7))
 
 
 def run_torchrun(args, cwd, nproc=2, timeout=300, **popen):
@@ -103,7 +79,7 @@ def test_torchrun_two_processes_write_one_run(tmp_path):
 
     # The metrics equal a single-process evaluation of the saved weights on the whole val set.
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    from test_resume import compose_cfg
+    from helpers import compose_cfg
 
     from maskrcnn_coco.cli.experiment import build_components
     from maskrcnn_coco.engine.evaluate import evaluate
@@ -147,21 +123,3 @@ def test_sigterm_to_torchrun_then_resume_auto_with_one_process(tmp_path):
     resumed = run_entry([*args, "resume=auto"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resumed from {interrupted[0]}" in resumed.stdout and "Epoch 2/2" in resumed.stdout
-
-
-def test_submitit_local_sweep_runs_each_job_in_its_own_process(tmp_path):
-    """The SLURM path's launcher, run locally: jobs are separate processes that still get folders
-    named by the swept key, and the sweep summary is written."""
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    from conftest import run_entry
-
-    proc = run_entry(["-m", "hydra/launcher=submitit_local", *TINY_OVERRIDES, "epochs=1", "tracker=none",
-                      f"runs_dir={tmp_path}", "optimizer.head_lr_multiplier=1,3"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (sweep_dir,) = (tmp_path / "maskrcnn" / "multirun").iterdir()
-    jobs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    assert jobs == ["0_optimizer.head_lr_multiplier=1", "1_optimizer.head_lr_multiplier=3"]
-    assert (sweep_dir / ".submitit").is_dir()  # submitted through submitit, not run in-process
-    for job in jobs:
-        assert (sweep_dir / job / "checkpoints" / "last.pth").is_file()
-    assert (sweep_dir / "sweep_summary.csv").read_text().count("\n") == 3

@@ -1,49 +1,89 @@
-"""Iteration-level spikes: the loss or a gradient norm jumping inside an epoch, said before it becomes a NaN."""
+"""``engine/monitors.py``: gradient norms (per group, per module, every N iterations), the timer, and the
+spike monitor (a loss or gradient norm jumping inside an epoch, said before it becomes a NaN)."""
 
 import json
 import logging
 
 import pytest
 import torch
-from test_engine import ScriptedLosses, scripted_loader  # loss_k = w * c_k, c_k scripted per batch
+from helpers import ScriptedLosses, scripted_loader, sgd_config
+from torch import nn
 
-from maskrcnn_coco.analysis.diagnostics import DIAGNOSTICS_FILE, iteration_spikes
+from maskrcnn_coco.analysis.diagnostics import DIAGNOSTICS_FILE
 from maskrcnn_coco.config import LOSS_COMPONENTS, DiagnosticsConfig
 from maskrcnn_coco.data.coco import CategoryMapping
 from maskrcnn_coco.engine import FitSettings, GradNormMeter, SpikeMonitor, train_one_epoch
-
-PARTS = dict.fromkeys(LOSS_COMPONENTS, 0.2)
-
-
-def test_a_loss_spike_names_the_component_that_rose():
-    parts = PARTS | {"loss_mask": 4.2}
-    found = iteration_spikes(3, loss=(5.0, 57, parts), loss_reference=(1.0, PARTS), grad_norms={}, grad_references={},
-                             window=20)
-    assert [(f.kind, f.components, f.epoch) for f in found] == [("loss_spike", ("loss_mask",), 3)]
-    text = found[0].text()
-    assert "iteration 57" in text and "5.0x the run's lowest mean over 20 iterations" in text and "loss_mask 4.2 (21.0x)" in text
-    assert "optimizer.lr" in text and "optimizer.clip_grad_norm" in text and "#iteration-spikes" in text
-    assert found[0].evidence["ratio"] == 5.0
+from maskrcnn_coco.engine.monitors import IterationTimer
+from maskrcnn_coco.solver.param_groups import build_optimizer
 
 
-def test_below_the_factor_or_switched_off_nothing_is_said():
-    kwargs = {"loss_reference": (1.0, PARTS), "grad_norms": {"heads": (19.9, 3)}, "grad_references": {"heads": 1.0}, "window": 20}
-    assert iteration_spikes(1, loss=(4.9, 3, PARTS), **kwargs) == []
-    off = DiagnosticsConfig(spike_loss_factor=0, spike_grad_factor=0)
-    assert iteration_spikes(1, loss=(50.0, 3, PARTS), **(kwargs | {"grad_norms": {"heads": (99.0, 3)}}), config=off) == []
-    # No reference yet (the run's first window): nothing to compare with.
-    assert iteration_spikes(1, loss=(50.0, 3, PARTS), loss_reference=None, grad_norms={}, grad_references={}, window=20) == []
+# ------------------------------------------------------------------------------------ gradient norms
+def test_grad_norm_meter_means_per_group_norms():
+    p1, p2 = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(1))
+    q, r = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(1))
+    meter = GradNormMeter({"a": [p1, p2], "b": [q], "c": [r], "empty": []})
+    assert list(meter.groups) == ["a", "b", "c"]  # a group without parameters is dropped
+    assert meter.compute() == {}
+
+    p1.grad, p2.grad, q.grad = torch.tensor([3.0, 0.0]), torch.tensor([4.0]), torch.tensor([1.0, 2.0, 2.0])
+    meter.update()  # a: ||(3, 0, 4)|| = 5, b: ||(1, 2, 2)|| = 3, c: no grad
+    p1.grad, p2.grad, q.grad = torch.tensor([0.0, 0.0]), torch.tensor([-1.0]), None
+    meter.update()  # a: 1, b: no grad any more
+    assert meter.compute() == pytest.approx({"a": 3.0, "b": 1.5, "c": 0.0})
+
+    meter.reset()
+    assert meter.compute() == {} and meter.count == 0
+    q.grad = torch.tensor([0.0, 6.0, 8.0])
+    meter.update()
+    assert meter.compute() == pytest.approx({"a": 1.0, "b": 10.0, "c": 0.0})
 
 
-def test_a_gradient_norm_spike_names_the_components_of_its_module():
-    found = iteration_spikes(2, loss=None, loss_reference=None,
-                             grad_norms={"module.rpn_head": (50.0, 40), "backbone": (1.0, 40)},
-                             grad_references={"module.rpn_head": 2.0, "backbone": 1.0}, window=20)
-    assert [(f.kind, f.subject, f.components) for f in found] == [
-        ("grad_norm_spike", "module.rpn_head", ("loss_objectness", "loss_rpn_box_reg"))]
-    assert "grad_norm/module.rpn_head 50 is 25.0x its recent mean (2)" in found[0].text()
+def test_grad_norm_meter_merges_the_no_weight_decay_half_of_a_group():
+    a, b, c = (nn.Parameter(torch.zeros(1)) for _ in range(3))
+    opt = torch.optim.SGD([{"params": [a], "name": "heads", "group": "heads"},
+                           {"params": [b], "name": "heads_no_wd", "group": "heads"},
+                           {"params": [c], "name": "backbone"}], lr=0.1)
+    meter = GradNormMeter.from_optimizer(opt)
+    a.grad, b.grad, c.grad = torch.tensor([3.0]), torch.tensor([4.0]), torch.tensor([2.0])
+    meter.update()
+    assert meter.compute() == pytest.approx({"heads": 5.0, "backbone": 2.0})
 
 
+def test_grad_norms_are_the_mean_over_the_sampled_iterations():
+    weight = nn.Parameter(torch.zeros(()))
+    optimizer = torch.optim.SGD([{"params": [weight], "name": "all"}], lr=0.0)
+
+    class Scripted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = weight
+
+        def forward(self, images, targets):
+            c = targets[0]["c"]
+            return {k: self.w * c if k == "loss_mask" else self.w * 0.0 for k in LOSS_COMPONENTS}
+
+    batches = [([torch.zeros(1)], [{"image_id": i, "c": torch.tensor(float(c))}]) for i, c in enumerate([1, 2, 3, 4, 5])]
+    meter = GradNormMeter.from_optimizer(optimizer, every=2)
+    train_one_epoch(Scripted(), optimizer, batches, "cpu", 1, [meter])
+    assert meter.count == 3 and meter.compute() == pytest.approx({"all": (1 + 3 + 5) / 3})
+
+
+@pytest.mark.slow
+def test_fit_records_module_grad_norms_lrs_and_loader_times(tiny_model, tiny_data):
+    from maskrcnn_coco.engine import fit
+
+    optimizer = build_optimizer(sgd_config(), tiny_model, verbose=False)
+    history = fit(tiny_model, optimizer, tiny_data.train_loader, None, FitSettings(progress=False),
+                  [GradNormMeter(every=2), IterationTimer()], mapping=tiny_data.mapping)
+    (record,) = history
+    modules = ["rpn_head", "roi_heads_box_head", "roi_heads_box_predictor", "roi_heads_mask_head", "roi_heads_mask_predictor"]
+    for m in modules:
+        assert record[f"grad_norm/module.{m}"] > 0
+        assert record[f"lr/module.{m}"] == record["lr/rpn" if m == "rpn_head" else "lr/heads"]
+    assert record["time/iter"] >= record["time/data"] >= 0
+
+
+# ---------------------------------------------------------------------------- iteration-level spikes
 def noisy_rows(n, seed=0):
     g = torch.Generator().manual_seed(seed)
     # A falling loss with +-30 % batch-to-batch noise: healthy.
@@ -131,17 +171,3 @@ def test_fit_writes_spikes_to_diagnostics_jsonl_and_tensorboard_text(tmp_path, c
     resumed = SpikeMonitor()
     resumed.load_state_dict(spikes.state_dict())
     assert resumed.state_dict() == spikes.state_dict() and resumed.loss_reference is not None
-
-
-def test_a_spike_is_reported_once_per_epoch_and_subject(tmp_path):
-    from maskrcnn_coco.engine.writers import DiagnosticsWriter
-
-    def spike(epoch, component):
-        return iteration_spikes(epoch, loss=(9.0, 5, PARTS | {component: 8.2}), loss_reference=(1.0, PARTS),
-                                grad_norms={}, grad_references={}, window=1)[0]
-
-    sink = DiagnosticsWriter(tmp_path)
-    for finding in (spike(1, "loss_mask"), spike(1, "loss_classifier"), spike(2, "loss_mask")):
-        sink.on_finding(None, finding)
-    lines = [json.loads(line) for line in (tmp_path / DIAGNOSTICS_FILE).read_text().splitlines()]
-    assert [(line["epoch"], line["components"]) for line in lines] == [(1, ["loss_mask"]), (2, ["loss_mask"])]

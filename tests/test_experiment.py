@@ -1,33 +1,20 @@
-"""Never lose a trained epoch, resume exactly: checkpoints, signals, divergence, config checks."""
+"""``cli/experiment.py``: ``run_training`` in process. Never lose a trained epoch, resume exactly:
+checkpoints, signals, divergence, config checks."""
 
 import importlib
 import json
 import math
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from helpers import assert_same_weights, compose_cfg, weights
 
-from maskrcnn_coco.analysis.sweep import register_resolvers
 from maskrcnn_coco.cli.experiment import run_training
-from maskrcnn_coco.config import register_configs
 from maskrcnn_coco.engine.fit import RunInterrupted
 from maskrcnn_coco.modeling.weights import WeightsError
 from maskrcnn_coco.utils.errors import ConfigError
-
-from conftest import ENTRY, REPO, TINY_OVERRIDES, run_entry
-
-
-def compose_cfg(*overrides):
-    register_configs()
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("config", overrides=[*TINY_OVERRIDES, "tracker=none", *overrides])
 
 
 def train(tmp_path, name, *overrides):
@@ -37,22 +24,13 @@ def train(tmp_path, name, *overrides):
     return run_dir
 
 
-def weights(path):
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
-
-
 def history(run_dir):
     """metrics.jsonl without the wall-clock tags."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")} for line in lines]
 
 
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, different[:5]
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", [["scheduler.name=multistep", "scheduler.milestones=[1.5]"], ["scheduler.name=cosine"]])
 def test_resume_at_an_epoch_boundary_is_bit_identical(tmp_path, schedule):
     """2 epochs straight vs epoch 1 + resume: same weights, same logged losses and metrics."""
@@ -63,6 +41,7 @@ def test_resume_at_an_epoch_boundary_is_bit_identical(tmp_path, schedule):
     assert [h["epoch"] for h in history(resumed)] == [1, 2]
 
 
+@pytest.mark.slow
 def test_resume_with_more_epochs_rebuilds_the_cosine_schedule(tmp_path, caplog):
     caplog.set_level("INFO", logger="maskrcnn_coco")
     first = train(tmp_path, "first", "epochs=1", "scheduler.name=cosine")
@@ -76,6 +55,7 @@ def test_resume_with_more_epochs_rebuilds_the_cosine_schedule(tmp_path, caplog):
     assert lrs[1] == pytest.approx(expected, rel=1e-6) and lrs[1] > 0
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     """In process: a SIGTERM during iteration 2 of epoch 1 finishes that iteration, writes a resumable
     interrupted.pth; resuming from it ends with the uninterrupted run's weights and history."""
@@ -107,6 +87,7 @@ def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, mo
     assert history(resumed) == history(straight)
 
 
+@pytest.mark.slow
 def test_checkpoints_every_n_iters_do_not_change_training(tmp_path):
     """Step-boundary checkpoints inside epochs (the loader restarted after each) train identically."""
     plain = train(tmp_path, "plain", "epochs=2")
@@ -115,6 +96,7 @@ def test_checkpoints_every_n_iters_do_not_change_training(tmp_path):
     assert history(split) == history(plain)
 
 
+@pytest.mark.slow
 def test_resume_auto_picks_the_newest_checkpoint_and_starts_fresh_without_one(tmp_path, caplog):
     caplog.set_level("INFO", logger="maskrcnn_coco")
     fresh = train(tmp_path, "maskrcnn/a", "epochs=1", "resume=auto")
@@ -124,6 +106,7 @@ def test_resume_auto_picks_the_newest_checkpoint_and_starts_fresh_without_one(tm
     assert [h["epoch"] for h in history(later)] == [1, 2]
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_not_resumed_silently(tmp_path):
     done = train(tmp_path, "done", "epochs=1")
     with pytest.raises(ConfigError, match=r"already finished epoch 1; set epochs above 1"):
@@ -137,6 +120,7 @@ def test_a_checkpoint_from_inside_an_iteration_is_refused(tmp_path):
         train(tmp_path, "run", "epochs=1", f"resume={path}")
 
 
+@pytest.mark.slow
 def test_a_failing_evaluation_keeps_the_trained_epoch(tmp_path, monkeypatch):
     fit_module = importlib.import_module("maskrcnn_coco.engine.fit")  # the package exports the function `fit`
 
@@ -150,6 +134,7 @@ def test_a_failing_evaluation_keeps_the_trained_epoch(tmp_path, monkeypatch):
     assert state["epoch"] == 1 and state["global_step"] == 4
 
 
+@pytest.mark.slow
 def test_divergence_stops_before_any_checkpoint(tmp_path):
     """A finite but exploding loss (huge lr, clipped gradients) stops like a NaN, nothing is saved."""
     with pytest.raises(FloatingPointError) as err:
@@ -181,36 +166,7 @@ def test_bad_values_fail_before_any_work(tmp_path, override, message):
     assert not (tmp_path / "run").exists()
 
 
-def test_sigterm_to_the_entry_point_then_resume_auto(tmp_path):
-    """The real entry point: SIGTERM mid-epoch -> one line, exit 143, interrupted.pth; resume=auto
-    continues from it to the same final weights as an uninterrupted run."""
-    common = [*TINY_OVERRIDES, "data.num_train=48", "epochs=2", "tracker=none", "print_freq=1"]
-    straight = run_entry([*common, f"runs_dir={tmp_path / 'straight'}"], cwd=tmp_path)
-    assert straight.returncode == 0, straight.stderr[-2000:]
-
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, str(ENTRY), *common, f"runs_dir={tmp_path / 'pre'}"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:  # training starts right after the run summary line
-        if line.startswith("Device:"):
-            break
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-    assert err.strip().startswith("Stopped by SIGTERM in epoch 1, iteration") and "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1
-    (interrupted,) = (tmp_path / "pre").rglob("interrupted.pth")
-
-    resumed = run_entry([*common, f"runs_dir={tmp_path / 'pre'}", "resume=auto"], cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"Resumed from {interrupted}" in resumed.stdout
-    (final_straight,) = (tmp_path / "straight").rglob("last.pth")
-    finals = [p for p in (tmp_path / "pre").rglob("last.pth") if p.parent.parent != interrupted.parent.parent]
-    assert len(finals) == 1
-    assert_same_weights(weights(final_straight), weights(finals[0]))
-
-
+@pytest.mark.slow
 def test_fp16_resume_restores_the_grad_scaler(tmp_path, monkeypatch):
     """train.amp=fp16 trains with a GradScaler whose state (scale, growth tracker) is checkpointed and
     restored on resume; the resumed run ends bit-identical to the straight one."""

@@ -1,16 +1,15 @@
-"""Multirun sweeps: one run folder and event file per job, and a summary when the sweep ends."""
+"""``analysis/sweep.py``: multirun sweeps, one run folder and event file per job, job folder names, and a
+summary when the sweep ends."""
 
 import csv
-import math
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from maskrcnn_coco.analysis.history import objective_value, read_history
-
 from conftest import TINY_OVERRIDES, run_entry
 
 
+@pytest.mark.slow
 def test_two_job_head_lr_multirun(tmp_path):
     proc = run_entry(["-m", *TINY_OVERRIDES, "epochs=1", f"runs_dir={tmp_path}", "optimizer.head_lr_multiplier=1,3"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -39,26 +38,23 @@ def test_two_job_head_lr_multirun(tmp_path):
     assert "Sweep summary" in proc.stdout and "| 1_optimizer.head_lr_multiplier=3 |" in proc.stdout
 
 
-def test_objective_value_final_and_best():
-    history = [
-        {"epoch": 1, "mAP/segm_AP": 0.2, "loss/val": 1.0, "loss/train_total": 2.0},
-        {"epoch": 2, "mAP/segm_AP": 0.5, "loss/val": 0.7, "loss/train_total": 1.0},
-        {"epoch": 3, "mAP/segm_AP": 0.4, "loss/val": 0.9, "loss/train_total": 0.8},
-        {"epoch": 4, "loss/train_total": 0.7},  # not evaluated: the last epoch that has it counts
-    ]
-    assert objective_value(history, "mAP/segm_AP", "final") == 0.4
-    assert objective_value(history, "mAP/segm_AP", "best") == 0.5
-    assert objective_value(history, "loss/val", "best") == 0.7
-    assert objective_value(history, "loss/train_total", "final") == 0.7
-    assert math.isnan(objective_value(history, "mAP/bbox_AP", "final"))
+@pytest.mark.slow
+def test_submitit_local_sweep_runs_each_job_in_its_own_process(tmp_path):
+    """The SLURM path's launcher, run locally: jobs are separate processes that still get folders
+    named by the swept key, and the sweep summary is written."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from conftest import run_entry
 
-
-def test_history_reads_jsonl(tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    assert read_history(run) == []
-    (run / "metrics.jsonl").write_text('{"epoch": 1, "loss/val": 0.5, "mAP/segm_AP": 0.25}\n\n')
-    assert read_history(run) == [{"epoch": 1, "loss/val": 0.5, "mAP/segm_AP": 0.25}]
+    proc = run_entry(["-m", "hydra/launcher=submitit_local", *TINY_OVERRIDES, "epochs=1", "tracker=none",
+                      f"runs_dir={tmp_path}", "optimizer.head_lr_multiplier=1,3"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep_dir,) = (tmp_path / "maskrcnn" / "multirun").iterdir()
+    jobs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert jobs == ["0_optimizer.head_lr_multiplier=1", "1_optimizer.head_lr_multiplier=3"]
+    assert (sweep_dir / ".submitit").is_dir()  # submitted through submitit, not run in-process
+    for job in jobs:
+        assert (sweep_dir / job / "checkpoints" / "last.pth").is_file()
+    assert (sweep_dir / "sweep_summary.csv").read_text().count("\n") == 3
 
 
 def test_job_dirname_names_only_the_swept_keys(monkeypatch):
@@ -74,13 +70,3 @@ def test_job_dirname_names_only_the_swept_keys(monkeypatch):
     monkeypatch.setattr("sys.argv", ["main_mlops.py", "-m", *[f"key{i}=a,b" for i in range(40)]])
     name = job_dirname(long)
     assert len(name) <= MAX_DIRNAME and "/" not in name and name.startswith("key0=value_0,key1=")
-
-
-def test_bad_objective_is_rejected_before_training():
-    from maskrcnn_coco.tracking.scalars import check_objective
-    from maskrcnn_coco.utils.errors import ConfigError
-
-    with pytest.raises(ConfigError, match=r"objective\.metric='mAP/segm'"):
-        check_objective("mAP/segm", "final")
-    with pytest.raises(ConfigError, match=r"objective\.mode='last'"):
-        check_objective("mAP/segm_AP", "last")

@@ -1,0 +1,123 @@
+"""``engine/writers.py``: the console block, metrics.jsonl, the diagnostics file, the per-class line
+and the order of the default hooks."""
+
+import json
+import logging
+import math
+from types import SimpleNamespace
+
+from helpers import PARTS, VAL_LOSSES, falling, make_history, run_fit
+
+from maskrcnn_coco.analysis.diagnostics import DIAGNOSTICS_FILE, iteration_spikes
+from maskrcnn_coco.config import DiagnosticsConfig
+from maskrcnn_coco.data.coco import CategoryMapping
+from maskrcnn_coco.engine import format_epoch_summary
+from maskrcnn_coco.engine.writers import format_class_aps
+from maskrcnn_coco.tracking.scalars import epoch_scalars
+
+
+def test_console_block_matches_the_documented_format():
+    train = {"loss_classifier": 0.1456, "loss_box_reg": 0.1234, "loss_mask": 0.3890, "loss_objectness": 0.0567, "loss_rpn_box_reg": 0.1087}
+    val = {"loss_classifier": 0.2, "loss_box_reg": 0.2, "loss_mask": 0.3123, "loss_objectness": 0.1, "loss_rpn_box_reg": 0.1}
+    metrics = {"bbox": {"AP": 0.6543, "AP50": 0.8901}, "segm": {"AP": 0.2134, "AP50": 0.4567}}
+    scalars = epoch_scalars({"train_loss": train, "val_loss": val, "metrics": metrics})
+    text = format_epoch_summary(5, 20, scalars, "runs/maskrcnn/x/checkpoints/epoch_005.pth")
+    assert text == (
+        "Epoch 5/20\n"
+        "📊 Training Losses:\n"
+        "   Total: 0.8234\n"
+        "   loss_box_reg: 0.1234\n"
+        "   loss_classifier: 0.1456\n"
+        "   loss_mask: 0.3890\n"
+        "   loss_objectness: 0.0567\n"
+        "   loss_rpn_box_reg: 0.1087\n"
+        "📈 Validation Loss: 0.9123\n"
+        "📦 Box mAP: 0.6543 (AP50: 0.8901)\n"
+        "🎭 Mask mAP: 0.2134 (AP50: 0.4567)\n"
+        "💾 Saved checkpoint: runs/maskrcnn/x/checkpoints/epoch_005.pth"
+    )
+    weighted = format_epoch_summary(1, 1, epoch_scalars({"train_loss": train, "loss_weights": {"loss_mask": 2.0}}))
+    assert weighted.splitlines()[2] == "   Total: 1.2124"  # 0.8234 + 0.3890
+
+
+def test_the_per_class_line_under_the_epoch_block():
+    scalars = {"mAP/segm_AP": 0.5, "mAP/segm_AP_class_circle": 0.712, "mAP/segm_AP_class_square": 0.69, "mAP/bbox_AP_class_circle": 0.8}
+    assert format_class_aps(scalars) == "🏷️ AP per class (segm): circle 0.712 | square 0.690"
+    many = {f"mAP/bbox_AP_class_c{i}": i / 100 for i in range(80)}
+    assert format_class_aps(many) == "🏷️ AP per class (bbox), lowest 5 of 80: c0 0.000 | c1 0.010 | c2 0.020 | c3 0.030 | c4 0.040"
+    assert format_class_aps({"mAP/segm_AP": 0.5}) is None
+
+
+def test_metrics_jsonl_has_one_object_per_epoch_and_nan_as_null(stub_evaluate, tmp_path):
+    stub_evaluate.val_losses = {**VAL_LOSSES, "loss_mask": float("nan")}
+    history, _, _ = run_fit(stub_evaluate, epochs=2, run_dir=tmp_path)  # the default hooks
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+
+    def no_constants(name):
+        raise AssertionError(f"non-JSON constant {name} in metrics.jsonl")
+
+    lines = [json.loads(line, parse_constant=no_constants) for line in text.splitlines()]
+    assert len(lines) == 2 == len(history)
+    for line, record in zip(lines, history):
+        assert next(iter(line)) == "epoch" and set(line) == set(record)
+        assert math.isnan(record["loss/val_loss_mask"]) and math.isnan(record["loss/val"])
+        assert line["loss/val_loss_mask"] is None and line["loss/val"] is None
+        assert line["loss/val_loss_box_reg"] == 0.25 and line["mAP/bbox_AP50"] == 0.75
+        assert {k: v for k, v in line.items() if v is not None} == {
+            k: v for k, v in record.items() if not (isinstance(v, float) and math.isnan(v))
+        }
+    assert [line["epoch"] for line in lines] == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch_001.pth", "epoch_002.pth", "last.pth"]
+
+
+def test_the_sink_logs_each_finding_once_and_writes_jsonl(tmp_path, caplog):
+    # The engine's diagnostics hook (engine/sinks.py's DiagnosticsSink, now engine/writers.py's DiagnosticsWriter).
+    from maskrcnn_coco.analysis.diagnostics import FINDING_FIELDS, Diagnosis
+    from maskrcnn_coco.engine.hooks import EpochResult
+    from maskrcnn_coco.engine.writers import DIAGNOSTICS_FILE
+    from maskrcnn_coco.engine.writers import DiagnosticsWriter as DiagnosticsSink
+
+    caplog.set_level(logging.WARNING, logger="maskrcnn_coco")
+    start = Diagnosis(kind="zero_weight", components=("loss_mask",), message="m.", cause="c", config_key="loss.weights.loss_mask",
+                      section="not-optimised")
+    sink = DiagnosticsSink(tmp_path, start=[start])
+    mapping = CategoryMapping([{"id": i, "name": n} for i, n in enumerate(["circle", "square", "triangle"], 1)])
+    state = SimpleNamespace(history=[], mapping=mapping, global_step=0)
+    sink.before_fit(state)
+    rows = falling(4, start=(1.39, 0.14, 1.0, 0.69, 0.03), rate=0.98)
+    for e, row in enumerate(rows, start=1):
+        record = {"train_loss": row, "loss_weights": {"loss_objectness": 50.0}}
+        state.history.append(make_history([row])[0] | {"epoch": e})
+        state.global_step += 10
+        sink.after_epoch(state, EpochResult(epoch=e, record=record, scalars={}))
+    lines = [json.loads(line) for line in (tmp_path / DIAGNOSTICS_FILE).read_text().splitlines()]
+    assert [(line["epoch"], line["kind"], line["components"]) for line in lines] == [
+        (0, "zero_weight", ["loss_mask"]), (2, "dominant", ["loss_objectness"])]
+    assert set(lines[1]) == set(FINDING_FIELDS) and lines[1]["severity"] == "warning"
+    assert lines[1]["evidence"]["weight"] == 50.0
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and warned[0].startswith("loss_objectness dominates")  # the start finding is the caller's to log
+
+
+def test_a_spike_is_reported_once_per_epoch_and_subject(tmp_path):
+    from maskrcnn_coco.engine.writers import DiagnosticsWriter
+
+    def spike(epoch, component):
+        return iteration_spikes(epoch, loss=(9.0, 5, PARTS | {component: 8.2}), loss_reference=(1.0, PARTS),
+                                grad_norms={}, grad_references={}, window=1)[0]
+
+    sink = DiagnosticsWriter(tmp_path)
+    for finding in (spike(1, "loss_mask"), spike(1, "loss_classifier"), spike(2, "loss_mask")):
+        sink.on_finding(None, finding)
+    lines = [json.loads(line) for line in (tmp_path / DIAGNOSTICS_FILE).read_text().splitlines()]
+    assert [(line["epoch"], line["components"]) for line in lines] == [(1, ["loss_mask"]), (2, ["loss_mask"])]
+
+
+def test_default_sinks_put_diagnostics_after_the_console_block(tmp_path):
+    from maskrcnn_coco.engine.writers import default_hooks as default_sinks
+
+    names = [type(s).__name__ for s in default_sinks(tmp_path)]
+    assert names.index("DiagnosticsWriter") == names.index("ConsoleSummary") + 1
+    off = [type(s).__name__ for s in default_sinks(tmp_path, diagnostics=DiagnosticsConfig(enabled=False))]
+    assert "DiagnosticsWriter" not in off and "ConfusionWriter" in off
