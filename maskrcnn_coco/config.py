@@ -48,8 +48,8 @@ LOSS_COMPONENTS: tuple[str, ...] = (
 
 
 # -------------------------------------------------------------------------------- value rules
-# Choices implemented elsewhere, spelled here because those modules import this one: the keys of
-# engine.settings.AMP_DTYPES, evaluation.coco_eval.BACKENDS (tests/test_config.py checks they agree).
+# Choices implemented elsewhere (engine.settings.AMP_DTYPES, evaluation.coco_eval.BACKENDS), defined here,
+# at the bottom of the package, so that those modules and the value rules share one list.
 AMP_MODES: tuple[str, ...] = ("off", "bf16", "fp16")
 EVAL_BACKENDS: tuple[str, ...] = ("auto", "pycocotools", "faster_coco_eval")
 # How the optimizer's step runs (solver.param_groups.implementation_kwargs): one fused kernel per parameter

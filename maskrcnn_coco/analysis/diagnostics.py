@@ -4,7 +4,7 @@ one finding type (``Diagnosis``) and shared rules of the monitors, the start-of-
 Each monitor takes the history (``[{"epoch": e, <tag>: value}, ...]``, tags of
 ``maskrcnn_coco.tracking.scalars``), the loss weights and ``DiagnosticsConfig`` thresholds, and
 returns ``Diagnosis`` objects for the latest epoch: what is seen (with its numbers), the likely
-cause and the config key to change. ``DiagnosticsSink`` (``engine/sinks.py``) runs ``diagnose``
+cause and the config key to change. ``DiagnosticsWriter`` (``engine/writers.py``, a hook) runs ``diagnose``
 after every epoch, logs new findings as warnings and appends them to ``diagnostics.jsonl``.
 
 No monitor fires before ``min_epoch``, and a pattern must hold for ``patience_epochs`` consecutive
@@ -31,7 +31,7 @@ from maskrcnn_coco.config import LOSS_COMPONENTS, DiagnosticsConfig
 from maskrcnn_coco.tracking.scalars import loss_tag, map_tag
 
 DOC = "docs/LOSS_BREAKDOWN.md"
-# One JSON object per finding, in the run folder (written by ``engine.sinks.DiagnosticsSink``).
+# One JSON object per finding, in the run folder (written by ``engine.writers.DiagnosticsWriter``).
 DIAGNOSTICS_FILE = "diagnostics.jsonl"
 
 # Which config key trains each component (what a warning tells you to change).

@@ -14,7 +14,7 @@ from maskrcnn_coco.benchmark.setup import Setup
 from maskrcnn_coco.benchmark.timing import Timing, ratios, timed
 from maskrcnn_coco.engine.checkpoint import rng_state, set_rng_state
 from maskrcnn_coco.engine.hooks import Hook, HookList
-from maskrcnn_coco.engine.loop import move_to_device, train_one_epoch
+from maskrcnn_coco.engine.loop import move_to_device, stack_losses, train_one_epoch
 from maskrcnn_coco.engine.monitors import DivergenceGuard, GradNormMeter
 from maskrcnn_coco.engine.settings import FitSettings, amp_dtype, grad_scaler
 from maskrcnn_coco.engine.state import TrainingState
@@ -77,7 +77,7 @@ class TrainBench:
         images, targets = move_to_device(*s.train_batches[0], s.device)
         with torch.autocast(s.device.type, dtype=amp_dtype(amp), enabled=amp_dtype(amp) is not None):
             losses = s.model(images, targets)
-        components = torch.stack([losses[k] for k in sorted(losses)]).detach().float()
+        components = stack_losses(losses).detach().float()
         sum(losses.values()).backward()
 
         class Idle(Hook):  # overrides the per-iteration events with nothing: the dispatch alone

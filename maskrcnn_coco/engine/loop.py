@@ -91,7 +91,7 @@ def train_one_epoch(
         hooks.add(DivergenceGuard(factor=None))
     if state is None:
         state = TrainingState(model, optimizer, lr_scheduler, settings.scaler, None, epoch)
-    state.hooks, state.epoch, state.print_freq = hooks, epoch, settings.print_freq
+    state.hooks, state.epoch = hooks, epoch
     lr_scheduler, scaler, print_freq = state.lr_scheduler, settings.scaler, settings.print_freq
     dtype = amp_dtype(settings.amp)
     autocast = dtype is not None
@@ -114,7 +114,6 @@ def train_one_epoch(
     hooks.call("before_epoch", state)
 
     batches = iter(data_loader)
-    it = start.iterations
     while True:
         t0 = time.perf_counter()
         try:
@@ -122,7 +121,7 @@ def train_one_epoch(
         except StopIteration:
             break
         state.data_time = time.perf_counter() - t0
-        state.iteration, state.step_grad_norms = it, None
+        state.iteration, state.step_grad_norms = state.n_batches, None
         images, targets = move_to_device(images, targets, device)
         with torch.autocast(device.type, dtype=dtype, enabled=autocast):
             loss_dict = model(images, targets)
@@ -154,9 +153,8 @@ def train_one_epoch(
         state.global_step += 1
         hooks.after_step(state)
         state.it_device += 1
-        it += 1
 
-        read_back = it % print_freq == 0
+        read_back = state.n_batches % print_freq == 0
         if read_back:
             hooks.call("at_read_back", state)
             state.scalars.clear()
@@ -174,7 +172,7 @@ def train_one_epoch(
     if state.n_batches == 0:
         raise ValueError("train_one_epoch got an empty data loader")
     state.epoch_end = True
-    if it % print_freq != 0:  # the epoch's last, partial window (no progress line)
+    if state.n_batches % print_freq != 0:  # the epoch's last, partial window (no progress line)
         hooks.call("at_read_back", state)
         state.scalars.clear()
     n_batches: Any = state.n_batches

@@ -310,9 +310,10 @@ class SpikeMonitor(Hook):
         self.update_loss(state.step_total, state.step_components, state.it_device)
 
     def at_read_back(self, state: TrainingState) -> None:
-        for finding in self.read(state.epoch, state.grad_norm_sets):
-            if self.on_spike is not None:
-                continue
+        found = self.read(state.epoch, state.grad_norm_sets)
+        if self.on_spike is not None:  # read() handed them over already
+            return
+        for finding in found:
             if state.hooks is not None and state.hooks.listens("on_finding"):
                 state.hooks.call("on_finding", state, finding)
             else:

@@ -8,7 +8,10 @@ from typing import Any
 
 import torch
 
-AMP_DTYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from maskrcnn_coco.config import AMP_MODES
+
+# The autocast dtype of each train.amp mode (the modes are the config's choices).
+AMP_DTYPES: dict[str, torch.dtype | None] = dict(zip(AMP_MODES, (None, torch.bfloat16, torch.float16)))
 
 
 def amp_dtype(amp: str) -> torch.dtype | None:

@@ -69,7 +69,6 @@ class TrainingState:
     evaluating: bool = False  # the current epoch is evaluated after its training
     iteration: int = 0  # iterations of the current epoch finished (the current one's 0-based index while it runs)
     epoch_length: int | None = None  # batches per epoch on this rank, when the loader has a length
-    print_freq: int = 20  # the read-back period
     epoch_end: bool = False  # the read-back at the end of an epoch (no progress line)
     # The current step, as device tensors: weighted total, raw components, weights, the iteration
     # index on the device; ``step_grad_norms`` is set by a GradNormMeter at the iterations it measures.

@@ -135,7 +135,6 @@ class DiagnosticsWriter(Hook):
         self.start = list(start)
         self.reported: set[tuple[Any, ...]] = set()
         self.confusions: list[Mapping[str, Any]] = []
-        self.failed = False
 
     def _append(self, findings: Sequence[Diagnosis]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,17 +173,10 @@ class DiagnosticsWriter(Hook):
         confusion = (result.record.get("metrics") or {}).get(CONFUSION_KEY)
         if confusion:
             self.confusions = [*self.confusions, confusion][-max(self.config.patience_epochs, 1):]
-        try:
-            found = diagnose(state.history, loss_weights=result.record.get("loss_weights"),
-                             num_classes=state.mapping.num_classes - 1, config=self.config, confusions=self.confusions,
-                             steps_per_epoch=state.global_step / result.epoch if state.global_step else None)
-        except Exception as err:  # noqa: BLE001 - a monitor's bug must not stop training
-            if not self.failed:
-                log.warning("Diagnostics failed after epoch %d (%s: %s); training goes on without them.",
-                            result.epoch, type(err).__name__, err)
-            self.failed = True
-            return
-        self._report(found)
+        # A monitor's bug does not stop training: this hook is not critical (one warning, then it is off).
+        self._report(diagnose(state.history, loss_weights=result.record.get("loss_weights"),
+                              num_classes=state.mapping.num_classes - 1, config=self.config, confusions=self.confusions,
+                              steps_per_epoch=state.global_step / result.epoch if state.global_step else None))
 
 
 def _as_key(value: Any) -> Any:

@@ -28,6 +28,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from maskrcnn_coco.config import EVAL_BACKENDS
 from maskrcnn_coco.data.coco import CategoryMapping
 from maskrcnn_coco.data.validate import usable_ground_truth
 from maskrcnn_coco.evaluation.per_class import class_metric_names, classes_with_ground_truth, per_class_ap
@@ -35,7 +36,7 @@ from maskrcnn_coco.tracking.scalars import METRIC_NAMES
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "pycocotools", "faster_coco_eval")
+BACKENDS = EVAL_BACKENDS  # the choices of eval.backend
 
 
 def resolve_backend(backend: str = "auto") -> str:

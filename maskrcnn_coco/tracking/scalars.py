@@ -10,7 +10,7 @@ objective, anything that reads a run back) uses these tags:
 * ``lr`` (the backbone group's, else the first group's) and ``lr/<group>``
 * ``grad_norm/<group>``, ``time/<name>``
 * ``spike/loss``, ``spike/grad_norm``: the epoch's largest iteration-level ratio (a window's peak over
-  its reference, ``engine.loop.SpikeMonitor``); what the spike warnings compare with their factors
+  its reference, ``engine.monitors.SpikeMonitor``); what the spike warnings compare with their factors
 """
 
 from __future__ import annotations
