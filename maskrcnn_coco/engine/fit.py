@@ -107,15 +107,15 @@ def fit(
                     # Every rank evaluates rank 0's model, the one that is checkpointed.
                     broadcast_buffers(module)
                     val_loss, metrics = _evaluate(module, val_loader, device, state, mapping=mapping, settings=settings)
-                parts = state.record
+                parts = state.record  # what the hooks put in after training (module lrs, grad norms, times, spikes)
                 record = {
                     "train_loss": train_loss,
                     "val_loss": val_loss or None,
                     "metrics": metrics,
                     "loss_weights": dict(settings.loss_weights),
-                    "lr": {**group_lrs(optimizer), **parts.get("lr", {})},
+                    "lr": {**group_lrs(optimizer), **parts["lr"]},
                     "grad_norm": parts.get("grad_norm", {}),
-                    "time": {"train_s": t1 - t0, "eval_s": time.perf_counter() - t1, **parts.get("time", {})},
+                    "time": {"train_s": t1 - t0, "eval_s": time.perf_counter() - t1, **parts["time"]},
                     "spike": parts.get("spike", {}),
                 }
                 result = EpochResult(epoch=epoch, record=record, scalars=epoch_scalars(record))
