@@ -1,0 +1,133 @@
+"""The project's one drawing module: instances (masks, boxes, class names, scores, ids) on images,
+ground truth beside predictions, and contact sheets, as uint8 ``(3, H, W)`` tensors.
+
+Drawn with torchvision's ``draw_segmentation_masks`` / ``draw_bounding_boxes`` and ``make_grid``;
+captions with PIL. Used by the diagnosis contact sheets ("annotations to check"), the tracker's
+prediction images and the predict/browse commands.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
+
+# Colour-blind-friendly palette (Okabe-Ito, then Tableau), picked per class name.
+PALETTE = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7",
+           "#4E79A7", "#F28E2B", "#E15759", "#76B7B2", "#59A14F", "#EDC948", "#B07AA1", "#FF9DA7")
+
+
+_LABEL_BACKGROUNDS = "fill_labels" in inspect.signature(draw_bounding_boxes).parameters
+
+
+def class_colour(name: str) -> str:
+    """A stable colour for a class name (the same in every picture of a run)."""
+    digest = hashlib.md5(str(name).encode("utf-8")).digest()
+    return PALETTE[digest[0] % len(PALETTE)]
+
+
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """A ``(3, H, W)`` image as uint8: floats are taken as [0, 1]; grey (1 channel) is repeated."""
+    image = image.detach().cpu()
+    if image.dtype != torch.uint8:
+        image = (image.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    if image.shape[0] == 1:
+        image = image.expand(3, -1, -1)
+    return image[:3].contiguous()
+
+
+def draw_instances(
+    image: torch.Tensor,
+    boxes: torch.Tensor | None = None,
+    names: Sequence[str] = (),
+    masks: torch.Tensor | None = None,
+    scores: Sequence[float] | torch.Tensor | None = None,
+    ids: Sequence[object] | None = None,
+    *,
+    mask_alpha: float = 0.45,
+    width: int = 2,
+) -> torch.Tensor:
+    """``image`` with each instance's mask (boolean or probabilities > 0.5), box and caption
+    (``name``, then ``score`` and ``#id`` when given) in its class colour; uint8 ``(3, H, W)``."""
+    out = to_uint8(image)
+    n = len(names)
+    if n == 0:
+        return out
+    colours = [class_colour(name) for name in names]
+    if masks is not None and len(masks):
+        m = masks.detach().cpu()
+        if m.dim() == 4:  # (N, 1, H, W) mask probabilities of a model's output
+            m = m[:, 0]
+        m = m > 0.5 if m.dtype != torch.bool else m
+        out = draw_segmentation_masks(out, m, alpha=mask_alpha, colors=colours)
+    if boxes is not None and len(boxes):
+        captions = []
+        score_list = scores.tolist() if isinstance(scores, torch.Tensor) else list(scores or [])
+        for i, name in enumerate(names):
+            caption = str(name)
+            if i < len(score_list):
+                caption += f" {float(score_list[i]):.2f}"
+            if ids is not None and i < len(ids):
+                caption += f" #{ids[i]}"
+            captions.append(caption)
+        extra = ({"fill_labels": True, "label_colors": "black", "label_background_colors": colours}
+                 if _LABEL_BACKGROUNDS else {})  # readable captions on busy images (torchvision >= 0.23)
+        out = draw_bounding_boxes(out, boxes.detach().cpu().float(), labels=captions, colors=colours, width=width, **extra)
+    return out
+
+
+def _caption(tile: torch.Tensor, text: str) -> torch.Tensor:
+    """``tile`` with ``text`` on a dark band above it."""
+    pil = Image.fromarray(tile.permute(1, 2, 0).numpy())
+    band = 12 * (text.count("\n") + 1) + 2
+    canvas = Image.new("RGB", (pil.width, pil.height + band), (30, 30, 30))
+    canvas.paste(pil, (0, band))
+    ImageDraw.Draw(canvas).multiline_text((2, 1), text, fill=(255, 255, 255), spacing=1)
+    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).contiguous()
+
+
+def side_by_side(left: torch.Tensor, right: torch.Tensor, titles: tuple[str, str] | None = None, gap: int = 4) -> torch.Tensor:
+    """Two uint8 images next to each other (e.g. ground truth | predictions), each titled."""
+    if titles:
+        left, right = _caption(left, titles[0]), _caption(right, titles[1])
+    h = max(left.shape[1], right.shape[1])
+    pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, h - t.shape[1]), value=255)  # noqa: E731
+    spacer = torch.full((3, h, gap), 255, dtype=torch.uint8)
+    return torch.cat([pad(left), spacer, pad(right)], dim=2)
+
+
+def contact_sheet(tiles: Sequence[torch.Tensor], captions: Sequence[str] | None = None, columns: int = 4,
+                  tile_size: int | None = 256) -> torch.Tensor:
+    """A grid of uint8 tiles (resized so the longer side is ``tile_size``; None keeps them), each under
+    its caption; uint8 ``(3, H, W)``."""
+    if not tiles:
+        raise ValueError("contact_sheet needs at least one tile")
+    prepared = []
+    for i, tile in enumerate(tiles):
+        tile = to_uint8(tile)
+        if tile_size:
+            scale = tile_size / max(tile.shape[1:])
+            size = (max(1, round(tile.shape[1] * scale)), max(1, round(tile.shape[2] * scale)))
+            pil = Image.fromarray(tile.permute(1, 2, 0).numpy()).resize(size[::-1], Image.BILINEAR)
+            tile = torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous()
+        if captions is not None and i < len(captions):
+            tile = _caption(tile, captions[i])
+        prepared.append(tile)
+    h = max(t.shape[1] for t in prepared)
+    w = max(t.shape[2] for t in prepared)
+    padded = [torch.nn.functional.pad(t, (0, w - t.shape[2], 0, h - t.shape[1]), value=255) for t in prepared]
+    return make_grid(padded, nrow=max(1, min(columns, len(padded))), padding=4, pad_value=255)
+
+
+def save_png(image: torch.Tensor, path: str | Path) -> Path:
+    """Write a uint8 ``(3, H, W)`` image as PNG (folders created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(to_uint8(image).permute(1, 2, 0).numpy()).save(path)
+    return path
