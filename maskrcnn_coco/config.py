@@ -391,6 +391,8 @@ class DiagnosticsConfig:
     # anchors always leave some 40% of a size range below 0.7). One rule: `audit.anchor_misfit`.
     anchor_unreachable_share: float = 0.5
     anchor_excess_share: float = 0.1
+    # The anchor fit is judged on at least this many training objects (a 24-image set says little).
+    anchor_min_objects: int = 200
     # Loss probe (one batch at a time): a would-be dominant component within `probe_chance_factor` x its
     # chance value, at a weight no larger than the others', is a fresh predictor's starting point (info);
     # RPN positives at `probe_saturation_share` x the sampler's positive_fraction or more saturate it;
@@ -411,6 +413,20 @@ class DiagnosticsConfig:
     spike_loss_factor: float = 5.0
     # Healthy default runs peaked at 8.4 (epoch 1, norms still growing fast); a diverging lr gives 100x and more.
     spike_grad_factor: float = 20.0
+    # Relative progress: a component whose fall since its first settled epoch (log ratio) is below
+    # `lag_ratio` x the median fall of the other optimised components lags them (healthy short runs:
+    # >= 0.75; a mask head at 1/30 of the heads' lr: 0.5). Judged from `lag_min_epoch`.
+    lag_ratio: float = 0.6
+    lag_min_epoch: int = 3
+    # Metric disparity: segm AP50 / bbox AP50 outside [disparity_low, 1 / disparity_low] names the mask
+    # (or box) branch (healthy short runs: 0.9-1.05; masks off their objects: 0.05); APs vs APl likewise.
+    disparity_low: float = 0.6
+    disparity_min_ap50: float = 0.2
+    # Validation unlike training at the first evaluation: a component's val/train ratio above this.
+    first_eval_ratio: float = 1.6
+    # Finding kinds (e.g. lagging_class), subjects (class or module names) or kind:subject pairs not
+    # to report; said once at start.
+    ignore: List[str] = field(default_factory=list)
 
 
 @dataclass

@@ -42,12 +42,14 @@ def test_the_readme_default_run_raises_nothing(steps_per_epoch):
 
 
 def test_noisy_short_runs_raise_nothing():
-    """1-2 epoch runs of any (non-dominated) noise: no monitor looks at epoch 1, trends need patience."""
+    """1-2 epoch runs of any (non-dominated) noise: no monitor looks at epoch 1, trends need patience.
+    (Validation within 1.5x of training: far above it at the first judged evaluation is a finding,
+    ``val_unlike_train``.)"""
     rng = random.Random(0)
     for _ in range(200):
         rows = [[rng.uniform(0.05, 1.5) for _ in LOSS_COMPONENTS] for _ in range(2)]
-        vals = [[rng.uniform(0.05, 15.0) for _ in LOSS_COMPONENTS] for _ in range(2)]
         rows = [[min(v, 3 * statistics.median(r)) for v in r] for r in rows]  # no 10x dominance
+        vals = [[v * rng.uniform(0.3, 1.5) for v in row] for row in rows]
         history = make_history(rows, vals)
         for found in findings_each_epoch(history).values():
             assert found == [], [d.text() for d in found]
@@ -246,3 +248,157 @@ def test_a_gradient_norm_spike_names_the_components_of_its_module():
     assert [(f.kind, f.subject, f.components) for f in found] == [
         ("grad_norm_spike", "module.rpn_head", ("loss_objectness", "loss_rpn_box_reg"))]
     assert "grad_norm/module.rpn_head 50 is 25.0x its recent mean (2)" in found[0].text()
+
+
+# ------------------------------------------------------------- behaviour against the others (#20)
+from maskrcnn_coco.analysis.diagnostics import (  # noqa: E402
+    RunContext,
+    format_summary,
+    lagging_component,
+    metric_disparity,
+    muted,
+    rare_classes,
+)
+
+HEADS = {"roi_heads.box_head": 0.02, "roi_heads.box_predictor": 0.02, "rpn.head": 0.02}
+KEYS = {"roi_heads.mask_head": "optimizer.groups.mask.lr_mult", "roi_heads.mask_predictor": "optimizer.groups.mask.lr_mult"}
+
+
+def slow_mask_rows(mask_rate):
+    """The issue's slow mask head: the others fall as in a healthy run, loss_mask by ``mask_rate`` per epoch."""
+    return falling(4, start=(0.7, 0.55, 0.67, 0.15, 0.02), rate=0.78,
+                   loss_box_reg=[0.55, 0.5, 0.45, 0.41], loss_mask=[0.67 * mask_rate**e for e in range(4)])
+
+
+@pytest.mark.parametrize("mask_rate", [0.93, 0.96])
+def test_a_mask_head_learning_slower_is_named_with_its_lr_and_key(mask_rate):
+    context = RunContext(producer_lrs={**HEADS, "roi_heads.mask_head": 0.0008, "roi_heads.mask_predictor": 0.0008}, lr_keys=KEYS)
+    found = diagnose(make_history(slow_mask_rows(mask_rate)), num_classes=K, steps_per_epoch=100, context=context)
+    (lag,) = [d for d in found if d.kind == "lagging_component"]
+    assert lag.components == ("loss_mask",) and lag.epoch == 4
+    assert lag.config_key == "optimizer.groups.mask.lr_mult"
+    assert "learn at lr 0.0008, 25x below the other loss producers' 0.02" in lag.text()
+    assert "its fall is" in lag.message and lag.evidence["fall_ratio"][-1] < lag.evidence["limit"]
+
+
+def test_a_lagging_component_at_the_same_lr_points_at_its_annotations():
+    context = RunContext(producer_lrs={**HEADS, "roi_heads.mask_head": 0.02, "roi_heads.mask_predictor": 0.02})
+    (lag,) = [d for d in diagnose(make_history(slow_mask_rows(0.95)), num_classes=K, steps_per_epoch=100, context=context)
+              if d.kind == "lagging_component"]
+    assert lag.config_key.startswith("the training annotations")
+    assert "targets are the likely cause" in lag.cause
+
+
+def test_relative_progress_needs_two_epochs_and_others_that_fall():
+    rows = slow_mask_rows(0.93)
+    cfg = DiagnosticsConfig()
+    assert lagging_component(make_history(rows[:2]), dict.fromkeys(LOSS_COMPONENTS, 1.0), K, cfg, RunContext()) == []
+    flat = falling(4, rate=0.97, loss_mask=[0.67, 0.66, 0.65, 0.645])  # nothing falls much: a converged run
+    assert lagging_component(make_history(flat), dict.fromkeys(LOSS_COMPONENTS, 1.0), K, cfg, RunContext()) == []
+
+
+def evaluations(segm50, bbox50, extra=None):
+    return {e: {"mAP/segm_AP50": s, "mAP/bbox_AP50": b, **(extra or {}).get(e, {})}
+            for e, (s, b) in enumerate(zip(segm50, bbox50), start=1)}
+
+
+def test_masks_far_below_boxes_name_the_mask_branch():
+    history = make_history(falling(4), extra=evaluations([0.01, 0.02, 0.03, 0.04], [0.2, 0.35, 0.45, 0.55]))
+    (d,) = [d for d in diagnose(history, num_classes=K) if d.kind == "metric_disparity"]
+    assert (d.subject, d.components) == ("mask", ("loss_mask",))
+    assert "segm AP50 0.040 vs bbox AP50 0.550 (ratio 0.07; healthy short runs: 0.9-1.05)" in d.message
+    assert d.config_key.startswith("the training masks")
+
+
+def test_boxes_far_below_masks_name_the_box_branch_and_healthy_ratios_stay_quiet():
+    history = make_history(falling(4), extra=evaluations([0.3, 0.4, 0.5, 0.6], [0.05, 0.1, 0.15, 0.2]))
+    assert [(d.subject, d.components) for d in diagnose(history, num_classes=K) if d.kind == "metric_disparity"] == [
+        ("box", ("loss_box_reg",))]
+    healthy = make_history(falling(4), extra=evaluations([0.26, 0.55, 0.71, 0.82], [0.28, 0.58, 0.74, 0.85]))
+    assert [d for d in diagnose(healthy, num_classes=K) if d.kind == "metric_disparity"] == []
+
+
+def test_one_class_whose_masks_fail_is_named():
+    per_class = {e: {"mAP/segm_AP_class_circle": 0.5, "mAP/bbox_AP_class_circle": 0.55, "mAP/segm_AP_class_square": 0.04,
+                     "mAP/bbox_AP_class_square": 0.5} for e in range(1, 5)}
+    history = make_history(falling(4), extra=evaluations([0.6] * 4, [0.7] * 4, per_class))
+    found = [d for d in diagnose(history, num_classes=K) if d.kind == "metric_disparity"]
+    assert [(d.subject, d.components) for d in found] == [("square", ("loss_mask",))]
+    assert "segm AP 0.040 vs bbox AP 0.500" in found[0].message
+
+
+def test_small_objects_far_behind_large_ones_point_at_the_anchors():
+    sizes = {e: {"mAP/bbox_APs": 0.02, "mAP/bbox_APl": 0.5} for e in range(1, 5)}
+    history = make_history(falling(4), extra=evaluations([0.6] * 4, [0.6] * 4, sizes))
+    (d,) = [d for d in diagnose(history, num_classes=K) if d.kind == "metric_disparity"]
+    assert d.subject == "object size" and "model.anchor_sizes" in d.config_key
+
+
+def test_validation_far_above_training_at_the_first_judged_evaluation():
+    rows = falling(3)
+    vals = [[v * 1.1 for v in rows[0].values()], [v * 1.1 for v in rows[1].values()], [v * 1.1 for v in rows[2].values()]]
+    vals[1][3] = rows[1]["loss_objectness"] * 2.5  # objectness at epoch 2
+    found = diagnose(make_history(rows[:2], vals[:2]), num_classes=K, steps_per_epoch=100)
+    (d,) = [d for d in found if d.kind == "val_unlike_train"]
+    assert d.components == ("loss_objectness",) and "(2.5x)" in d.message and d.epoch == 2
+    # Only at the first judged evaluation: the trend monitors take it from there.
+    assert [d for d in diagnose(make_history(rows, vals), num_classes=K, steps_per_epoch=100) if d.kind == "val_unlike_train"] == []
+    assert [d for d in diagnose(make_history(rows[:2], [[v * 1.2 for v in r.values()] for r in rows[:2]]), num_classes=K,
+                                steps_per_epoch=100) if d.kind == "val_unlike_train"] == []
+
+
+def class_history(aps_by_epoch):
+    return make_history(falling(len(aps_by_epoch)), extra={
+        e: {f"mAP/segm_AP_class_{n}": ap for n, ap in aps.items()} for e, aps in enumerate(aps_by_epoch, start=1)})
+
+
+def test_the_class_healthy_runs_learn_last_is_not_lagging():
+    """Triangles in healthy short runs: far below the others at epochs 3-4 but growing on their own trajectory."""
+    history = class_history([{"circle": 0.2, "square": 0.15, "triangle": 0.01}, {"circle": 0.4, "square": 0.3, "triangle": 0.02},
+                             {"circle": 0.5, "square": 0.4, "triangle": 0.035}, {"circle": 0.55, "square": 0.45, "triangle": 0.065}])
+    counts = {"circle": 330, "square": 335, "triangle": 327}
+    assert [d for d in diagnose(history, num_classes=K, context=RunContext(class_counts=counts)) if d.kind == "lagging_class"] == []
+
+
+def test_a_rare_class_is_said_rare_with_its_share():
+    history = class_history([{"circle": 0.3, "square": 0.25, "triangle": 0.01}, {"circle": 0.4, "square": 0.35, "triangle": 0.02},
+                             {"circle": 0.45, "square": 0.4, "triangle": 0.025}, {"circle": 0.5, "square": 0.45, "triangle": 0.04}])
+    counts = {"circle": 500, "square": 480, "triangle": 30}
+    assert rare_classes(counts) == {"triangle": pytest.approx(30 / 1010)}
+    (d,) = [d for d in diagnose(history, num_classes=K, context=RunContext(class_counts=counts)) if d.kind == "lagging_class"]
+    assert d.subject == "triangle" and "it is rare: 30 of 1010 training instances (3.0%" in d.message
+    assert "class imbalance" in d.cause
+
+
+def test_out_of_range_optimizer_settings_are_confirmed_or_withdrawn_by_behaviour():
+    flagged = RunContext(start_findings=frozenset({("optimizer_range", "weight_decay")}))
+    slow = make_history(falling(3, rate=0.9, loss_mask=[0.69, 0.68, 0.67]))
+    (d,) = [d for d in diagnose(slow, num_classes=K, steps_per_epoch=100, context=flagged) if d.kind.startswith("optimizer_")]
+    assert (d.kind, d.severity, d.config_key) == ("optimizer_confirmed", "warning", "optimizer.weight_decay")
+    assert "still at chance: loss_mask 0.670" in d.message
+    fine = make_history(falling(3, rate=0.6))
+    (d,) = [d for d in diagnose(fine, num_classes=K, steps_per_epoch=100, context=flagged) if d.kind.startswith("optimizer_")]
+    assert (d.kind, d.severity) == ("optimizer_withdrawn", "info")
+    assert [d for d in diagnose(slow, num_classes=K, steps_per_epoch=100) if d.kind.startswith("optimizer_")] == []
+
+
+def test_ignore_mutes_a_kind_a_subject_or_a_pair():
+    history = make_history(falling(4), extra=evaluations([0.01, 0.02, 0.03, 0.04], [0.2, 0.35, 0.45, 0.55]))
+    for entry in ("metric_disparity", "mask", "metric_disparity:mask", "loss_mask"):
+        assert [d for d in diagnose(history, num_classes=K, config=DiagnosticsConfig(ignore=[entry]))
+                if d.kind == "metric_disparity"] == [], entry
+    (d,) = [d for d in diagnose(history, num_classes=K) if d.kind == "metric_disparity"]
+    assert not muted(d, ["lagging_class", "metric_disparity:box"])
+
+
+def test_the_summary_ranks_warnings_by_strength_or_says_no_findings():
+    assert format_summary([], epochs=4, checks=20) == (
+        "Diagnosis summary (20 checks over 4 epochs; docs/LOSS_BREAKDOWN.md): no findings.")
+    found = [{"kind": "rare_class", "severity": "info", "components": [], "subject": None, "epoch": 0, "message": "rare",
+              "strength": 1.0},
+             {"kind": "stalled", "severity": "warning", "components": ["loss_mask"], "epoch": 3, "message": "weak", "strength": 1.2},
+             {"kind": "metric_disparity", "severity": "warning", "components": ["loss_mask"], "epoch": 4, "message": "strong",
+              "strength": 12.0}]
+    lines = format_summary(found, epochs=4).splitlines()
+    assert lines[0].endswith("2 warnings, 1 other")
+    assert [line.split("]")[1].split()[0] for line in lines[1:]] == ["metric_disparity", "stalled", "rare_class"]

@@ -111,8 +111,12 @@ def test_mask_loss_weight_zero(tmp_path, caplog, monkeypatch):
 
 def test_anchors_far_too_small(tmp_path, caplog, monkeypatch):
     start_only(monkeypatch)
-    found = run(tmp_path, caplog, *ONE_STEP, "model.anchor_sizes=[2,4,8]")
+    # 100 images (255 objects): the fit is judged on diagnostics.anchor_min_objects (200) objects or more.
+    one_step = [o if not o.startswith("data.num_train=") else "data.num_train=100" for o in ONE_STEP]
+    found = run(tmp_path, caplog, *one_step, "model.anchor_sizes=[2,4,8]")
+    found = [f for f in found if f["severity"] == "warning"]
     assert [(f["kind"], f["subject"]) for f in found] == [("anchor_fit", "rpn.anchor_generator")]
+    assert "(judged on 255 training objects)" in found[0]["message"]
     assert named(found) == {"loss_objectness", "loss_rpn_box_reg"}
     assert found[0]["config_key"].startswith("model.anchor_sizes=[")
     assert found[0]["evidence"]["unreachable_share"] == 1.0

@@ -127,7 +127,8 @@ def test_the_probes_anchor_fit_is_the_audits(tiny_data):
     (finding,) = [w for w in probed["warnings"] if w["kind"] == "anchor_fit"]
     split = finding["evidence"]["split"]
     report = audit_run(model, torch.optim.SGD(model.parameters(), lr=0.01), dict.fromkeys(LOSS_COMPONENTS, 1.0),
-                       train_dataset=tiny_data.train_loader.dataset, arch="small", has_anchor_key=True)
+                       train_dataset=tiny_data.train_loader.dataset, arch="small", has_anchor_key=True,
+                       config=DiagnosticsConfig(anchor_min_objects=0))  # the tiny set has 24 objects
     audited = report.anchor_fit
     assert [w.kind for w in report.warnings] == ["anchor_fit"]  # the same rule says the same there
     assert (split["num_objects"], split["num_unreachable"], split["suggested_sizes"]) == (

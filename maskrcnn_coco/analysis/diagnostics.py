@@ -54,6 +54,11 @@ LR_KEY = {
 }
 
 
+def lr_config_key(group: str) -> str:
+    """The config key of a (logical) parameter group's lr: the heads' multiplier, else the group's."""
+    return "optimizer.head_lr_multiplier" if group == "heads" else f"optimizer.groups.{group}.lr_mult"
+
+
 def chance_values(num_classes: int) -> dict[str, float]:
     """The loss of an untrained (uniform) prediction: binary cross-entropies ln 2, the box
     classifier's (K + 1)-way cross-entropy ln(K + 1) for K object classes."""
@@ -66,7 +71,7 @@ SPIKE_KINDS = ("loss_spike", "grad_norm_spike")
 # The fields of a finding's JSON object (``Diagnosis.to_json``): a line of diagnostics.jsonl, an entry of
 # the audit's and of a loss-probe record's ``warnings``.
 FINDING_FIELDS = ("epoch", "kind", "severity", "components", "subject", "batch", "image_ids", "evidence", "cause",
-                  "config_key", "message")
+                  "config_key", "message", "strength")
 
 
 @dataclass
@@ -89,6 +94,7 @@ class Diagnosis:
     severity: str = "warning"
     batch: int | None = None
     image_ids: tuple[Any, ...] = ()
+    strength: float = 1.0  # how far past its threshold (ranks the run's summary)
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -117,6 +123,7 @@ class Diagnosis:
             "cause": self.cause,
             "config_key": self.config_key,
             "message": self.text(),
+            "strength": _plain(float(self.strength)),
         }
 
 
@@ -128,6 +135,18 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     return obj
+
+
+@dataclass
+class RunContext:
+    """What the monitors know of a run beyond its history: the learning rate of each loss producer
+    (``PRODUCERS``' modules) and the config key that sets it, the training instances per class name,
+    and the start-of-run findings (``(kind, subject)``), so that a behaviour can confirm or withdraw them."""
+
+    producer_lrs: Mapping[str, float] = field(default_factory=dict)
+    lr_keys: Mapping[str, str] = field(default_factory=dict)
+    class_counts: Mapping[str, int] = field(default_factory=dict)
+    start_findings: frozenset[tuple[str, str | None]] = frozenset()
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -411,10 +430,31 @@ def class_aps(record: Mapping[str, Any], iou_type: str | None = None) -> tuple[s
     return None, {}
 
 
-def lagging_classes(history, weights, num_classes: int, cfg: DiagnosticsConfig) -> list[Diagnosis]:
+# A class whose AP grew by at least this factor (and ``CATCHING_UP_ABS``) over the window is being
+# learned, later than the others: healthy short shapes runs learn triangles last (segm AP 0.065 at
+# epoch 4, 0.281 at epoch 8), and that is not a fault.
+CATCHING_UP_FACTOR = 1.5
+CATCHING_UP_ABS = 0.02
+# A class with less than this share of the training instances, and below 1/(4K), is rare.
+RARE_SHARE = 0.1
+
+
+def rare_classes(class_counts: Mapping[str, int]) -> dict[str, float]:
+    """The classes holding less than ``RARE_SHARE`` and less than a quarter of an even share (1/K) of
+    the training instances: {name: share}."""
+    total = sum(class_counts.values())
+    if total <= 0 or len(class_counts) < 2:
+        return {}
+    even = 1.0 / len(class_counts)
+    return {name: n / total for name, n in class_counts.items() if n / total < min(RARE_SHARE, 0.25 * even)}
+
+
+def lagging_classes(history, weights, num_classes: int, cfg: DiagnosticsConfig, context: RunContext) -> list[Diagnosis]:
     """A class whose AP (``mAP/<segm|bbox>_AP_class_<name>``) stays below ``class_ap_ratio`` times the
     median class AP (when that median exceeds ``class_ap_min_median``) for ``patience_epochs``
-    evaluations, and is not catching up (its AP / median grew by at most ``CATCHING_UP``)."""
+    evaluations, judged against its own trajectory: a class whose AP grows (x ``CATCHING_UP_FACTOR``
+    and + ``CATCHING_UP_ABS`` over the window, or its ratio to the median by ``CATCHING_UP``) is being
+    learned late, not lagging, unless it is rare (``rare_classes``), which is then said with its share."""
     if _too_early(history, cfg):
         return []
     n = max(cfg.patience_epochs, 1)
@@ -434,25 +474,60 @@ def lagging_classes(history, weights, num_classes: int, cfg: DiagnosticsConfig) 
         for name, ap in aps.items():
             if ap < cfg.class_ap_ratio * median:
                 flagged.setdefault(name, []).append((ap, median))
+    rare = rare_classes(context.class_counts)
+    total = sum(context.class_counts.values())
     out = []
     for name, points in flagged.items():
         if len(points) < n:
             continue
         ratios = [ap / median for ap, median in points]
-        if n > 1 and ratios[-1] - ratios[0] > CATCHING_UP:
-            continue  # a class learned later than the others, closing the gap: not (yet) lagging
+        aps = [p[0] for p in points]
+        growing = n > 1 and (ratios[-1] - ratios[0] > CATCHING_UP
+                             or (aps[-1] >= CATCHING_UP_FACTOR * aps[0] and aps[-1] - aps[0] >= CATCHING_UP_ABS))
+        if growing and name not in rare:
+            continue  # learned later than the others, on its way: not (yet) lagging
         ap, median = points[-1]
+        count = context.class_counts.get(name)
+        rare_text = (f"; it is rare: {count} of {total} training instances ({rare[name]:.1%}, an even share would be "
+                     f"{1 / len(context.class_counts):.0%})" if name in rare else "")
         out.append(Diagnosis(
             kind="lagging_class", components=(), subject=name, section="per-class",
-            epoch=_epoch(history),
-            message=(f"class {name!r} lags: {iou_type} AP {ap:.3f} vs the median class AP {median:.3f} "
-                     f"(below {cfg.class_ap_ratio:g}x for {n} evaluations)."),
-            cause=("few or inconsistent training annotations for this class, objects of a size the anchors do not "
+            epoch=_epoch(history), strength=cfg.class_ap_ratio * median / max(ap, 1e-3),
+            message=(f"class {name!r} lags: {iou_type} AP {_fmt(aps)} vs the median class AP {median:.3f} "
+                     f"(below {cfg.class_ap_ratio:g}x for {n} evaluations{', not catching up' if not growing else ''}){rare_text}."),
+            cause=("too few training instances of it for the model to learn it (class imbalance)" if name in rare else
+                   "few or inconsistent training annotations for this class, objects of a size the anchors do not "
                    "fit, or a class the confusion matrix shows mixed up with another"),
-            config_key="the class's training annotations (python scripts/check_dataset.py), model.anchor_sizes",
-            evidence={"iou_type": iou_type, "ap": [p[0] for p in points], "median": [p[1] for p in points], "ratio": ratios},
+            config_key=("more training instances of the class (or repeat-factor sampling of its images)" if name in rare else
+                        "the class's training annotations (python scripts/check_dataset.py), model.anchor_sizes"),
+            evidence={"iou_type": iou_type, "ap": aps, "median": [p[1] for p in points], "ratio": ratios,
+                      "instances": count, "share": rare.get(name)},
         ))
     return out
+
+
+def rare_class_notes(class_counts: Mapping[str, int]) -> list[Diagnosis]:
+    """Start of run (info): the rare classes of the training set with their instance counts."""
+    rare = rare_classes(class_counts)
+    if not rare:
+        return []
+    total = sum(class_counts.values())
+    listed = ", ".join(f"{name!r} {class_counts[name]} ({share:.1%})" for name, share in sorted(rare.items(), key=lambda kv: kv[1]))
+    return [Diagnosis(
+        kind="rare_class", components=(), subject=None, section="per-class", epoch=0, severity="info",
+        message=f"Rare classes in the training set ({total} instances, {len(class_counts)} classes): {listed}.",
+        cause="their AP will lag unless they get more instances", config_key=None,
+        evidence={"rare": rare, "counts": {k: class_counts[k] for k in rare}},
+    )]
+
+
+def muted(finding: Diagnosis, ignore: Sequence[str]) -> bool:
+    """Whether ``diagnostics.ignore`` mutes ``finding``: an entry names its kind, its subject (a class or
+    module), one of its components, or ``kind:subject``."""
+    if not ignore:
+        return False
+    names = {finding.kind, str(finding.subject), f"{finding.kind}:{finding.subject}", *finding.components}
+    return any(str(entry) in names for entry in ignore)
 
 
 def _class_ap(record: Mapping[str, Any], metric_name: str) -> tuple[float | None, float | None, str | None]:
@@ -536,10 +611,238 @@ def confused_classes(confusion: Mapping[str, Any], min_matches: int = 5) -> list
     return out
 
 
+# ------------------------------------------------------------------ behaviour against the others
+def _falls(history: Sequence[Mapping[str, Any]], components: Sequence[str]) -> dict[str, float]:
+    """ln(first / latest) train value of each component over ``history`` (a fall is positive)."""
+    out = {}
+    for c in components:
+        first, last = history[0].get(loss_tag("train", c)), history[-1].get(loss_tag("train", c))
+        if all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in (first, last)):
+            out[c] = math.log(first / last)
+    return out
+
+
+# A component's fall relative to the median fall of the others in healthy short runs of the shapes
+# set (scripts/fault_bank.py, 400 images x 4 epochs, 4 healthy runs: lowest value seen): loss_box_reg
+# rises while the RPN starts producing positives and falls least; the RPN terms fall most.
+HEALTHY_RELATIVE_FALL = {"loss_classifier": 0.8, "loss_box_reg": 0.45, "loss_mask": 0.8,
+                         "loss_objectness": 1.0, "loss_rpn_box_reg": 0.5}
+
+
+def _producer_lr(c: str, context: RunContext) -> tuple[float | None, float | None, str | None]:
+    """(lr of ``c``'s producers, median lr of the other loss producers, the key that sets ``c``'s)."""
+    mine = [context.producer_lrs[m] for m in PRODUCERS[c] if m in context.producer_lrs]
+    others = [lr for m, lr in context.producer_lrs.items() if m not in PRODUCERS[c]]
+    if not mine or not others:
+        return None, None, None
+    key = next((context.lr_keys[m] for m in PRODUCERS[c] if m in context.lr_keys), LR_KEY[c])
+    return min(mine), statistics.median(others), key
+
+
+def lagging_component(history, weights, num_classes: int, cfg: DiagnosticsConfig, context: RunContext) -> list[Diagnosis]:
+    """One component that falls far less than the others: its fall since the first epoch (log ratio)
+    below ``lag_ratio`` x the median fall of the other optimised components, scaled by what healthy
+    runs show for its kind (``HEALTHY_RELATIVE_FALL``), at the latest and the previous epoch, from
+    ``lag_min_epoch``, while the others fell by more than ``others_fall_rel``. The cause is read off
+    the producers' learning rate: below the other heads' -> that lr; the same -> its targets."""
+    if len(history) < 2 or _epoch(history) < cfg.lag_min_epoch:
+        return []
+    optimised = _optimised(weights)
+    now, before = _falls(history, optimised), _falls(history[:-1], optimised)
+    if len(now) < 3:
+        return []
+    out = []
+    for c in optimised:
+        if now.get(c, 0.0) <= 0:
+            continue  # rising or flat: the trend monitors' (rising, stalled, at chance)
+        ratios = []
+        for falls in (before, now):
+            others = statistics.median(v for o, v in falls.items() if o != c) if len(falls) > 1 else 0.0
+            if c not in falls or others < -math.log(1.0 - cfg.others_fall_rel):
+                break
+            ratios.append(falls[c] / others)
+        limit = cfg.lag_ratio * HEALTHY_RELATIVE_FALL.get(c, 1.0)
+        if len(ratios) < 2 or not all(r < limit for r in ratios):
+            continue
+        first, last = history[0][loss_tag("train", c)], history[-1][loss_tag("train", c)]
+        others_text = ", ".join(f"{o} {math.expm1(-v):+.0%}" for o, v in now.items() if o != c)
+        lr, other_lr, key = _producer_lr(c, context)
+        slow_lr = lr is not None and other_lr and lr <= 0.5 * other_lr
+        producers = " and ".join(PRODUCERS[c])
+        if slow_lr:
+            cause = (f"{producers} learn at lr {lr:.3g}, {other_lr / lr:.0f}x below the other loss producers' {other_lr:.3g}: "
+                     f"{c} follows its slower head")
+            change = key
+        else:
+            cause = (f"{producers} learn at the same lr as the others, so {c}'s targets are the likely cause: masks or "
+                     "boxes that do not match their objects (see the data check at start and the per-image losses' "
+                     "'annotations to check'), else a head too weak for them") if lr is not None else (
+                     f"a learning rate of {producers} below the other heads', or {c}'s targets (annotations)")
+            change = f"the training annotations (python scripts/check_dataset.py), then {LR_KEY[c]}"
+        out.append(Diagnosis(
+            kind="lagging_component", components=(c,), section="lagging-component", epoch=_epoch(history),
+            message=(f"{c} lags the other components: {math.expm1(-now[c]):+.0%} since epoch {history[0]['epoch']} "
+                     f"({first:.4g} -> {last:.4g}) while {others_text}; its fall is {ratios[-1]:.2f}x the others' "
+                     f"median (healthy runs: >= {HEALTHY_RELATIVE_FALL.get(c, 1.0):.2f}x, flagged below {limit:.2f}x)."),
+            cause=cause, config_key=change,
+            evidence={"fall_ratio": ratios, "limit": limit, "first": first, "last": last,
+                      "falls": {o: math.expm1(-v) for o, v in now.items()}, "producer_lr": lr, "other_lr": other_lr},
+        ))
+    return out
+
+
+def _evaluated(history: Sequence[Mapping[str, Any]], *tags: str) -> list[Mapping[str, Any]]:
+    return [r for r in history if all(isinstance(r.get(t), (int, float)) and r[t] >= 0 for t in tags)]
+
+
+# segm AP50 / bbox AP50 in healthy short runs of the shapes set (scripts/fault_bank.py).
+HEALTHY_SEGM_BBOX = (0.9, 1.05)
+
+
+def metric_disparity(history, weights, num_classes: int, cfg: DiagnosticsConfig, context: RunContext) -> list[Diagnosis]:
+    """Box and mask quality far apart: segm AP50 below ``disparity_low`` x bbox AP50 (the mask branch
+    fails where the boxes succeed) or the opposite, for ``patience_epochs`` evaluations, overall or for
+    one class (AP per class); and small objects far behind large ones (bbox APs < 0.2 x APl)."""
+    if _too_early(history, cfg):
+        return []
+    n = max(cfg.patience_epochs, 1)
+    s50, b50 = map_tag("segm", "AP50"), map_tag("bbox", "AP50")
+    evaluated = _evaluated(history, s50, b50)[-n:]
+    if len(evaluated) < n or evaluated[-1] is not history[-1]:
+        return []
+    low, floor = cfg.disparity_low, cfg.disparity_min_ap50
+    pairs = [(r[s50], r[b50]) for r in evaluated]
+    healthy = f"healthy short runs: {HEALTHY_SEGM_BBOX[0]:g}-{HEALTHY_SEGM_BBOX[1]:g}"
+    out = []
+    mask_bad = all(b >= floor and sg < low * b for sg, b in pairs)
+    box_bad = all(sg >= floor and b < low * sg for sg, b in pairs)
+    if mask_bad or box_bad:
+        sg, b = pairs[-1]
+        branch, comp, other = (("mask", "loss_mask", "boxes") if mask_bad else ("box", "loss_box_reg", "masks"))
+        out.append(Diagnosis(
+            kind="metric_disparity", components=(comp,), subject=branch, section="metric-disparity",
+            epoch=_epoch(history), strength=(b / max(sg, 1e-6)) if mask_bad else (sg / max(b, 1e-6)),
+            message=(f"segm AP50 {sg:.3f} vs bbox AP50 {b:.3f} (ratio {sg / b if b else math.inf:.2f}; {healthy}) in the "
+                     f"last {n} evaluations: the {branch} branch fails where the {other} succeed."),
+            cause=(("training masks that do not lie on their objects (shifted, flipped or from another image; see the "
+                    "data check at start), a mask head that does not learn (its lr), or a mask threshold far off")
+                   if mask_bad else
+                   "training boxes that do not match their objects (careless or shifted boxes), or a box head that does "
+                   "not learn"),
+            config_key=("the training masks (python scripts/check_dataset.py), then optimizer.head_lr_multiplier"
+                        if mask_bad else "the training boxes (python scripts/check_dataset.py)"),
+            evidence={"segm_AP50": [p[0] for p in pairs], "bbox_AP50": [p[1] for p in pairs], "healthy": HEALTHY_SEGM_BBOX},
+        ))
+    else:
+        per_class = [(class_aps(r, "segm")[1], class_aps(r, "bbox")[1]) for r in evaluated]
+        names = set.intersection(*(set(sa) & set(ba) for sa, ba in per_class)) if per_class else set()
+        for name in sorted(names):
+            rows = [(sa[name], ba[name]) for sa, ba in per_class]
+            if all(b >= floor and sg < low * b for sg, b in rows):
+                sg, b = rows[-1]
+                out.append(Diagnosis(
+                    kind="metric_disparity", components=("loss_mask",), subject=name, section="metric-disparity",
+                    epoch=_epoch(history), strength=b / max(sg, 1e-6),
+                    message=(f"class {name!r}: segm AP {sg:.3f} vs bbox AP {b:.3f} (ratio {sg / b:.2f}) in the last {n} "
+                             f"evaluations: its masks fail where its boxes succeed."),
+                    cause=f"the masks of {name!r} in the training annotations do not lie on their objects, or are drawn another way",
+                    config_key=f"the training masks of {name!r} (python scripts/check_dataset.py)",
+                    evidence={"segm_AP": [r[0] for r in rows], "bbox_AP": [r[1] for r in rows]},
+                ))
+    small, large = map_tag("bbox", "APs"), map_tag("bbox", "APl")
+    sizes = [(r[small], r[large]) for r in _evaluated(history, small, large)[-n:]]
+    if len(sizes) == n and all(al >= floor and a_s < 0.2 * al for a_s, al in sizes):
+        a_s, al = sizes[-1]
+        out.append(Diagnosis(
+            kind="metric_disparity", components=("loss_objectness", "loss_rpn_box_reg"), subject="object size",
+            section="metric-disparity", epoch=_epoch(history), strength=0.2 * al / max(a_s, 1e-6),
+            message=(f"small objects far behind large ones: bbox APs {a_s:.3f} vs APl {al:.3f} (ratio {a_s / al:.2f}; "
+                     f"Mask R-CNN R50-FPN on COCO ends near 0.45) in the last {n} evaluations."),
+            cause="anchors too large for the small objects, or images resized so small objects fall below the finest FPN level",
+            config_key="model.anchor_sizes, model.min_size / model.max_size",
+            evidence={"APs": [p[0] for p in sizes], "APl": [p[1] for p in sizes]},
+        ))
+    return out
+
+
+def first_evaluation_gap(history, weights, num_classes: int, cfg: DiagnosticsConfig, context: RunContext) -> list[Diagnosis]:
+    """At the first evaluation judged (the first settled one from ``min_epoch``: before overfitting), components whose validation loss is above
+    ``first_eval_ratio`` x the epoch's training mean: validation unlike training."""
+    evaluated = [r for r in history if any(loss_tag("val", c) in r for c in LOSS_COMPONENTS)
+                 and int(r["epoch"]) >= max(cfg.min_epoch, 2)]
+    if len(evaluated) != 1 or evaluated[0] is not history[-1]:
+        return []
+    record = evaluated[0]
+    ratios = {}
+    for c in _optimised(weights):
+        val, train = record.get(loss_tag("val", c)), record.get(loss_tag("train", c))
+        if isinstance(val, (int, float)) and isinstance(train, (int, float)) and train > 0 and math.isfinite(val):
+            ratios[c] = val / train
+    high = {c: r for c, r in ratios.items() if r > cfg.first_eval_ratio}
+    if not high:
+        return []
+    detail = ", ".join(f"{c} val {record[loss_tag('val', c)]:.4g} vs train {record[loss_tag('train', c)]:.4g} ({r:.1f}x)"
+                       for c, r in high.items())
+    return [Diagnosis(
+        kind="val_unlike_train", components=tuple(high), section="validation-unlike-training", epoch=_epoch(history),
+        strength=max(high.values()) / cfg.first_eval_ratio,
+        message=(f"At the first evaluation (epoch {record['epoch']}) validation loss is far above training: {detail} "
+                 f"(flagged above {cfg.first_eval_ratio:g}x; the epoch's training mean includes its first, untrained steps, "
+                 "so healthy runs stay below it)."),
+        cause=("validation images or annotations unlike training's (brightness or colour, image or object sizes, "
+               "labelling rules: see the split comparison at start), or a training set so small that the model "
+               "memorises it from the first epoch"),
+        config_key="data.val_images / data.val_annotations (compare the splits: python scripts/check_dataset.py)",
+        evidence={"ratios": ratios, "flagged": high},
+    )]
+
+
+# Median fall (log ratio, epoch 1 -> latest) of the optimised components in healthy short runs of the
+# shapes set by epoch 3 (scripts/fault_bank.py): a regularisation or lr fault slows all of them at once.
+HEALTHY_MEDIAN_FALL = 0.4
+
+
+def optimizer_in_behaviour(history, weights, num_classes: int, cfg: DiagnosticsConfig, context: RunContext) -> list[Diagnosis]:
+    """Confirms or withdraws the start's out-of-range optimizer settings (``optimizer_range``) by the
+    behaviour at ``lag_min_epoch``: every component slow together (median fall below
+    ``HEALTHY_MEDIAN_FALL``, or a loss still near its chance value) confirms it."""
+    flagged = sorted(str(subject) for kind, subject in context.start_findings if kind == "optimizer_range")
+    if not flagged or _epoch(history) != max(cfg.lag_min_epoch, 2) or len(history) < 2:
+        return []
+    falls = _falls(history, _optimised(weights))
+    if not falls:
+        return []
+    median = statistics.median(falls.values())
+    chances = chance_values(num_classes)
+    near = {c: history[-1][loss_tag("train", c)] for c in chances if c in falls
+            and history[-1][loss_tag("train", c)] >= (1 - 2 * cfg.chance_tolerance) * chances[c]}
+    slow = median < HEALTHY_MEDIAN_FALL or bool(near)
+    what = ", ".join(flagged)
+    near_text = (" ; still at chance: " + ", ".join(f"{c} {v:.3f}" for c, v in near.items())) if near else ""
+    return [Diagnosis(
+        kind="optimizer_confirmed" if slow else "optimizer_withdrawn", components=tuple(falls), subject=what,
+        section="optimizer-out-of-range", epoch=_epoch(history), severity="warning" if slow else "info",
+        message=(f"The optimizer settings flagged at start ({what}) "
+                 + (f"show in training: every component slow together, median fall {math.expm1(-median):+.0%} since "
+                    f"epoch {history[0]['epoch']} (healthy short runs: {math.expm1(-HEALTHY_MEDIAN_FALL):+.0%} or more){near_text}."
+                    if slow else
+                    f"do not show in training so far: median fall {math.expm1(-median):+.0%} since epoch "
+                    f"{history[0]['epoch']}, as healthy runs.")),
+        cause="the out-of-range setting holds every head back (weight decay pulls the weights to 0, a too low lr)" if slow else "",
+        config_key=", ".join(f"optimizer.{k}" if k in ("weight_decay", "lr") else k for k in flagged) if slow else None,
+        evidence={"median_fall": math.expm1(-median), "falls": {c: math.expm1(-v) for c, v in falls.items()},
+                  "near_chance": near},
+    )]
+
+
+# Monitors that read the run's context (lrs, class counts, the start's findings) beside the history.
+CONTEXT_MONITORS = (lagging_classes, metric_disparity)
+
+
 # Monitors of a loss trend: they read only the epochs past the first ``min_steps`` optimizer steps.
 TREND_MONITORS = (stuck_at_chance, stalled_or_rising, train_val_gap, unoptimised_rising)
 # Monitors of a level (dominance, per-class AP): from ``min_epoch`` with ``patience_epochs``.
-LEVEL_MONITORS = (dominant_component, lagging_classes)
+LEVEL_MONITORS = (dominant_component,)
 
 
 # ------------------------------------------------------------------------ iteration-level spikes
@@ -630,6 +933,7 @@ def diagnose(
     config: DiagnosticsConfig | None = None,
     confusions: Sequence[Mapping[str, Any]] = (),
     steps_per_epoch: float | None = None,
+    context: RunContext | None = None,
 ) -> list[Diagnosis]:
     """Every monitor's findings for the latest epoch of ``history``. ``num_classes``: object classes
     (K, background excluded); ``confusions``: the confusion matrices of the latest evaluations, oldest
@@ -638,11 +942,47 @@ def diagnose(
     weights = {c: float((loss_weights or {}).get(c, 1.0)) for c in LOSS_COMPONENTS}
     found: list[Diagnosis] = []
     trend = settled(history, steps_per_epoch, cfg.min_steps)
+    context = context if context is not None else RunContext()
     if trend and history and trend[-1]["epoch"] == history[-1]["epoch"]:
         for monitor in TREND_MONITORS:
             found.extend(monitor(trend, weights, num_classes, cfg))
+        # Relative falls are judged from epoch 1 (every component shares its transient); the first
+        # evaluation's val/train ratio from the first settled one.
+        named = {c for d in found for c in d.components}
+        found.extend(d for d in lagging_component(history, weights, num_classes, cfg, context) if not set(d.components) & named)
+        found.extend(optimizer_in_behaviour(history, weights, num_classes, cfg, context))
+        found.extend(first_evaluation_gap(trend, weights, num_classes, cfg, context))
     for monitor in LEVEL_MONITORS:
         found.extend(monitor(history, weights, num_classes, cfg))
+    for monitor in CONTEXT_MONITORS:
+        found.extend(monitor(history, weights, num_classes, cfg, context))
     if confusions:
         found.extend(confused_with_another(history, confusions, num_classes, cfg))
-    return found
+    return [d for d in found if not muted(d, cfg.ignore)]
+
+
+# What a run checks (start-of-run audit, dataset checks, monitors), named in the "Diagnosis summary".
+CHECKS = (
+    "frozen or slow producer", "zero loss weight", "anchor fit", "optimizer ranges", "masks and boxes agree",
+    "validation like training", "rare classes", "iteration spikes", "divergence", "stuck at chance",
+    "rising or stalled", "lagging component", "train/val gap", "first evaluation gap", "dominant component",
+    "segm vs bbox AP", "small vs large AP", "lagging class", "confused classes", "per-image losses",
+)
+SEVERITY_RANK = {"warning": 0, "info": 1}
+
+
+def format_summary(findings: Sequence[Mapping[str, Any]], *, epochs: int, checks: int = len(CHECKS)) -> str:
+    """The run's closing "Diagnosis summary" block from its findings (``Diagnosis.to_json`` objects):
+    warnings first, then by strength (how far past its threshold), or "no findings"."""
+    head = f"Diagnosis summary ({checks} checks over {epochs} epoch{'s' if epochs != 1 else ''}; {DOC}):"
+    if not findings:
+        return f"{head} no findings."
+    ranked = sorted(findings, key=lambda f: (SEVERITY_RANK.get(f.get("severity"), 2), -(f.get("strength") or 1.0),
+                                             f.get("epoch") or 0))
+    warnings = sum(f.get("severity") == "warning" for f in ranked)
+    lines = [f"{head} {warnings} warning{'s' if warnings != 1 else ''}, {len(ranked) - warnings} other"]
+    for i, f in enumerate(ranked, 1):
+        where = "start" if not f.get("epoch") else f"epoch {f['epoch']}"
+        about = ", ".join(f.get("components") or []) or (f.get("subject") or "")
+        lines.append(f"  {i}. [{f.get('severity')}] {f.get('kind')} ({about}; {where}): {f.get('message', '')}")
+    return "\n".join(lines)

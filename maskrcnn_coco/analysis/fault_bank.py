@@ -40,9 +40,9 @@ def shift_masks(coco: dict[str, Any], strength: float, rng: np.random.Generator)
     exporter or a converter that offsets masks."""
     for ann in coco["annotations"]:
         mask = _rle_decode(ann["segmentation"])
-        x, y, w, h = ann["bbox"]
+        _, _, w, h = ann["bbox"]
         angle = rng.uniform(0, 2 * np.pi)
-        dx, dy = (int(round(strength * w * np.cos(angle))), int(round(strength * h * np.sin(angle))))
+        dx, dy = round(strength * w * np.cos(angle)), round(strength * h * np.sin(angle))
         moved = np.zeros_like(mask)
         hh, ww = mask.shape
         src = mask[max(0, -dy):hh - max(0, dy), max(0, -dx):ww - max(0, dx)]
@@ -141,9 +141,11 @@ def plant(source: ShapesPaths, target: str | Path, fault: Fault, seed: int = 0) 
     return paths
 
 
-def data_overrides(paths: ShapesPaths) -> list[str]:
-    """Hydra overrides that train on a planted copy as COCO-format data."""
+def data_overrides(paths: ShapesPaths, size: int = 128) -> list[str]:
+    """Hydra overrides that train on a planted copy (images of ``size`` px) as COCO-format data."""
     return ["data=coco", f"data.root={paths.root}", f"data.train_images={paths.train_images}",
             f"data.val_images={paths.val_images}", f"data.train_annotations={paths.train_annotations}",
             f"data.val_annotations={paths.val_annotations}", "data.batch_size=4", "data.num_workers=0",
-            "data.augment.hflip_prob=0.5"]
+            "data.augment.hflip_prob=0.5",
+            # The small preset sizes its input from data.image_size, which COCO-format data has not.
+            f"model.min_size={size}", f"model.max_size={size}"]

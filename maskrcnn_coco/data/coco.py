@@ -161,6 +161,22 @@ class CocoInstances(CocoDetection):
         return [a for a in self.coco.imgToAnns.get(id, []) if a["id"] in self.usable_ann_ids]
 
 
+def class_instance_counts(dataset: Any) -> dict[str, int]:
+    """Usable instances per category name (every category, 0 included) of a ``CocoInstances``-like
+    dataset (``coco``, ``ids``, ``usable_ann_ids``); empty for anything else. A subset (e.g.
+    ``data.max_train_images``) counts its own images only."""
+    coco, ids, usable = (getattr(dataset, a, None) for a in ("coco", "ids", "usable_ann_ids"))
+    if coco is None or ids is None:
+        return {}
+    by_id = {int(c["id"]): str(c.get("name", c["id"])) for c in coco.loadCats(coco.getCatIds())}
+    counts = dict.fromkeys(by_id.values(), 0)
+    for image_id in ids:
+        for ann in coco.imgToAnns.get(image_id, []):
+            if (usable is None or ann["id"] in usable) and int(ann["category_id"]) in by_id:
+                counts[by_id[int(ann["category_id"])]] += 1
+    return counts
+
+
 class PrepareTargets:
     """First step of every pipeline: maps category ids to labels and gives images without
     annotations empty ``boxes``/``masks``/``labels`` of the right shapes."""

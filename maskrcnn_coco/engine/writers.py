@@ -14,7 +14,19 @@ from typing import Any
 
 import torch
 
-from maskrcnn_coco.analysis.diagnostics import DIAGNOSTICS_FILE, Diagnosis, class_aps, diagnose
+from maskrcnn_coco.analysis.audit import producer_rows
+from maskrcnn_coco.analysis.diagnostics import (
+    CHECKS,
+    DIAGNOSTICS_FILE,
+    Diagnosis,
+    RunContext,
+    class_aps,
+    diagnose,
+    format_summary,
+    lr_config_key,
+    muted,
+    rare_class_notes,
+)
 from maskrcnn_coco.analysis.history import HISTORY_FILE
 from maskrcnn_coco.config import DiagnosticsConfig
 from maskrcnn_coco.engine.checkpoint import CHECKPOINT_DIR, Checkpointer, display_path
@@ -29,7 +41,7 @@ from maskrcnn_coco.engine.monitors import (
 from maskrcnn_coco.engine.progress import Progress
 from maskrcnn_coco.engine.settings import FitSettings
 from maskrcnn_coco.engine.state import TrainingState
-from maskrcnn_coco.evaluation.per_class import CONFUSION_KEY, save_confusion
+from maskrcnn_coco.evaluation.per_class import CONFUSION_KEY, sanitize, save_confusion
 from maskrcnn_coco.tracking.backends import ExperimentTracker, NullTracker, log_scalars, log_text
 from maskrcnn_coco.tracking.scalars import IOU_TYPES, LOSS_COMPONENTS, TRAIN_TOTAL, VAL_TOTAL, loss_tag, map_tag
 
@@ -128,11 +140,13 @@ class DiagnosticsWriter(Hook):
     """
 
     def __init__(self, run_dir: str | Path, config: DiagnosticsConfig | None = None, *, start: Sequence[Diagnosis] = (),
-                 tracker: ExperimentTracker | None = None):
+                 tracker: ExperimentTracker | None = None, class_counts: Mapping[str, int] | None = None):
         self.path = Path(run_dir) / DIAGNOSTICS_FILE
         self.tracker = tracker
         self.config = config if config is not None else DiagnosticsConfig()
-        self.start = list(start)
+        # Keyed as the per-class AP tags name the classes.
+        self.class_counts = {sanitize(name): n for name, n in (class_counts or {}).items()}
+        self.start = [d for d in [*start, *rare_class_notes(self.class_counts)] if not muted(d, self.config.ignore)]
         self.reported: set[tuple[Any, ...]] = set()
         self.confusions: list[Mapping[str, Any]] = []
 
@@ -148,13 +162,19 @@ class DiagnosticsWriter(Hook):
                 log_text(self.tracker, tag, finding.text(), finding.epoch)
 
     def _report(self, findings: Sequence[Diagnosis]) -> None:
-        new = [d for d in findings if d.key not in self.reported]
+        new = [d for d in findings if d.key not in self.reported and not muted(d, self.config.ignore)]
         for finding in new:
             self.reported.add(finding.key)
-            log.warning("%s", finding.text())
+            # A healthy run prints no warning: what is worth knowing but no fault is an info line.
+            log.log(logging.WARNING if finding.severity == "warning" else logging.INFO, "%s", finding.text())
         self._append(new)
 
     def before_fit(self, state: TrainingState) -> None:
+        if self.config.ignore:
+            log.info("diagnostics.ignore=%s: these findings are not reported", list(self.config.ignore))
+        for finding in self.start:
+            if finding.severity != "warning" and finding.kind == "rare_class":
+                log.info("%s", finding.text())  # the audit's own findings were logged by the caller
         self._append(self.start)  # this start's audit (a resumed run audits again)
         self.reported.update(d.key for d in self.start)
 
@@ -169,14 +189,36 @@ class DiagnosticsWriter(Hook):
     def on_finding(self, state: TrainingState, finding: Diagnosis) -> None:
         self._report([finding])
 
+    def context(self, state: TrainingState, loss_weights: Mapping[str, float] | None) -> RunContext:
+        """The producers' current learning rates and keys, the class counts and the start's findings."""
+        model, optimizer = getattr(state, "model", None), getattr(state, "optimizer", None)
+        rows = producer_rows(getattr(model, "module", model), optimizer, loss_weights or {}) if model is not None and optimizer is not None else []
+        return RunContext(
+            producer_lrs={r.module: r.lr for r in rows if r.lr is not None},
+            lr_keys={r.module: lr_config_key(r.groups[0]) for r in rows if r.groups},
+            class_counts=self.class_counts,
+            start_findings=frozenset((d.kind, d.subject) for d in self.start),
+        )
+
     def after_epoch(self, state: TrainingState, result: EpochResult) -> None:
         confusion = (result.record.get("metrics") or {}).get(CONFUSION_KEY)
         if confusion:
             self.confusions = [*self.confusions, confusion][-max(self.config.patience_epochs, 1):]
+        weights = result.record.get("loss_weights")
         # A monitor's bug does not stop training: this hook is not critical (one warning, then it is off).
-        self._report(diagnose(state.history, loss_weights=result.record.get("loss_weights"),
+        self._report(diagnose(state.history, loss_weights=weights,
                               num_classes=state.mapping.num_classes - 1, config=self.config, confusions=self.confusions,
-                              steps_per_epoch=state.global_step / result.epoch if state.global_step else None))
+                              steps_per_epoch=state.global_step / result.epoch if state.global_step else None,
+                              context=self.context(state, weights)))
+
+    def after_fit(self, state: TrainingState) -> None:
+        """The "Diagnosis summary" block: every finding of the run (``diagnostics.jsonl``, across resumes)
+        ranked by severity and evidence, or "no findings" with the number of checks."""
+        found = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()] if self.path.is_file() else []
+        text = format_summary(found, epochs=state.epoch, checks=len(CHECKS))
+        log.info("%s", text)
+        if self.tracker is not None:
+            log_text(self.tracker, "diagnostics/summary", "```\n" + text + "\n```", state.epoch)
 
 
 def _as_key(value: Any) -> Any:
@@ -247,6 +289,7 @@ def default_hooks(
     checkpoint_every_n_iters: int | None = None,
     diagnostics: DiagnosticsConfig | None = None,
     audit: Sequence[Diagnosis] = (),
+    class_counts: Mapping[str, int] | None = None,
 ) -> list[Hook]:
     """The instruments of a training run, in their order (``engine.hooks``): gradient norms, the
     iteration timer, the spike monitor (with diagnostics), the divergence guard, periodic step-boundary
@@ -271,7 +314,7 @@ def default_hooks(
         hooks += [
             checkpoint if checkpoint is not None else Checkpointer(run_dir / CHECKPOINT_DIR),
             ConsoleSummary(),
-            *([DiagnosticsWriter(run_dir, diagnostics, start=audit, tracker=tracker)] if enabled else []),
+            *([DiagnosticsWriter(run_dir, diagnostics, start=audit, tracker=tracker, class_counts=class_counts)] if enabled else []),
             ConfusionWriter(run_dir),
             TrackerWriter(tracker),
             HistoryWriter(run_dir),
