@@ -43,6 +43,8 @@ RUNS: dict[str, tuple[fb.Fault, tuple[str, ...]]] = {
     "dark_val": (fb.Fault("dark_val", 0.35, split="val", images=True), ()),
     "rare": (fb.Fault("rare", 0.04, plant=fb.make_rare), ()),
     "weight_decay": (fb.Fault("weight_decay", 0.1, overrides=("optimizer.weight_decay={strength}",)), ()),
+    # Fine-tuning (the common real start): losses start far below chance; run after healthy_s0.
+    "healthy_pretrained": (fb.Fault("healthy", 0), ("seed=7", "model.weights={out}/healthy_s0/checkpoints/last.pth")),
     "tiny_data": (fb.Fault("tiny_data", 32, overrides=("data.max_train_images={strength:.0f}", "epochs=20",
                                                         "scheduler.milestones=[15,18]")), ()),
 }
@@ -52,6 +54,7 @@ def run_one(name: str, out: Path, source, epochs: int) -> float:
     fault, extra = RUNS[name]
     planted = fb.plant(source, out / "data" / name, fault)
     overrides = [o.format(strength=fault.strength) for o in fault.overrides]
+    extra = tuple(o.format(out=out) for o in extra)
     run_dir = out / name
     cmd = [sys.executable, str(REPO / "maskrcnn_coco" / "main_mlops.py"), *fb.data_overrides(planted),
            f"epochs={epochs}", "tracker=none", "progress=false", f"hydra.run.dir={run_dir}",

@@ -1,5 +1,7 @@
 """The dataset checker: report text and exit status (0 training can start, 1 it would fail, 2 bad input)."""
 
+import json
+import re
 import subprocess
 import sys
 
@@ -7,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from maskrcnn_coco.analysis import fault_bank
 from maskrcnn_coco.cli.check_dataset import main
+from maskrcnn_coco.data.shapes import ShapesParams, ensure_shapes_dataset
 
 from conftest import REPO, square_ann, write_coco_dataset
 
@@ -85,3 +89,39 @@ def test_bad_input_exits_two(tmp_path, capsys):
     assert "Error: data.on_invalid='skip': use one of error, drop" in capsys.readouterr().err
     assert main(["data=coco", f"data.root={tmp_path}", "--no-progress"]) == 1  # no annotation file: the data's fault
     assert f"  - train: annotation file not found: {tmp_path}/annotations/instances_train2017.json (data.train_annotations)" in capsys.readouterr().out
+
+
+def test_masks_off_their_boxes_and_a_darker_validation_split_warn(tmp_path, capsys):
+    params = ShapesParams(num_train=40, num_val=20, image_size=64, seed=0, min_objects=1, max_objects=4)
+    shapes = ensure_shapes_dataset(params, tmp_path / "cache", progress=False)
+    assert main(["--no-progress", *fault_bank.data_overrides(shapes)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"  no problems found\n  masks on their boxes \(in-box share of the mask and box/mask-box IoU, \d+ "
+                     r"annotations\): 0 below 0.8, 0 below 0.7 \(warns above 3% below 0.7\)\n  statistics: 40 images \(median "
+                     r"64x64 px\), .*\(40 images decoded in", out)
+    assert "validation against training: no difference beyond the thresholds\n" in out and "Warnings" not in out
+    assert main(["--no-progress", "--no-decode", *fault_bank.data_overrides(shapes), "data.max_train_images=19"]) == 0
+    out = capsys.readouterr().out
+    assert "statistics: 19 images (median 64x64 px)" in out and "pixels not sampled" in out
+    assert "validation against training: not compared (fewer than 20 images in a split)\n" in out
+
+    planted = fault_bank.plant(shapes, tmp_path / "planted", fault_bank.Fault("masks_off", 0.6, plant=fault_bank.shift_masks))
+    fault_bank.darken_images(planted.val_images, json.loads(planted.val_annotations.read_text()), 0.35)
+    assert main(["--no-progress", "--examples", "2", *fault_bank.data_overrides(planted)]) == 0
+    out = capsys.readouterr().out
+    train = out[:out.index("\nval: ")]
+    counts = re.search(r"  masks on their boxes \(in-box share of the mask and box/mask-box IoU, (\d+) annotations\): (\d+) below 0.8, "
+                       r"(\d+) below 0.7 \(warns above 3% below 0.7\)\n    worst \(in-box share / IoU\): image (\d+) ann (\d+): "
+                       r"(0\.\d\d) / (0\.\d\d); image \d+ ann \d+: 0\.\d\d / 0\.\d\d\n", train)
+    assert counts, train
+    measured, below_08, below_07 = (int(g) for g in counts.groups()[:3])
+    assert measured > 80 and below_07 > 0.9 * measured and below_08 >= below_07
+    image_id, ann_id = int(counts[4]), int(counts[5])
+    anns = json.loads(planted.train_annotations.read_text())["annotations"]
+    assert any(a["id"] == ann_id and a["image_id"] == image_id for a in anns)
+    warnings = out[out.index("Warnings (the data is used as it is"):]
+    assert f"  - train: {planted.train_annotations}: masks that do not lie on their boxes: {below_07} of {measured} annotations" in warnings
+    assert f"worst, in-box share / IoU: image {image_id} ann {ann_id}: {counts[6]} / {counts[7]}" in warnings
+    assert "  - validation images are much darker than training: mean pixel 0.1" in warnings
+    assert "validation against training: 1 difference (below)" in out
+    assert out.rstrip().endswith("OK: training can start with this data.")

@@ -255,7 +255,6 @@ from maskrcnn_coco.analysis.diagnostics import (  # noqa: E402
     RunContext,
     format_summary,
     lagging_component,
-    metric_disparity,
     muted,
     rare_classes,
 )

@@ -1,6 +1,9 @@
 """``data/validate.py``: messy COCO data named and skipped or dropped (annotations, image records, files,
 sizes, categories), and every PIL mode converted to the RGB the file means."""
 
+import contextlib
+import copy
+import io
 import json
 import logging
 import re
@@ -11,9 +14,12 @@ import torch
 from helpers import CATS, NO_AUG, noise_png, simple_dataset, truncate
 from PIL import Image
 from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
 
+from maskrcnn_coco.analysis.fault_bank import jitter_boxes, shift_masks
 from maskrcnn_coco.data.coco import DataError, build_coco_dataset, find_invalid_annotations, load_coco
-from maskrcnn_coco.data.validate import load_rgb, to_rgb
+from maskrcnn_coco.data.shapes import ShapesParams, ensure_shapes_dataset
+from maskrcnn_coco.data.validate import load_rgb, mask_box_agreement, to_rgb
 from maskrcnn_coco.utils.errors import ConfigError
 
 from conftest import square_ann, write_coco_dataset
@@ -207,3 +213,120 @@ def test_duplicate_ids_and_bad_image_records(tmp_path):
     with pytest.raises(DataError, match=re.escape("image 2 (2.png): width=None, height=48: not positive integers")):
         build_coco_dataset(img_dir, ann_file, train=True, augment=NO_AUG, drop_empty=False)
     assert build_coco_dataset(img_dir, ann_file, train=True, augment=NO_AUG, drop_empty=False, on_invalid="drop").ids == [1]
+
+
+# ------------------------------------------------------------------ masks against their boxes, graded
+def in_memory_coco(dataset):
+    """A pycocotools COCO of ``dataset`` without a file (createIndex prints)."""
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+@pytest.fixture(scope="module")
+def shapes_dict(tmp_path_factory):
+    """The training annotations of a small generated shapes set (RLE masks, exact tight boxes)."""
+    params = ShapesParams(num_train=40, num_val=10, image_size=64, seed=0, min_objects=1, max_objects=4)
+    paths = ensure_shapes_dataset(params, tmp_path_factory.mktemp("shapes"), progress=False)
+    return json.loads(paths.train_annotations.read_text())
+
+
+def expected_agreement(dataset):
+    """Annotation id -> (in-box pixel share, bbox IoU with the mask's tight box), from the decoded
+    masks: the reference the fast computation must match."""
+    out = {}
+    for ann in dataset["annotations"]:
+        rle = dict(ann["segmentation"], counts=ann["segmentation"]["counts"].encode())
+        mask = mask_utils.decode(rle)
+        x, y, w, h = ann["bbox"]
+        c0, c1, r0, r1 = (int(np.floor(v + 0.5)) for v in (x, x + w, y, y + h))
+        inside = mask[max(r0, 0):r1, max(c0, 0):c1].sum() / mask.sum()
+        tight = mask_utils.toBbox(rle)
+        iou = mask_utils.iou([list(tight)], [ann["bbox"]], [0])[0, 0]
+        out[ann["id"]] = (float(inside), float(iou))
+    return out
+
+
+def test_healthy_shapes_masks_lie_on_their_boxes(shapes_dict):
+    coco = in_memory_coco(shapes_dict)
+    for pixels in (False, True):
+        agreement = mask_box_agreement(coco, pixels=pixels, source="instances_train.json")
+        assert agreement.measured == len(shapes_dict["annotations"]) > 60
+        assert agreement.below == {0.8: 0, 0.7: 0} and agreement.bad_ids == () and not agreement.warns
+        assert agreement.warning() is None
+        assert agreement.worst[0].iou == pytest.approx(1.0) and agreement.worst[0].inside == (1.0 if pixels else None)
+    lines = agreement.format()
+    assert lines == [f"  masks on their boxes (in-box share of the mask and box/mask-box IoU, {agreement.measured} annotations): "
+                     "0 below 0.8, 0 below 0.7 (warns above 3% below 0.7)"]
+
+
+@pytest.mark.parametrize(("plant", "strength"), [(shift_masks, 0.6), (jitter_boxes, 0.35)])
+def test_masks_off_their_boxes_are_counted_and_named(shapes_dict, plant, strength):
+    planted = copy.deepcopy(shapes_dict)
+    plant(planted, strength, np.random.default_rng(0))
+    reference = expected_agreement(planted)
+    coco = in_memory_coco(planted)
+
+    cheap = mask_box_agreement(coco, source="train.json")  # the start of a run: the IoU only
+    assert set(cheap.bad_ids) == {a for a, (_, iou) in reference.items() if iou < 0.7}
+    assert cheap.below[0.8] == sum(iou < 0.8 for _, iou in reference.values())
+    assert cheap.worst[0].inside is None and cheap.worst[0].iou == pytest.approx(min(iou for _, iou in reference.values()))
+
+    full = mask_box_agreement(coco, pixels=True, source="train.json")
+    bad = {a for a, (inside, iou) in reference.items() if min(inside, iou) < 0.7}
+    assert set(full.bad_ids) == bad and full.bad == len(bad) and full.masks_off + full.boxes_loose == len(bad)
+    assert full.share_bad > 0.5 and full.warns
+    worst = full.worst[0]
+    assert (worst.inside, worst.iou) == pytest.approx(reference[worst.annotation_id])
+    assert [r.score for r in full.worst] == sorted(r.score for r in full.worst) and len(full.worst) == 10
+    image_of = {a["id"]: a["image_id"] for a in planted["annotations"]}
+    assert all(image_of[r.annotation_id] == r.image_id for r in full.worst)
+    warning = full.warning()
+    assert warning.startswith(f"train.json: masks that do not lie on their boxes: {len(bad)} of {full.measured} annotations (")
+    assert "have less than 70% of their mask inside their box or a box/mask-box IoU" in warning
+    assert f"worst, in-box share / IoU: image {worst.image_id} ann {worst.annotation_id}: {worst.inside:.2f} / {worst.iou:.2f}" in warning
+    assert "Likely cause: masks or boxes shifted or scaled by the exporter" in warning
+    assert full.format(examples=3)[1] == "    worst (in-box share / IoU): " + "; ".join(r.format() for r in full.worst[:3])
+
+
+def test_polygons_and_boxes_too_large():
+    images = [{"id": 1, "file_name": "1.png", "height": 60, "width": 80}]
+    anns = [
+        square_ann(1, 1, 1, 10, 10, 20),  # box = mask
+        {**square_ann(2, 1, 1, 10, 10, 20), "bbox": [20, 10, 20, 20]},  # box moved by half its width
+        {**square_ann(3, 1, 1, 40, 10, 10), "bbox": [35, 5, 20, 20]},  # box twice the mask's size
+        # two parts: the tight box spans both
+        {**square_ann(4, 1, 1, 50, 40, 10), "segmentation": [[50, 40, 55, 40, 55, 50], [55, 40, 60, 40, 60, 50, 55, 50]]},
+        {**square_ann(5, 1, 1, 0, 40, 10), "iscrowd": 1},  # crowd: not measured
+    ]
+    coco = in_memory_coco({"images": images, "annotations": anns, "categories": CATS})
+    agreement = mask_box_agreement(coco, pixels=True)
+    assert agreement.measured == 4 and agreement.bad_ids == (2, 3)
+    assert (agreement.masks_off, agreement.boxes_loose) == (1, 1)
+    by_id = {r.annotation_id: r for r in agreement.worst}
+    assert by_id[1].iou == pytest.approx(1.0) and by_id[1].inside == 1.0 and by_id[4].iou == pytest.approx(1.0)
+    assert by_id[2].iou == pytest.approx(1 / 3) and by_id[2].inside == pytest.approx(0.5, abs=0.06)
+    assert by_id[2].extent_inside == pytest.approx(0.5) and by_id[2].mask_off
+    assert by_id[3].iou == pytest.approx(0.25) and by_id[3].inside == 1.0 and not by_id[3].mask_off
+    assert [r.annotation_id for r in agreement.worst[:2]] == [3, 2] and agreement.named() == agreement.worst[:2]
+    assert "2 of 4 annotations (50.0%)" in agreement.describe() and "(1 with the mask off its box, 1 with a box too large" in agreement.describe()
+    assert agreement.describe().endswith("worst, in-box share / IoU: image 1 ann 3: 1.00 / 0.25; image 1 ann 2: 0.50 / 0.33)")
+    # Only the usable annotations of the images asked for.
+    assert mask_box_agreement(coco, [1], {1, 3}).bad_ids == (3,)
+    assert mask_box_agreement(coco, [], None).measured == 0
+
+
+def test_unchecked_annotations_are_left_out():
+    images = [{"id": 1, "file_name": "1.png", "height": 60, "width": 80}]
+    anns = [
+        square_ann(1, 1, 1, 10, 10, 20),
+        {**square_ann(2, 1, 1, 10, 10, 20), "segmentation": [[10, None, 30, 10, 30, 30]]},
+        {**square_ann(3, 1, 1, 10, 10, 20), "bbox": ["a", 1, 2, 3]},
+        {**square_ann(4, 1, 1, 10, 10, 20), "segmentation": [[1, 2]]},
+        {**square_ann(5, 1, 1, 10, 10, 20), "bbox": [float("nan"), 10, 20, 20]},
+        {**square_ann(6, 1, 1, 10, 10, 20), "bbox": [40, 10, 20, 20]},
+    ]
+    agreement = mask_box_agreement(in_memory_coco({"images": images, "annotations": anns, "categories": CATS}))
+    assert agreement.measured == 2 and agreement.bad_ids == (6,)

@@ -309,12 +309,17 @@ def stalled_or_rising(history, weights, num_classes: int, cfg: DiagnosticsConfig
             kind="rising" if rising else "stalled", components=(c,), section="rising-or-stalled", epoch=_epoch(history),
             message=(f"{c} {verb} ({_fmt(values)} over the last {n} epochs) while the other optimised components "
                      f"fell (median {median:+.0%})."),
-            cause=(f"its share of the optimised loss is too small to move {' and '.join(PRODUCERS[c])} "
-                   f"(weight {weight:g}), their learning rate is too low, or they are saturated"
+            # Targets first: noisy boxes make loss_box_reg rise and shifted masks stall loss_mask, and a
+            # larger weight or lr cannot fix either (measured, scripts/fault_bank.py).
+            cause=(f"its targets disagree with the images (masks or boxes that do not lie on their objects: see the "
+                   f"data check at start and the per-image losses' annotations to check), its share of the optimised "
+                   f"loss is too small to move {' and '.join(PRODUCERS[c])} (weight {weight:g}), or their learning "
+                   "rate is too low"
                    if not rising else
-                   f"the other components' gradients pull the shared features away from {c}, or its learning rate "
-                   "is too high for its head"),
-            config_key=f"{WEIGHT_KEY.format(c)} or {LR_KEY[c]}",
+                   f"its targets disagree with the images (noisy or shifted annotations: see the data check at start "
+                   f"and the per-image losses' annotations to check), else the other components' gradients pull the "
+                   f"shared features away from {c}, or its learning rate is too high for its head"),
+            config_key=f"the training annotations (python scripts/check_dataset.py), then {WEIGHT_KEY.format(c)} or {LR_KEY[c]}",
             evidence={"values": values, "changes": changes, "others_median_change": median, "weight": weight},
         ))
     return out

@@ -5,6 +5,11 @@ The config is composed exactly as training composes it (``cli.probe.compose_conf
 when it builds a dataset (``data.validate.check_split``), plus the slow, complete one: every image
 the split uses is opened and decoded, in threads, with a progress bar. No model is built.
 
+Beyond what stops training, it reports data that disagrees with itself (masks off their boxes:
+counts below 0.8 and 0.7 of the in-box pixel share and the box/mask-box IoU, and the worst
+annotations; ``data.validate.mask_box_agreement``) and each split's statistics, compared between
+the splits (``analysis.split_stats``); these warn, they do not change the exit status.
+
 Exit status: 0 when training can start (problems it skips are reported), 1 when training would
 fail on this data (a missing or undecodable image with ``data.on_invalid=error``, no usable image,
 an unreadable annotation file, ...), 2 on bad input (config errors, unknown arguments).
@@ -15,16 +20,25 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from maskrcnn_coco.analysis.split_stats import MIN_IMAGES, SAMPLE_IMAGES, SplitStats, compare_splits, split_stats
 from maskrcnn_coco.cli.args import parse_with_overrides
 from maskrcnn_coco.cli.probe import compose_config
 from maskrcnn_coco.data.coco import CategoryMapping, load_coco, resolve_paths
-from maskrcnn_coco.data.validate import ON_INVALID, SplitCheck, check_split, format_record
+from maskrcnn_coco.data.validate import (
+    MASK_BOX_LEVELS,
+    ON_INVALID,
+    SplitCheck,
+    check_split,
+    format_record,
+    mask_box_agreement,
+)
 from maskrcnn_coco.utils.errors import ConfigError, UserError
 
 
@@ -68,23 +82,35 @@ def _count_lines(title: str, records: Sequence[dict[str, Any]], examples: int) -
     return lines
 
 
-def check_one_split(split: str, paths: dict[str, Path], cfg: DictConfig, args: argparse.Namespace, mapping_ids: list[int] | None) -> tuple[list[str], list[str], CategoryMapping | None]:
-    """(report lines, fatal problems, category mapping) of one split."""
+@dataclass
+class SplitReport:
+    """What the checker says of one split: report lines, fatal problems, warnings (training can
+    start), the category mapping and the split's statistics (None when the split cannot be read)."""
+
+    lines: list[str]
+    fatal: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    mapping: CategoryMapping | None = None
+    stats: SplitStats | None = None
+
+
+def check_one_split(split: str, paths: dict[str, Path], cfg: DictConfig, args: argparse.Namespace, mapping_ids: list[int] | None) -> SplitReport:
+    """The report of one split."""
     data = cfg.data
     images, annotations = paths[f"{split}_images"], paths[f"{split}_annotations"]
     lines = [f"{split}: {annotations}", f"  image folder: {images}"]
     if not annotations.is_file():
-        return lines, [f"{split}: annotation file not found: {annotations} (data.{split}_annotations)"], None
+        return SplitReport(lines, [f"{split}: annotation file not found: {annotations} (data.{split}_annotations)"])
     if not images.is_dir():
-        return lines, [f"{split}: image folder not found: {images} (data.{split}_images)"], None
+        return SplitReport(lines, [f"{split}: image folder not found: {images} (data.{split}_images)"])
     try:
         coco = load_coco(annotations)
     except Exception as err:  # noqa: BLE001 - json and pycocotools errors alike: the file is unusable
-        return lines, [f"{split}: could not read {annotations}: {type(err).__name__}: {err}"], None
+        return SplitReport(lines, [f"{split}: could not read {annotations}: {type(err).__name__}: {err}"])
     try:
         mapping = CategoryMapping(list(coco.cats.values()))
     except UserError as err:
-        return lines, [f"{split}: {err}"], None
+        return SplitReport(lines, [f"{split}: {err}"])
     fatal = []
     if mapping_ids is not None and mapping.coco_ids != mapping_ids:
         fatal.append(f"{split}: the annotation file defines other categories than the train annotations")
@@ -111,9 +137,15 @@ def check_one_split(split: str, paths: dict[str, Path], cfg: DictConfig, args: a
                      f"{format_record(check.bad_images[0])} (fix them, or set data.on_invalid=drop to skip them)")
     if not check.ids:
         fatal.append(f"{split}: no usable images")
-    if not any(line.startswith("    ") for line in lines) and not check.empty_categories:
+    # The explicit check measures the in-box pixel share too (the start of a run only the IoU).
+    agreement = mask_box_agreement(coco, check.ids, check.usable_ann_ids, pixels=True, source=str(annotations))
+    stats = split_stats(coco, check.ids, check.usable_ann_ids, images, split=split, sample=0 if args.no_decode else SAMPLE_IMAGES)
+    if not any(line.startswith("    ") for line in lines) and not check.empty_categories and not agreement.below[MASK_BOX_LEVELS[0]]:
         lines.append("  no problems found")
-    return lines, fatal, mapping
+    lines += agreement.format(examples=args.examples)
+    lines.append(f"  statistics: {stats.summary(label=False)}")
+    warning = agreement.warning()
+    return SplitReport(lines, fatal, [f"{split}: {warning}"] if warning else [], mapping, stats)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -132,13 +164,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     how = "existence only (--no-decode)" if args.no_decode else "every used image decoded"
     print(f"Dataset check: data={cfg.data.name}, data.on_invalid={cfg.data.on_invalid}, images: {how}\n")
     fatal: list[str] = []
+    warnings: list[str] = []
     mapping_ids = None
+    reports = {}
     for split in ("train", "val"):
-        lines, split_fatal, mapping = check_one_split(split, paths, cfg, args, mapping_ids)
-        if mapping is not None and mapping_ids is None:
-            mapping_ids = mapping.coco_ids
-        print("\n".join(lines) + "\n")
-        fatal += split_fatal
+        report = reports[split] = check_one_split(split, paths, cfg, args, mapping_ids)
+        if report.mapping is not None and mapping_ids is None:
+            mapping_ids = report.mapping.coco_ids
+        print("\n".join(report.lines) + "\n")
+        fatal += report.fatal
+        warnings += report.warnings
+    train, val = reports["train"].stats, reports["val"].stats
+    if train is not None and val is not None:
+        findings = compare_splits(train, val)
+        if min(train.images, val.images) < MIN_IMAGES:
+            said = f"not compared (fewer than {MIN_IMAGES} images in a split)"
+        elif findings:
+            said = f"{len(findings)} difference{'s' if len(findings) > 1 else ''} (below)"
+        else:
+            said = "no difference beyond the thresholds" + (" (pixels not compared: --no-decode)" if args.no_decode else "")
+        print(f"validation against training: {said}\n")
+        warnings += [f.text() for f in findings]
+    if warnings:
+        print("Warnings (the data is used as it is, but may mislead training or its validation):\n"
+              + "\n".join(f"  - {w}" for w in warnings) + "\n")
     if fatal:
         print("Training would fail:\n" + "\n".join(f"  - {f}" for f in fatal))
         return 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from maskrcnn_coco.analysis.audit import audit_run
-from maskrcnn_coco.analysis.diagnostics import Diagnosis
+from maskrcnn_coco.analysis.diagnostics import Diagnosis, muted
 from maskrcnn_coco.analysis.history import objective_value
+from maskrcnn_coco.analysis.split_stats import audit_data
 from maskrcnn_coco.config import validate_config
-from maskrcnn_coco.data.coco import CategoryMapping, DataBundle, build_data
+from maskrcnn_coco.data.coco import CategoryMapping, DataBundle, build_data, class_instance_counts
 from maskrcnn_coco.engine.checkpoint import (
     CHECKPOINT_DIR,
     Checkpointer,
@@ -196,23 +198,32 @@ def wrap_distributed(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def audit_start(cfg: DictConfig, model: nn.Module, optimizer: torch.optim.Optimizer, parts: Components) -> list[Diagnosis]:
-    """The start-of-run audit (``analysis.audit``: what trains each loss, anchor fit), logged under
-    the parameter-group table; returns its warnings for ``diagnostics.jsonl``."""
+    """The start-of-run audit (``analysis.audit``: what trains each loss, anchor fit; ``analysis.split_stats``:
+    masks off their boxes, validation unlike training), logged under the parameter-group table;
+    returns its warnings for ``diagnostics.jsonl``."""
     if not cfg.diagnostics.enabled:
         return []
     report = audit_run(model, optimizer, parts.loss_weights, train_dataset=parts.data.train_loader.dataset,
-                       config=cfg.diagnostics, arch=cfg.model.arch, has_anchor_key="anchor_sizes" in cfg.model)
+                       config=cfg.diagnostics, arch=cfg.model.arch, has_anchor_key="anchor_sizes" in cfg.model,
+                       batch_size=cfg.data.batch_size, world_size=dist.world_size(), warmup_iters=cfg.scheduler.warmup_iters)
     log.info("%s", report.format())
-    for warning in report.warnings:
-        log.warning("%s", warning.text())
-    return report.warnings
+    # The annotation file's path where the config names one (data=coco); else the dataset's file name.
+    data = audit_data(parts.data.train_loader.dataset, parts.data.val_loader.dataset,
+                      train_source=OmegaConf.select(cfg, "data.train_annotations", default=None))
+    log.info("%s", data.format())
+    found = [d for d in [*report.warnings, *data.findings] if not muted(d, cfg.diagnostics.ignore)]
+    for finding in found:
+        # A healthy run prints no warning: an out-of-range setting that is no fault is an info line.
+        log.log(logging.WARNING if finding.severity == "warning" else logging.INFO, "%s", finding.text())
+    return found
 
 
 def build_hooks(cfg: DictConfig, run_dir: Path, settings: FitSettings, tracker: ExperimentTracker,
-                audit: list[Diagnosis], resolved: dict[str, Any]) -> list[Hook]:
+                audit: list[Diagnosis], resolved: dict[str, Any], class_counts: Mapping[str, int] | None = None) -> list[Hook]:
     """The run's hooks: the default instruments as configured (``train.*``, ``checkpoint.*``,
     ``diagnostics.*``), then one hook per ``hooks.<name>`` entry (a Hydra ``_target_`` spec of a
-    ``engine.hooks.Hook``), in the order of the entries."""
+    ``engine.hooks.Hook``), in the order of the entries. ``class_counts``: training instances per
+    class, for the per-class diagnoses."""
     hooks = default_hooks(
         run_dir, settings, tracker, grad_norm_every=cfg.train.grad_norm_every,
         divergence=DivergenceGuard(max_loss=cfg.train.max_loss, factor=cfg.train.max_loss_factor),
@@ -220,6 +231,7 @@ def build_hooks(cfg: DictConfig, run_dir: Path, settings: FitSettings, tracker: 
                                 extra={"config": resolved}, keep_last=cfg.checkpoint.keep_last,
                                 best_metric=cfg.objective.metric),
         checkpoint_every_n_iters=cfg.checkpoint.every_n_iters, diagnostics=cfg.diagnostics, audit=audit,
+        class_counts=class_counts,
     )
     for name, spec in (cfg.hooks or {}).items():
         if spec is None:
@@ -284,7 +296,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
     )
     tracker = build_tracker(cfg.tracker, run_dir)
     resolved = config_to_dict(cfg)
-    hooks = build_hooks(cfg, run_dir, settings, tracker, audit, resolved)
+    hooks = build_hooks(cfg, run_dir, settings, tracker, audit, resolved, class_instance_counts(data.train_loader.dataset))
     try:
         tracker.log_hyperparams(Hyperparams(resolved, overrides=task_overrides()))
         history = fit(wrap_distributed(model, device), optimizer, data.train_loader, data.val_loader, settings, hooks,
