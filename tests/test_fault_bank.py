@@ -58,15 +58,18 @@ def start_only(monkeypatch):
     monkeypatch.setattr(experiment, "fit", fit)
 
 
-def run(tmp_path, caplog, *overrides, name="run", data=TINY_OVERRIDES):
+def run(tmp_path, caplog, *overrides, name="run", data=TINY_OVERRIDES, info=False):
+    """The run's findings: its warnings (with ``info``: the info findings too, e.g. an lr outside the
+    usual range for batch 2 that is no fault)."""
     caplog.set_level(logging.INFO, logger="maskrcnn_coco")
     run_dir = tmp_path / name
     run_training(compose_cfg(f"runs_dir={tmp_path}", *overrides, data=data), run_dir)
     found = findings(run_dir)
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "LOSS_BREAKDOWN" in r.getMessage()]
-    # Every finding is a logged warning, and every diagnostic warning is in the file.
-    assert sorted(f["message"] for f in found) == sorted(warned)
-    return found
+    # Every warning finding is a logged warning, and every diagnostic warning is in the file (info
+    # findings are info lines: a healthy run prints no warning).
+    assert sorted(f["message"] for f in found if f["severity"] == "warning") == sorted(warned)
+    return found if info else [f for f in found if f["severity"] == "warning"]
 
 
 def named(found) -> set[str]:
@@ -219,3 +222,71 @@ def test_healthy_short_runs_raise_nothing(tmp_path, caplog, seed):
     assert found == []
     assert "Loss audit:" in caplog.text and "Anchor fit:" in caplog.text
     assert not ALL & named(found)
+
+
+# -------------------------------------------- faults in the data, seen at the start (#20, other strengths)
+from maskrcnn_coco.analysis import fault_bank as fb  # noqa: E402
+
+
+def planted_data(tmp_path, fault, num_train=60, num_val=24):
+    """A 64 px shapes set with ``fault`` planted, as COCO-format data overrides."""
+    source = ensure_shapes_dataset(ShapesParams(num_train=num_train, num_val=num_val, image_size=64, seed=0, min_objects=1,
+                                                max_objects=4), os.environ["MASKRCNN_COCO_CACHE"] + "/shapes", progress=False)
+    paths = fb.plant(source, tmp_path / "planted", fault)
+    return [*fb.data_overrides(paths, size=64), "data.batch_size=2", *TINY_MODEL_OVERRIDES]
+
+
+START = ["epochs=1", "checkpoint.every_n_epochs=0", "scheduler.milestones=[]"]
+
+
+def warnings_of(found):
+    return [f for f in found if f["severity"] == "warning"]
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.45])
+def test_masks_off_their_objects_are_named_at_the_start(tmp_path, caplog, monkeypatch, strength):
+    start_only(monkeypatch)
+    found = warnings_of(run(tmp_path, caplog, *START, data=planted_data(tmp_path, fb.Fault("masks_off", strength, plant=fb.shift_masks))))
+    assert [(f["kind"], f["components"]) for f in found] == [("mask_box_disagree", ["loss_mask"])]
+    assert "masks that do not lie on their boxes" in found[0]["message"] and "image " in found[0]["message"]
+    assert found[0]["image_ids"]
+
+
+def test_noisy_boxes_are_named_at_the_start(tmp_path, caplog, monkeypatch):
+    start_only(monkeypatch)
+    found = warnings_of(run(tmp_path, caplog, *START, data=planted_data(tmp_path, fb.Fault("noisy_boxes", 0.25, plant=fb.jitter_boxes))))
+    assert [f["kind"] for f in found] == ["mask_box_disagree"]
+    assert found[0]["evidence"]
+
+
+def test_dark_validation_images_are_named_at_the_start(tmp_path, caplog, monkeypatch):
+    start_only(monkeypatch)
+    found = warnings_of(run(tmp_path, caplog, *START,
+                            data=planted_data(tmp_path, fb.Fault("dark_val", 0.45, split="val", images=True))))
+    assert [(f["kind"], f["subject"]) for f in found][:1] == [("val_unlike_train", found[0]["subject"])]
+    assert "darker" in found[0]["message"]
+
+
+def test_a_rare_class_is_said_at_the_start_as_information(tmp_path, caplog, monkeypatch):
+    start_only(monkeypatch)
+    found = run(tmp_path, caplog, *START, data=planted_data(tmp_path, fb.Fault("rare", 0.05, plant=fb.make_rare), num_train=120),
+                info=True)
+    # Only training was made rare: the splits' class shares differ, which is said too.
+    assert [(f["kind"], f["subject"]) for f in warnings_of(found)] == [("val_unlike_train", "class shares")]
+    assert "triangle" in warnings_of(found)[0]["message"]
+    (rare,) = [f for f in found if f["kind"] == "rare_class"]
+    assert "'triangle'" in rare["message"] and rare["severity"] == "info"
+
+
+@pytest.mark.parametrize("weight_decay", [0.03, 0.3])
+def test_a_weight_decay_far_above_the_usual_is_said_at_the_start(tmp_path, caplog, monkeypatch, weight_decay):
+    start_only(monkeypatch)
+    found = warnings_of(run(tmp_path, caplog, *START, f"optimizer.weight_decay={weight_decay}"))
+    assert [(f["kind"], f["subject"], f["config_key"]) for f in found] == [
+        ("optimizer_range", "weight_decay", "optimizer.weight_decay")]
+
+
+@pytest.mark.parametrize("overrides", [[], ["optimizer=adamw"], ["seed=3", "model.box_batch_size_per_image=128"]])
+def test_healthy_data_and_settings_raise_no_warning_at_the_start(tmp_path, caplog, monkeypatch, overrides):
+    start_only(monkeypatch)
+    assert warnings_of(run(tmp_path, caplog, *START, *overrides, data=planted_data(tmp_path, fb.Fault("healthy", 0)))) == []

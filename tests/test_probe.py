@@ -338,3 +338,85 @@ def test_quoted_override_values_read_back_exactly():
     for value in (f"{SWEEP_JOB}/checkpoints/last.pth", "a,b/[c]/{d} e/it's", "C:\\runs\\x=1\\", "a\\'b", "''", "\\"):
         (override,) = parser.parse_overrides([f"model.weights={quote_override_value(value)}"])
         assert override.value() == value, value
+
+
+def test_val_split_normalises_with_running_statistics(tiny_model, tiny_data):
+    """--split val: BatchNorm on its running statistics, as the run's evaluation; train: batch statistics."""
+    from maskrcnn_coco.engine.eval_step import loss_mode
+
+    tiny_model.train()
+    with torch.no_grad():
+        tiny_model(*first_batch(tiny_data.train_loader))  # running statistics away from their init
+    images, targets = first_batch(tiny_data.val_loader)
+    record = probe_batch(tiny_model, images, targets, seed=5, statistics="running")
+    torch.manual_seed(5)
+    with torch.no_grad(), loss_mode(tiny_model):
+        expected = tiny_model(images, targets)
+    assert [record["loss_components"][k] for k in LOSS_COMPONENTS] == [float(expected[k]) for k in LOSS_COMPONENTS]
+    assert record["normalisation"] == {"statistics": "running", "batchnorm_layers": 20, "initial_running_stats": 0}
+    train = probe_batch(tiny_model, images, targets, seed=5)
+    assert train["normalisation"]["statistics"] == "batch"
+    assert train["loss_components"]["loss_objectness"] != record["loss_components"]["loss_objectness"]
+
+
+def test_a_fresh_models_split_comparison_says_its_running_statistics_are_initial():
+    from maskrcnn_coco.probe.report import format_split_comparison
+
+    train = [fake_record(0, 0.1, 28, {"0": 0.1, "1": 0.0})]
+    val = [{**fake_record(0, 0.1, 28, {"0": 0.1, "1": 0.0}),
+            "normalisation": {"statistics": "running", "batchnorm_layers": 20, "initial_running_stats": 20}}]
+    text = format_split_comparison(train, val)
+    assert "[note] val ran on running statistics, and 20 of 20 BatchNorm layers still hold their initial" in text
+    assert "[note]" not in format_split_comparison(train, [{**val[0], "normalisation": {**val[0]["normalisation"],
+                                                                                         "initial_running_stats": 0}}])
+
+
+@pytest.mark.slow
+def test_per_image_rows_and_the_images_whose_loss_stands_out(tmp_path, capsys):
+    """--per-image: each image's components in the JSON, the outliers on the console and a contact sheet.
+    Weights whose mask logits are +10 everywhere make loss_mask the share of each box its mask leaves
+    empty; image 12's masks are shifted half a box off (within the annotation check's tolerance)."""
+    from maskrcnn_coco.modeling.build import build_model
+    from maskrcnn_coco.probe.report import format_per_image
+
+    from conftest import tiny_model_cfg
+
+    cats = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
+    images = [{"id": i, "file_name": f"{i}.png", "height": 64, "width": 64} for i in range(10, 16)]
+    anns = []
+    for im in images:
+        for j, (x, y, s, c) in enumerate([(6, 8, 20, 1), (34, 30, 22, 2)]):
+            ann = square_ann(100 * im["id"] + j, im["id"], c, x, y, s)
+            if im["id"] == 12:
+                d = s / 2
+                ann["segmentation"] = [[x + d, y + d, x + s + d, y + d, x + s + d, y + s + d, x + d, y + s + d]]
+            anns.append(ann)
+    img_dir, ann_file = write_coco_dataset(tmp_path, cats, images, anns)
+    data = ["data=coco", f"data.root={tmp_path}", "data.batch_size=2", "data.num_workers=0",
+            f"data.train_images={img_dir}", f"data.val_images={img_dir}",
+            f"data.train_annotations={ann_file}", f"data.val_annotations={ann_file}"]
+    torch.manual_seed(0)
+    model = build_model(tiny_model_cfg(), 3)
+    with torch.no_grad():
+        model.roi_heads.mask_predictor.mask_fcn_logits.weight.zero_()
+        model.roi_heads.mask_predictor.mask_fcn_logits.bias.fill_(10.0)
+    torch.save({"model": model.state_dict(), "epoch": 1}, tmp_path / "confident.pth")
+    out = tmp_path / "probe"
+    code = main(["--num-batches", "3", "--per-image", "--split", "val", "--weights", str(tmp_path / "confident.pth"),
+                 "--output-dir", str(out), "--no-progress", *data, *TINY_MODEL_OVERRIDES,
+                 "model.min_size=64", "model.max_size=64"])
+    assert code == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    records = json.loads((out / "loss_components.json").read_text())
+    rows = [row for r in records for row in r["per_image"]]
+    assert sorted(row["image_id"] for row in rows) == list(range(10, 16))
+    for r in records:
+        assert [row["image_id"] for row in r["per_image"]] == r["image_ids"]
+        assert r["normalisation"]["statistics"] == "running"
+    loss_mask = {row["image_id"]: row["loss_mask"] for row in rows}
+    assert max(loss_mask, key=loss_mask.get) == 12 and loss_mask[12] > 2 * sorted(loss_mask.values())[2]
+    assert "images whose loss_mask stands far above the rest (images with objects):" in text
+    (line,) = [line for line in text.splitlines() if line.strip().startswith("image 12 ")]
+    assert f"{loss_mask[12]:.4f} = " in line and "2 objects" in line
+    assert format_per_image(records) in text
+    assert (out / "annotations_to_check.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,6 +1,7 @@
 """``engine/writers.py``: the console block, metrics.jsonl, the diagnostics file, the per-class line
 and the order of the default hooks."""
 
+import dataclasses
 import json
 import logging
 import math
@@ -121,3 +122,30 @@ def test_default_sinks_put_diagnostics_after_the_console_block(tmp_path):
     assert names.index("DiagnosticsWriter") == names.index("ConsoleSummary") + 1
     off = [type(s).__name__ for s in default_sinks(tmp_path, diagnostics=DiagnosticsConfig(enabled=False))]
     assert "DiagnosticsWriter" not in off and "ConfusionWriter" in off
+
+
+def test_a_finding_cites_the_images_whose_per_image_loss_stands_out():
+    from maskrcnn_coco.analysis.diagnostics import Diagnosis
+    from maskrcnn_coco.engine.writers import cite_images
+
+    finding = Diagnosis(kind="metric_disparity", components=("loss_mask",), message="segm far below bbox.", cause="c",
+                        config_key=None, section="metric-disparity", epoch=4)
+    per_image = {"epoch": 4, "sheet": "/run/annotations_to_check_epoch_004.png",
+                 "outliers": {"loss_mask": [{"image_id": 12}, {"image_id": 57}], "loss_classifier": [{"image_id": 3}]}}
+    cited = cite_images(finding, per_image)
+    assert cited.image_ids == (12, 57)
+    assert cited.message.endswith("Annotations to check: images 12, 57 (annotations_to_check_epoch_004.png).")
+    assert cite_images(dataclasses.replace(finding, components=("loss_box_reg",)), per_image) .image_ids == ()
+
+
+def test_the_per_image_losses_come_with_the_training_set_and_can_be_off(tmp_path):
+    from maskrcnn_coco.config import DiagnosticsConfig
+    from maskrcnn_coco.engine.per_image import PerImageLosses
+    from maskrcnn_coco.engine.writers import default_hooks
+
+    hooks = default_hooks(tmp_path, train_dataset=list(range(100)), diagnostics=DiagnosticsConfig())
+    (hook,) = [h for h in hooks if isinstance(h, PerImageLosses)]
+    assert len(hook.indices) == 24
+    assert not [h for h in default_hooks(tmp_path, train_dataset=list(range(100)), diagnostics=DiagnosticsConfig(per_image_images=0))
+                if isinstance(h, PerImageLosses)]
+    assert not [h for h in default_hooks(tmp_path) if isinstance(h, PerImageLosses)]

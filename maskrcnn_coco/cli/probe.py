@@ -22,16 +22,22 @@ from maskrcnn_coco.analysis.sweep import register_resolvers
 from maskrcnn_coco.cli.args import parse_with_overrides
 from maskrcnn_coco.cli.experiment import build_components, check_config
 from maskrcnn_coco.config import config_dir, register_configs
+from maskrcnn_coco.engine.per_image import annotations_sheet
 from maskrcnn_coco.probe.core import run_probe
 from maskrcnn_coco.probe.report import (
     format_batch,
     format_comparison,
+    format_per_image,
     format_split_comparison,
     format_summary,
     load_records,
+    per_image_outliers,
     write_reports,
 )
+from maskrcnn_coco.utils.draw import save_png
 from maskrcnn_coco.utils.errors import ConfigError, UserError
+
+SHEET_NAME = "annotations_to_check.png"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("train", "val"), action="append", default=None,
                    help="which pipeline to probe (default train); twice (--split train --split val) probes both "
                    "and compares them component by component")
+    p.add_argument("--per-image", action="store_true",
+                   help="also each image's loss components on its own (one forward per image), the images whose "
+                   f"component stands far above the rest, and {SHEET_NAME} of them with their ground truth")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two probe outputs (folders or files) and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -129,12 +138,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress = not args.no_progress
         parts = build_components(cfg, progress=progress)
         splits = list(dict.fromkeys(args.split or ["train"]))
-        by_split = {}
+        by_split, samples, datasets = {}, {}, {}
         for split in splits:
             loader = parts.data.train_loader if split == "train" else parts.data.val_loader
+            samples[split], datasets[split] = {}, loader.dataset
+            # Train: each batch's own statistics, as training normalises; val: the running ones, as the
+            # run's evaluation does (a val set unlike training then shows in the val/train ratios).
             by_split[split] = run_probe(
                 parts.model, loader, parts.device, num_batches=args.num_batches,
                 loss_weights=parts.loss_weights, seed=cfg.seed, progress=progress, config=cfg.diagnostics,
+                statistics="batch" if split == "train" else "running", per_image=args.per_image,
+                samples=samples[split] if args.per_image else None,
             )
     except (UserError, FileNotFoundError) as err:
         print(f"Error: {err}", file=sys.stderr)
@@ -148,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for record in records:
             print(format_batch(record, verbose=args.verbose))
         print(format_summary(records))
+        if args.per_image:
+            print(format_per_image(records))
         run = {
             "config": args.config or "config",
             "config_overrides": overrides,
@@ -160,6 +176,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # One split: the reports go straight into the folder; several: one sub-folder per split.
         folder = output_dir / split if len(by_split) > 1 else output_dir
         written += write_reports(records, run, folder, args.format)
+        if args.per_image:
+            sheet = annotations_sheet(per_image_outliers(records), samples[split], parts.data.mapping.names,
+                                      dataset=datasets[split])
+            if sheet is not None:
+                written.append(save_png(sheet, folder / SHEET_NAME))
     if {"train", "val"} <= set(by_split):
         print(format_split_comparison(by_split["train"], by_split["val"]))
     print("Wrote " + ", ".join(str(p) for p in written))

@@ -4,6 +4,7 @@ output is reported once and training goes on (``engine.hooks``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -38,6 +39,7 @@ from maskrcnn_coco.engine.monitors import (
     PeriodicCheckpoint,
     SpikeMonitor,
 )
+from maskrcnn_coco.engine.per_image import PerImageLosses
 from maskrcnn_coco.engine.progress import Progress
 from maskrcnn_coco.engine.settings import FitSettings
 from maskrcnn_coco.engine.state import TrainingState
@@ -206,10 +208,14 @@ class DiagnosticsWriter(Hook):
             self.confusions = [*self.confusions, confusion][-max(self.config.patience_epochs, 1):]
         weights = result.record.get("loss_weights")
         # A monitor's bug does not stop training: this hook is not critical (one warning, then it is off).
-        self._report(diagnose(state.history, loss_weights=weights,
-                              num_classes=state.mapping.num_classes - 1, config=self.config, confusions=self.confusions,
-                              steps_per_epoch=state.global_step / result.epoch if state.global_step else None,
-                              context=self.context(state, weights)))
+        found = diagnose(state.history, loss_weights=weights,
+                         num_classes=state.mapping.num_classes - 1, config=self.config, confusions=self.confusions,
+                         steps_per_epoch=state.global_step / result.epoch if state.global_step else None,
+                         context=self.context(state, weights))
+        per_image = (getattr(state, "latest", None) or {}).get("per_image")
+        if per_image and per_image.get("epoch") == result.epoch:
+            found = [cite_images(d, per_image) for d in found]
+        self._report(found)
 
     def after_fit(self, state: TrainingState) -> None:
         """The "Diagnosis summary" block: every finding of the run (``diagnostics.jsonl``, across resumes)
@@ -219,6 +225,22 @@ class DiagnosticsWriter(Hook):
         log.info("%s", text)
         if self.tracker is not None:
             log_text(self.tracker, "diagnostics/summary", "```\n" + text + "\n```", state.epoch)
+
+
+def cite_images(finding: Diagnosis, per_image: Mapping[str, Any], limit: int = 12) -> Diagnosis:
+    """``finding`` with the images whose per-image loss of its components stands far above the rest
+    (``engine.per_image``: "annotations to check") named in its message and ``image_ids``."""
+    outliers = per_image.get("outliers") or {}
+    ids: list[Any] = []
+    for c in finding.components:
+        ids += [o["image_id"] for o in outliers.get(c, []) if o["image_id"] not in ids]
+    if not ids:
+        return finding
+    sheet = per_image.get("sheet")
+    where = f" ({Path(sheet).name})" if sheet else ""
+    shown = ", ".join(str(i) for i in ids[:limit]) + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+    return dataclasses.replace(finding, image_ids=tuple(ids[:limit]),
+                               message=f"{finding.message} Annotations to check: images {shown}{where}.")
 
 
 def _as_key(value: Any) -> Any:
@@ -290,6 +312,8 @@ def default_hooks(
     diagnostics: DiagnosticsConfig | None = None,
     audit: Sequence[Diagnosis] = (),
     class_counts: Mapping[str, int] | None = None,
+    train_dataset: Any = None,
+    seed: int = 0,
 ) -> list[Hook]:
     """The instruments of a training run, in their order (``engine.hooks``): gradient norms, the
     iteration timer, the spike monitor (with diagnostics), the divergence guard, periodic step-boundary
@@ -301,6 +325,7 @@ def default_hooks(
     """
     settings = settings if settings is not None else FitSettings()
     enabled = diagnostics is None or diagnostics.enabled
+    cfg = diagnostics if diagnostics is not None else DiagnosticsConfig()
     hooks: list[Hook] = [GradNormMeter(every=grad_norm_every), IterationTimer(),
                          divergence if divergence is not None else DivergenceGuard()]
     if enabled:
@@ -315,6 +340,9 @@ def default_hooks(
             checkpoint if checkpoint is not None else Checkpointer(run_dir / CHECKPOINT_DIR),
             ConsoleSummary(),
             *([DiagnosticsWriter(run_dir, diagnostics, start=audit, tracker=tracker, class_counts=class_counts)] if enabled else []),
+            *([PerImageLosses(run_dir, train_dataset, num_images=cfg.per_image_images, seed=seed, k=cfg.per_image_k_mad,
+                              min_ratio=cfg.per_image_min_ratio)]
+              if enabled and train_dataset is not None and cfg.per_image_images > 0 else []),
             ConfusionWriter(run_dir),
             TrackerWriter(tracker),
             HistoryWriter(run_dir),

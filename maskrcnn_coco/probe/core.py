@@ -2,11 +2,14 @@
 FPN level, with diagnoses.
 
 The model runs its own, unmodified training forward (``model(images, targets)`` in train mode, under
-``torch.no_grad()``). Recording wrappers observe what torchvision's loss code receives: the RPN's
-sampled anchors and its loss inputs, the RoI heads' sampled proposals and the inputs of
-``fastrcnn_loss`` and ``maskrcnn_loss``. Per-level contributions are then computed from those same
-tensors with the same functions and normalisers, so they sum to each component. BatchNorm buffers
-are restored after every batch, so the model leaves the probe bit-identical.
+``torch.no_grad()``; BatchNorm on each batch's statistics, as training normalises, or on its running
+statistics, as the run's evaluation does, for the validation split: ``statistics``). Recording
+wrappers observe what torchvision's loss code receives: the RPN's sampled anchors and its loss
+inputs, the RoI heads' sampled proposals and the inputs of ``fastrcnn_loss`` and ``maskrcnn_loss``.
+Per-level contributions are then computed from those same tensors with the same functions and
+normalisers, so they sum to each component. BatchNorm buffers are restored after every batch, so the
+model leaves the probe bit-identical. With ``per_image``, each image's components on its own come
+beside the batch's (``engine.per_image``).
 
 Findings are ``analysis.diagnostics.Diagnosis`` objects (``probe_findings``), stored in each record's
 ``warnings`` as their JSON form; their thresholds are ``DiagnosticsConfig``'s, and dominance and the
@@ -41,8 +44,16 @@ from maskrcnn_coco.analysis.diagnostics import (
 )
 from maskrcnn_coco.config import DiagnosticsConfig
 from maskrcnn_coco.data.coco import find_invalid_annotations
-from maskrcnn_coco.engine.eval_step import restored_modes
+from maskrcnn_coco.engine.eval_step import loss_mode, restored_modes
 from maskrcnn_coco.engine.loop import move_to_device
+from maskrcnn_coco.engine.per_image import (
+    STATISTICS,
+    batchnorms,
+    buffer_snapshot,
+    fresh_norms,
+    per_image_losses,
+    restore_buffers,
+)
 from maskrcnn_coco.tracking.scalars import LOSS_COMPONENTS, weighted_total
 
 # The thresholds of the findings are DiagnosticsConfig's (``diagnostics.*``): dominance_factor and
@@ -297,13 +308,10 @@ def _mask_terms(model: nn.Module, rec: _Recorded, names: list[str]) -> dict[str,
 
 
 # ------------------------------------------------------------------------------- the probe
-def _buffers(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.named_buffers()}
-
-
-def _restore_buffers(model: nn.Module, saved: Mapping[str, torch.Tensor]) -> None:
-    for name, buf in model.named_buffers():
-        buf.copy_(saved[name])
+def normalisation(model: nn.Module, statistics: str) -> dict[str, Any]:
+    """Which statistics the probe's BatchNorm layers normalised with, how many there are, and how many
+    still hold their initial running statistics (``per_image.fresh_norms``)."""
+    return {"statistics": statistics, "batchnorm_layers": len(batchnorms(model)), "initial_running_stats": fresh_norms(model)}
 
 
 def _gt_problems(targets: Sequence[Mapping[str, torch.Tensor]], image_sizes: Sequence[tuple[int, int]], image_ids: Sequence[Any]) -> list[str]:
@@ -332,30 +340,47 @@ def probe_batch(
     batch_idx: int = 0,
     config: DiagnosticsConfig | None = None,
     split_anchor_fit: Mapping[str, Any] | None = None,
+    statistics: str = "batch",
+    per_image: bool = False,
 ) -> dict[str, Any]:
     """Probe one batch (already on the model's device); returns the batch record.
 
     The RNG is seeded with ``seed`` right before the forward, so ``torch.manual_seed(seed);
-    model.train(); model(images, targets)`` reproduces the raw components exactly. ``config``: the
-    findings' thresholds; ``split_anchor_fit``: the anchor fit of the probed split's objects (``run_probe``),
-    on which the anchor rule is judged (without it, on the batch's own objects).
+    model.train(); model(images, targets)`` reproduces the raw components exactly (with
+    ``statistics="running"``: the same under ``eval_step.loss_mode``). ``config``: the findings'
+    thresholds; ``split_anchor_fit``: the anchor fit of the probed split's objects (``run_probe``), on
+    which the anchor rule is judged (without it, on the batch's own objects).
+
+    ``statistics``: what the BatchNorm layers normalise with: ``"batch"``, each batch's own statistics
+    (train mode: what training sees), or ``"running"``, their running statistics (eval mode: what the
+    run's own evaluation sees, for ``--split val``). ``per_image``: also each image's components on its
+    own (``engine.per_image.per_image_losses`` with the same statistics) in ``record["per_image"]``.
     """
+    if statistics not in STATISTICS:
+        raise ValueError(f"statistics={statistics!r}: use one of {', '.join(STATISTICS)}")
     weights = {k: float((loss_weights or {}).get(k, 1.0)) for k in LOSS_COMPONENTS}
     image_ids = [t.get("image_id") for t in targets]
-    saved = _buffers(model)
+    norm = normalisation(model, statistics)
+    saved = buffer_snapshot(model)
     failure = None
     try:
-        with restored_modes(model), torch.no_grad(), _recording(model) as rec:
-            model.train()
+        modes = loss_mode(model) if statistics == "running" else _train_mode(model)
+        with modes, torch.no_grad(), _recording(model) as rec:
             torch.manual_seed(seed)
             loss_dict = model(list(images), [dict(t) for t in targets])
     except (ValueError, RuntimeError, IndexError, AssertionError) as err:
         # torchvision rejects e.g. degenerate boxes; report the batch instead of stopping the probe.
         failure = f"{type(err).__name__}: {err}"
     finally:
-        _restore_buffers(model, saved)
+        restore_buffers(model, saved)
     if failure is not None:
-        return _failed_record(batch_idx, images, targets, weights, failure, coco, config)
+        record = _failed_record(batch_idx, images, targets, weights, failure, coco, config)
+        record["normalisation"] = norm
+        if per_image:
+            # The batch has no statistics of its own to lend: running ones, and each image's own error.
+            record["per_image"] = per_image_losses(model, images, targets, seed=seed, statistics="running")
+            record["normalisation"]["per_image_statistics"] = "running"
+        return record
 
     raw = {k: float(loss_dict[k]) for k in LOSS_COMPONENTS}
     names = _level_names(rec)
@@ -437,8 +462,11 @@ def probe_batch(
         # audit.anchor_fit of the batch's objects (as resized by the model) against the RPN's anchors.
         "anchor_fit": _batch_anchor_fit(model, gt_boxes),
         "chance_values": chance_values(box["num_classes"] - 1),  # num_classes counts the background
+        "normalisation": norm,
         "warnings": [],
     }
+    if per_image:
+        record["per_image"] = per_image_losses(model, images, targets, seed=seed, statistics=statistics)
     record["sampling"]["rpn_proposals"] = sum(rec.rpn_proposals or [])
     findings = probe_findings(
         record, rpn_std=rpn["objectness_std"], cls_std=box["class_logits_std"],
@@ -447,6 +475,14 @@ def probe_batch(
     )
     record["warnings"] = [f.to_json() for f in findings]
     return record
+
+
+@contextlib.contextmanager
+def _train_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """The whole model in train mode (BatchNorm on batch statistics), its modes restored afterwards."""
+    with restored_modes(model):
+        model.train()
+        yield model
 
 
 def _batch_anchor_fit(model: nn.Module, boxes: Sequence[torch.Tensor]) -> dict[str, Any] | None:
@@ -720,11 +756,16 @@ def run_probe(
     seed: int = 0,
     progress: bool = True,
     config: DiagnosticsConfig | None = None,
+    statistics: str = "batch",
+    per_image: bool = False,
+    samples: dict[Any, tuple[torch.Tensor, dict[str, Any]]] | None = None,
 ) -> list[dict[str, Any]]:
     """Probe the first ``num_batches`` batches of ``data_loader``; batch ``i`` uses seed ``seed + i``.
     ``config``: the findings' thresholds (``DiagnosticsConfig``, the training config's ``diagnostics``).
     The anchor rule is judged on every object of the loader's dataset (as the start-of-run audit judges
-    the training set) when it has COCO annotations, else on each batch's own objects."""
+    the training set) when it has COCO annotations, else on each batch's own objects. ``statistics``
+    and ``per_image``: see ``probe_batch``. ``samples``, when given, receives each probed image and its
+    target as the model received them, on the CPU, by image id (to draw the images to check)."""
     from tqdm import tqdm
 
     device = torch.device(device)
@@ -739,9 +780,12 @@ def run_probe(
             images, targets = next(it)
         except StopIteration:
             break
+        if samples is not None:
+            samples.update((t.get("image_id"), (image, t)) for image, t in zip(images, targets))
         images, targets = move_to_device(images, targets, device)
         record = probe_batch(model, images, targets, loss_weights=loss_weights, seed=seed + batch_idx, coco=coco,
-                             batch_idx=batch_idx, config=config, split_anchor_fit=split_anchor_fit)
+                             batch_idx=batch_idx, config=config, split_anchor_fit=split_anchor_fit,
+                             statistics=statistics, per_image=per_image)
         mismatch = check_per_level_sums(record)
         if mismatch:
             record["warnings"].append(_finding(

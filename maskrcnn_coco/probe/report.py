@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from maskrcnn_coco.engine.per_image import K_MAD, MIN_RATIO, POSITIVE_ONLY, medians, rank_outliers, ranked_per_positive
 from maskrcnn_coco.tracking.scalars import LOSS_COMPONENTS
 
 JSON_NAME = "loss_components.json"
@@ -92,6 +93,7 @@ def csv_row(record: Mapping[str, Any], run: Mapping[str, Any]) -> dict[str, Any]
     row["backbone_weights"] = run.get("backbone_weights") or ""
     row["seed"] = run.get("seed")
     row["split"] = run.get("split")
+    row["statistics"] = record.get("normalisation", {}).get("statistics", "")
     return row
 
 
@@ -237,6 +239,48 @@ def format_summary(records: Sequence[Mapping[str, Any]]) -> str:
         lines.append("Diagnoses: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
     else:
         lines.append("Diagnoses: none")
+    return "\n".join(lines)
+
+
+def per_image_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The per-image rows of all records (``--per-image``), each with its ``batch_idx``."""
+    return [{**row, "batch_idx": r["batch_idx"]} for r in records for row in r.get("per_image") or []]
+
+
+def per_image_outliers(records: Sequence[Mapping[str, Any]], **rule: Any) -> dict[str, list[dict[str, Any]]]:
+    """``engine.per_image.rank_outliers`` over every probed image of ``records``, each entry with its batch."""
+    rows = per_image_rows(records)
+    batch_of = {row["image_id"]: row["batch_idx"] for row in rows}
+    ranked = rank_outliers(rows, **rule)
+    return {c: [{**e, "batch_idx": batch_of.get(e["image_id"])} for e in entries] for c, entries in ranked.items()}
+
+
+def format_per_image(records: Sequence[Mapping[str, Any]], most: int = 10, **rule: Any) -> str | None:
+    """The console section of ``--per-image``: per component, the images whose value stands far above
+    the rest (``engine.per_image.outlier_images``), worst first; None when the records have no rows."""
+    rows = per_image_rows(records)
+    if not rows:
+        return None
+    k, min_ratio = rule.get("k", K_MAD), rule.get("min_ratio", MIN_RATIO)
+    outliers = per_image_outliers(records, **rule)
+    mid = medians(rows)
+    lines = [f"Per-image losses ({len(rows)} images, each alone; far above = above the median + {k:g} x MAD "
+             f"and at least {min_ratio:g}x the median):"]
+    unit = {c: " per positive" if ranked_per_positive(rows, c) else "" for c in LOSS_COMPONENTS}
+    lines.append("  medians: " + ", ".join(f"{c}{unit[c]} {_num(mid[c], 0).strip()}" for c in LOSS_COMPONENTS))
+    for component, entries in outliers.items():
+        among = " (images with objects)" if component in POSITIVE_ONLY else ""
+        lines.append(f"  images whose {component}{unit[component]} stands far above the rest{among}:")
+        for e in entries[:most]:
+            where = f"image {e['image_id']} (batch {e['batch_idx']}, {e['num_objects']} objects)"
+            if not math.isfinite(e["value"]):
+                lines.append(f"    {where}: non-finite ({e['loss']})")
+                continue
+            lines.append(f"    {where}: {e['value']:.4f} = {e['ratio']:.1f}x the median {e['median']:.4g}")
+        if len(entries) > most:
+            lines.append(f"    ... and {len(entries) - most} more (see per_image in {JSON_NAME})")
+    if not outliers:
+        lines.append("  no image stands far above the rest in any component.")
     return "\n".join(lines)
 
 
@@ -407,7 +451,23 @@ def format_split_comparison(train: Sequence[Mapping[str, Any]], val: Sequence[Ma
             )
     if not any(row["flagged"] for row in rows.values()):
         lines.append("No component's val/train ratio stands out.")
+    note = fresh_statistics_note(val)
+    if note:
+        lines.append(note)
     return "\n".join(lines)
+
+
+def fresh_statistics_note(val: Sequence[Mapping[str, Any]]) -> str | None:
+    """A note when the val split ran on running statistics still at their initial values (a fresh
+    model): its BatchNorm layers then barely normalise (mean 0, variance 1), so val/train also measures
+    batch against initial statistics, not only the splits."""
+    fresh = max((int(r.get("normalisation", {}).get("initial_running_stats", 0)) for r in val), default=0)
+    if not fresh or not any(r.get("normalisation", {}).get("statistics") == "running" for r in val):
+        return None
+    total = max(int(r.get("normalisation", {}).get("batchnorm_layers", 0)) for r in val)
+    return (f"[note] val ran on running statistics, and {fresh} of {total} BatchNorm layers still hold their initial "
+            "ones (mean 0, variance 1: a fresh model): val/train then also compares batch statistics (train) with "
+            "no normalisation (val). Compare the splits with trained weights (--weights).")
 
 
 def plot_title(records: Sequence[Mapping[str, Any]], run: Mapping[str, Any]) -> str:
