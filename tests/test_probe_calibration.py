@@ -123,7 +123,8 @@ def test_the_probes_anchor_fit_is_the_audits(tiny_data):
     expected = anchor_fit(box_sizes(torch.cat([t["boxes"] for t in targets])), gen.sizes, gen.aspect_ratios, matcher.high_threshold)
     assert record["anchor_fit"] == dataclasses.asdict(expected)
 
-    (probed,) = run_probe(model, tiny_data.train_loader, "cpu", num_batches=1, progress=False)
+    (probed,) = run_probe(model, tiny_data.train_loader, "cpu", num_batches=1, progress=False,
+                          config=DiagnosticsConfig(anchor_min_objects=0))  # the tiny set has 24 objects
     (finding,) = [w for w in probed["warnings"] if w["kind"] == "anchor_fit"]
     split = finding["evidence"]["split"]
     report = audit_run(model, torch.optim.SGD(model.parameters(), lr=0.01), dict.fromkeys(LOSS_COMPONENTS, 1.0),
@@ -141,7 +142,8 @@ def test_the_probes_anchor_fit_is_the_audits(tiny_data):
 def test_anchors_far_too_small_are_named(tiny_data):
     torch.manual_seed(0)
     model = build_model(tiny_model_cfg(anchor_sizes=[2, 4, 8]), tiny_data.mapping.num_classes)
-    records = run_probe(model, tiny_data.train_loader, "cpu", num_batches=2, progress=False)
+    records = run_probe(model, tiny_data.train_loader, "cpu", num_batches=2, progress=False,
+                        config=DiagnosticsConfig(anchor_min_objects=0))  # the tiny set has 24 objects
     fits = [w for r in records for w in r["warnings"] if w["kind"] == "anchor_fit"]
     assert len(fits) == 2
     r0 = records[0]

@@ -675,7 +675,9 @@ def _anchor_and_sampling(record: Mapping[str, Any], cfg: DiagnosticsConfig,
     levels = record["batch_stats"]["per_level_stats"]
     images = record["batch_stats"]["batch_size"]
     judged = split_fit if split_fit is not None else fit
-    if fit and fit["num_objects"] and anchor_misfit(judged, cfg):
+    # The split is judged on as many objects as the start-of-run audit needs (anchor_min_objects).
+    min_objects = cfg.anchor_min_objects if split_fit is not None else 0
+    if fit and fit["num_objects"] and anchor_misfit(judged, cfg, min_objects=min_objects):
         threshold = fit["threshold"]
         starved = [s["level"] for s in levels if s["gt_objects"] and not s["positive_anchors"]]
         stray = [s["level"] for s in levels if s["positive_anchors"] and not s["gt_objects"]]
