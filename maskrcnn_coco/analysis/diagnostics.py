@@ -976,14 +976,24 @@ CHECKS = (
 SEVERITY_RANK = {"warning": 0, "info": 1}
 
 
+def rank_findings(findings: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Findings (``Diagnosis.to_json`` objects) ranked as the run's summary and ``inspect_runs`` show
+    them: warnings first, then by strength (how far past its threshold), then earliest first."""
+    def strength(f: Mapping[str, Any]) -> float:
+        value = f.get("strength")
+        return float(value) if isinstance(value, (int, float)) else 1.0
+
+    return sorted(findings, key=lambda f: (SEVERITY_RANK.get(f.get("severity"), 2), -strength(f),
+                                           f.get("epoch") if isinstance(f.get("epoch"), int) else 0))
+
+
 def format_summary(findings: Sequence[Mapping[str, Any]], *, epochs: int, checks: int = len(CHECKS)) -> str:
     """The run's closing "Diagnosis summary" block from its findings (``Diagnosis.to_json`` objects):
     warnings first, then by strength (how far past its threshold), or "no findings"."""
     head = f"Diagnosis summary ({checks} checks over {epochs} epoch{'s' if epochs != 1 else ''}; {DOC}):"
     if not findings:
         return f"{head} no findings."
-    ranked = sorted(findings, key=lambda f: (SEVERITY_RANK.get(f.get("severity"), 2), -(f.get("strength") or 1.0),
-                                             f.get("epoch") or 0))
+    ranked = rank_findings(findings)
     warnings = sum(f.get("severity") == "warning" for f in ranked)
     lines = [f"{head} {warnings} warning{'s' if warnings != 1 else ''}, {len(ranked) - warnings} other"]
     for i, f in enumerate(ranked, 1):

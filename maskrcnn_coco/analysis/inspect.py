@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from maskrcnn_coco.analysis.diagnostics import DIAGNOSTICS_FILE
+from maskrcnn_coco.analysis.diagnostics import DIAGNOSTICS_FILE, rank_findings
 from maskrcnn_coco.analysis.history import HISTORY_FILE, read_history
 from maskrcnn_coco.analysis.runs import read_scalars
 from maskrcnn_coco.config import DiagnosticsConfig
@@ -367,8 +367,8 @@ def format_diagnostics(run: Run) -> list[str]:
     if not run.diagnostics:
         return [f"  diagnostics: none{skipped}"]
     n = len(run.diagnostics)
-    lines = [f"  diagnostics: {n} finding{'s' if n != 1 else ''}{skipped}"]
-    for record in run.diagnostics:
+    lines = [f"  diagnostics: {n} finding{'s' if n != 1 else ''}{skipped}, warnings first, strongest first"]
+    for record in rank_findings(run.diagnostics):
         lines += format_diagnostic(record)
     return lines
 
