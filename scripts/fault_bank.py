@@ -65,7 +65,53 @@ def run_one(name: str, out: Path, source, epochs: int) -> float:
     return time.perf_counter() - start
 
 
-def report(out: Path, names) -> str:
+def rediagnose(run_dir: Path, export: Path | None = None) -> list:
+    """The current rules over a finished run's history, epoch by epoch, with the run's own producer lrs
+    (its model and optimizer rebuilt from ``.hydra/config.yaml``) and training class counts. With
+    ``export``: the history and that context as ``<export>/<run>.json`` (tests/data/fault_bank)."""
+    from omegaconf import OmegaConf
+
+    from maskrcnn_coco.analysis.audit import producer_rows
+    from maskrcnn_coco.analysis.diagnostics import RunContext, diagnose, lr_config_key
+    from maskrcnn_coco.cli.experiment import build_components, scaled_optimizer_config
+    from maskrcnn_coco.config import register_configs
+    from maskrcnn_coco.data.coco import class_instance_counts
+    from maskrcnn_coco.evaluation.per_class import sanitize
+    from maskrcnn_coco.solver.param_groups import build_optimizer
+
+    register_configs()
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    parts = build_components(cfg, progress=False)
+    optimizer = build_optimizer(scaled_optimizer_config(cfg), parts.model)
+    rows = producer_rows(parts.model, optimizer, parts.loss_weights)
+    counts = {sanitize(k): v for k, v in class_instance_counts(parts.data.train_loader.dataset).items()}
+    start = [json.loads(line) for line in (run_dir / "diagnostics.jsonl").read_text().splitlines() if line.strip()]
+    context = RunContext(producer_lrs={r.module: r.lr for r in rows if r.lr is not None},
+                         lr_keys={r.module: lr_config_key(r.groups[0]) for r in rows if r.groups}, class_counts=counts,
+                         start_findings=frozenset((f["kind"], f["subject"]) for f in start if f["epoch"] == 0))
+    history = read_history(run_dir)
+    steps = len(parts.data.train_loader)
+    if export is not None:
+        keep = [k for k in history[-1] if k == "epoch" or k.startswith(("loss/", "mAP/"))]
+        fixture = {"run": run_dir.name, "overrides": OmegaConf.load(run_dir / ".hydra" / "overrides.yaml"),
+                   "history": [{k: r[k] for k in keep if k in r} for r in history],
+                   "loss_weights": dict(parts.loss_weights), "num_classes": len(counts), "steps_per_epoch": steps,
+                   "producer_lrs": dict(context.producer_lrs), "lr_keys": dict(context.lr_keys),
+                   "class_counts": counts, "start_findings": sorted(map(list, context.start_findings))}
+        fixture["overrides"] = [o for o in OmegaConf.to_container(fixture["overrides"]) if "/work/" not in o]
+        export.mkdir(parents=True, exist_ok=True)
+        (export / f"{run_dir.name}.json").write_text(json.dumps(fixture, indent=1))
+    found, seen = [], set()
+    for i in range(len(history)):
+        for d in diagnose(history[: i + 1], loss_weights=parts.loss_weights, num_classes=len(counts),
+                          config=cfg.diagnostics, steps_per_epoch=steps, context=context):
+            if d.key not in seen:
+                seen.add(d.key)
+                found.append(d)
+    return found
+
+
+def report(out: Path, names, again: bool = False, export: Path | None = None) -> str:
     lines = []
     for name in names:
         run_dir = out / name
@@ -89,7 +135,12 @@ def report(out: Path, names) -> str:
         diag = run_dir / "diagnostics.jsonl"
         for line in (diag.read_text().splitlines() if diag.is_file() else []):
             f = json.loads(line)
+            if again and f["epoch"]:
+                continue  # said again below by the current rules
             lines.append(f"  [{f['epoch']}] {f['severity']} {f['kind']} {f['components']} {f['subject']}: {f['message'][:400]}")
+        if again:
+            for d in rediagnose(run_dir, export):
+                lines.append(f"  now [{d.epoch}] {d.severity} {d.kind} {list(d.components)} {d.subject}: {d.text()[:400]}")
     return "\n".join(lines)
 
 
@@ -101,6 +152,8 @@ def main(argv=None) -> int:
     parser.add_argument("--val", type=int, default=80)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--report", action="store_true", help="only re-read finished runs")
+    parser.add_argument("--rediagnose", action="store_true", help="with --report: the current rules over the histories")
+    parser.add_argument("--export", default=None, help="with --rediagnose: write each run's history and context here")
     args = parser.parse_args(argv)
     out = Path(args.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -113,7 +166,7 @@ def main(argv=None) -> int:
         for name in names:
             seconds = run_one(name, out, source, args.epochs)
             print(f"{name}: {seconds:.0f} s", flush=True)
-    print(report(out, names))
+    print(report(out, names, again=args.rediagnose, export=Path(args.export) if args.export else None))
     return 0
 
 

@@ -401,3 +401,45 @@ def test_the_summary_ranks_warnings_by_strength_or_says_no_findings():
     lines = format_summary(found, epochs=4).splitlines()
     assert lines[0].endswith("2 warnings, 1 other")
     assert [line.split("]")[1].split()[0] for line in lines[1:]] == ["metric_disparity", "stalled", "rare_class"]
+
+
+# ------------------------------------ the fault bank's measured runs (scripts/fault_bank.py, #20)
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+BANK = Path(__file__).parent / "data" / "fault_bank"
+# run -> (the finding that must be there: kind, components, a word of its key), and the components any
+# warning of the run may name. 400 shapes images x 4 epochs, the shipped small preset; exported with
+# `python scripts/fault_bank.py --output runs/fault_bank --report --rediagnose --export tests/data/fault_bank`.
+EXPECTED = {
+    "mask_lr": (("lagging_component", ("loss_mask",), "optimizer.groups.mask.lr_mult"), {"loss_mask"}),
+    "masks_off": (("metric_disparity", ("loss_mask",), "the training masks"), {"loss_mask"}),
+}
+
+
+def bank_findings(name):
+    run = json.loads((BANK / f"{name}.json").read_text())
+    context = RunContext(producer_lrs=run["producer_lrs"], lr_keys=run["lr_keys"], class_counts=run["class_counts"],
+                         start_findings=frozenset(tuple(f) for f in run["start_findings"]))
+    found, seen = [], set()
+    for i in range(len(run["history"])):
+        for d in diagnose(run["history"][: i + 1], loss_weights=run["loss_weights"], num_classes=run["num_classes"],
+                          steps_per_epoch=run["steps_per_epoch"], context=context):
+            if d.key not in seen:
+                seen.add(d.key)
+                found.append(d)
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in BANK.glob("healthy*.json")))
+def test_healthy_measured_runs_raise_no_warning(name):
+    assert [d.text() for d in bank_findings(name) if d.severity == "warning"] == []
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_each_measured_fault_is_named_with_its_component_and_key(name):
+    (kind, components, key), allowed = EXPECTED[name]
+    found = [d for d in bank_findings(name) if d.severity == "warning"]
+    assert any(d.kind == kind and d.components == components and key in (d.config_key or "") for d in found), \
+        [d.text() for d in found]
+    assert {c for d in found for c in d.components} <= allowed, [d.text() for d in found]

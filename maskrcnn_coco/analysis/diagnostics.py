@@ -627,11 +627,12 @@ def _falls(history: Sequence[Mapping[str, Any]], components: Sequence[str]) -> d
     return out
 
 
-# A component's fall relative to the median fall of the others in healthy short runs of the shapes
-# set (scripts/fault_bank.py, 400 images x 4 epochs, 4 healthy runs: lowest value seen): loss_box_reg
-# rises while the RPN starts producing positives and falls least; the RPN terms fall most.
-HEALTHY_RELATIVE_FALL = {"loss_classifier": 0.8, "loss_box_reg": 0.45, "loss_mask": 0.8,
-                         "loss_objectness": 1.0, "loss_rpn_box_reg": 0.5}
+# A component's fall since epoch 1 relative to the median fall of the others (log ratios), the lowest
+# seen in healthy short runs of the shapes set at epochs 3-4 (scripts/fault_bank.py: 400 images x 4
+# epochs, seeds 0 and 3, AdamW, 128 sampled RoIs, a fine-tuned start). loss_box_reg is not judged: it
+# rises while the RPN starts producing positives and then falls least (0.02-0.30x the others in
+# healthy runs), so a lag says nothing there; noisy boxes show as its rise and in the data check.
+HEALTHY_RELATIVE_FALL = {"loss_classifier": 0.6, "loss_mask": 1.3, "loss_objectness": 1.0, "loss_rpn_box_reg": 0.9}
 
 
 def _producer_lr(c: str, context: RunContext) -> tuple[float | None, float | None, str | None]:
@@ -646,10 +647,11 @@ def _producer_lr(c: str, context: RunContext) -> tuple[float | None, float | Non
 
 def lagging_component(history, weights, num_classes: int, cfg: DiagnosticsConfig, context: RunContext) -> list[Diagnosis]:
     """One component that falls far less than the others: its fall since the first epoch (log ratio)
-    below ``lag_ratio`` x the median fall of the other optimised components, scaled by what healthy
-    runs show for its kind (``HEALTHY_RELATIVE_FALL``), at the latest and the previous epoch, from
-    ``lag_min_epoch``, while the others fell by more than ``others_fall_rel``. The cause is read off
-    the producers' learning rate: below the other heads' -> that lr; the same -> its targets."""
+    relative to the median fall of the other optimised components below what healthy runs show for
+    its kind (``HEALTHY_RELATIVE_FALL``; x ``lag_ratio`` when its producers learn at the others' lr),
+    at the latest and the previous epoch, from ``lag_min_epoch``, while the others fell by more than
+    ``others_fall_rel``. The cause is read off the producers' learning rate: at most half the other
+    producers' -> that lr and its key; the same -> its targets (annotations)."""
     if len(history) < 2 or _epoch(history) < cfg.lag_min_epoch:
         return []
     optimised = _optimised(weights)
@@ -658,21 +660,23 @@ def lagging_component(history, weights, num_classes: int, cfg: DiagnosticsConfig
         return []
     out = []
     for c in optimised:
-        if now.get(c, 0.0) <= 0:
-            continue  # rising or flat: the trend monitors' (rising, stalled, at chance)
+        if c not in HEALTHY_RELATIVE_FALL or now.get(c, 0.0) <= 0:
+            continue  # not judged, or rising or flat: the trend monitors' (rising, stalled, at chance)
         ratios = []
         for falls in (before, now):
             others = statistics.median(v for o, v in falls.items() if o != c) if len(falls) > 1 else 0.0
             if c not in falls or others < -math.log(1.0 - cfg.others_fall_rel):
                 break
             ratios.append(falls[c] / others)
-        limit = cfg.lag_ratio * HEALTHY_RELATIVE_FALL.get(c, 1.0)
+        lr, other_lr, key = _producer_lr(c, context)
+        slow_lr = bool(lr is not None and other_lr and lr <= 0.5 * other_lr)
+        # Producers at a lower lr than the others' (which the start-of-run audit lets pass above 1/100):
+        # falling slower than any healthy run confirms it; at the same lr the lag must be clear.
+        limit = HEALTHY_RELATIVE_FALL[c] * (1.0 if slow_lr else cfg.lag_ratio)
         if len(ratios) < 2 or not all(r < limit for r in ratios):
             continue
         first, last = history[0][loss_tag("train", c)], history[-1][loss_tag("train", c)]
         others_text = ", ".join(f"{o} {math.expm1(-v):+.0%}" for o, v in now.items() if o != c)
-        lr, other_lr, key = _producer_lr(c, context)
-        slow_lr = lr is not None and other_lr and lr <= 0.5 * other_lr
         producers = " and ".join(PRODUCERS[c])
         if slow_lr:
             cause = (f"{producers} learn at lr {lr:.3g}, {other_lr / lr:.0f}x below the other loss producers' {other_lr:.3g}: "
