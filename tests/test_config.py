@@ -146,7 +146,7 @@ BAD_VALUES = [
      "data.augment.scale_range=[1.2, 0.8]: must be [min, max] with 0 < min <= max, e.g. [0.8,1.2] (or null)"),
     ("data.augment.scale_range=[0.8]", "data.augment.scale_range=[0.8]: must be [min, max]"),
     ("scheduler.warmup_iters=-1", "scheduler.warmup_iters=-1: must be 0 or more"),
-    ("diagnostics.per_image_images=-1", "diagnostics.per_image_images=-1: must be 0 or more"),
+    ("diagnostics.per_image_images=-1", "diagnostics.per_image_images=-1: must be at least 0"),
     ("eval.every_n_epochs=0", "eval.every_n_epochs=0: must be at least 1"),
     ("eval.backend=fast", "eval.backend=fast: must be one of auto, pycocotools, faster_coco_eval"),
     ("checkpoint.every_n_epochs=-1", "checkpoint.every_n_epochs=-1: must be 0 (no epoch_NNN.pth) or more"),
