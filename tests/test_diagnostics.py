@@ -414,7 +414,18 @@ BANK = Path(__file__).parent / "data" / "fault_bank"
 EXPECTED = {
     "mask_lr": (("lagging_component", ("loss_mask",), "optimizer.groups.mask.lr_mult"), {"loss_mask"}),
     "masks_off": (("metric_disparity", ("loss_mask",), "the training masks"), {"loss_mask"}),
+    # Darker validation images: the start's split comparison says it (not in the fixture); training's
+    # rules see the first evaluation and then the widening gaps.
+    "dark_val": (("val_unlike_train", ("loss_objectness",), "data.val_images"),
+                 {"loss_objectness", "loss_classifier"}),
 }
+# Measured but not named by any rule (docs/LOSS_BREAKDOWN.md "What the rules cannot see").
+UNSEEN = {"labels"}
+
+
+@pytest.mark.parametrize("name", sorted(UNSEEN))
+def test_faults_the_rules_cannot_see_stay_quiet_rather_than_name_the_wrong_part(name):
+    assert [d.text() for d in bank_findings(name) if d.severity == "warning"] == []
 
 
 def bank_findings(name):
