@@ -40,6 +40,7 @@ RUNS: dict[str, tuple[fb.Fault, tuple[str, ...]]] = {
     "masks_off": (fb.Fault("masks_off", 0.6, plant=fb.shift_masks), ()),
     "noisy_boxes": (fb.Fault("noisy_boxes", 0.35, plant=fb.jitter_boxes), ()),
     "labels": (fb.Fault("labels", 0.4, plant=fb.relabel), ()),
+    "labels_s1": (fb.Fault("labels", 0.3, plant=fb.relabel), ("seed=1",)),
     "dark_val": (fb.Fault("dark_val", 0.35, split="val", images=True), ()),
     "rare": (fb.Fault("rare", 0.04, plant=fb.make_rare), ()),
     "weight_decay": (fb.Fault("weight_decay", 0.1, overrides=("optimizer.weight_decay={strength}",)), ()),

@@ -454,3 +454,21 @@ def test_each_measured_fault_is_named_with_its_component_and_key(name):
     assert any(d.kind == kind and d.components == components and key in (d.config_key or "") for d in found), \
         [d.text() for d in found]
     assert {c for d in found for c in d.components} <= allowed, [d.text() for d in found]
+
+
+def test_training_labels_that_disagree_with_the_classifier_are_named():
+    from maskrcnn_coco.analysis.diagnostics import confusion_agreement, training_labels_disagree
+
+    confusion = {"ground_truth": ["circle", "square", "background"],
+                 "matrix": [[40, 5, 1], [10, 45, 2], [3, 4, 0]]}
+    assert confusion_agreement(confusion) == (85 / 100, 100)
+    noisy = [(3, {"share": 0.5, "foreground": 120}, (0.82, 100)), (4, {"share": 0.55, "foreground": 130}, (0.85, 110))]
+    (d,) = training_labels_disagree(noisy, DiagnosticsConfig())
+    assert (d.kind, d.components, d.epoch) == ("training_labels", ("loss_classifier",), 4)
+    assert "55% of the training subset's 130 foreground proposals their own label, but 85% of 110" in d.message
+    assert "category ids" in d.config_key
+    healthy = [(3, {"share": 0.8, "foreground": 120}, (0.75, 100)), (4, {"share": 0.9, "foreground": 130}, (0.85, 110))]
+    assert training_labels_disagree(healthy, DiagnosticsConfig()) == []
+    early = [(2, {"share": 0.3, "foreground": 120}, (0.4, 100)), (3, {"share": 0.35, "foreground": 130}, (0.5, 110))]
+    assert training_labels_disagree(early, DiagnosticsConfig()) == []  # the classifier still sorts classes out
+    assert training_labels_disagree(noisy[-1:], DiagnosticsConfig()) == []  # patience

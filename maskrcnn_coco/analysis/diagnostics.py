@@ -599,6 +599,54 @@ def confused_with_another(history, confusions: Sequence[Mapping[str, Any]], num_
     return out
 
 
+def confusion_agreement(confusion: Mapping[str, Any]) -> tuple[float, int] | None:
+    """(share of the matched detections given their ground-truth class, matched detections) of a
+    confusion matrix; None without matches."""
+    k = len(list(confusion["ground_truth"])) - 1
+    rows = [[int(v) for v in row[:k]] for row in confusion["matrix"][:k]]
+    matched = sum(map(sum, rows))
+    return (sum(rows[i][i] for i in range(k)) / matched, matched) if matched else None
+
+
+# Training labels that disagree with the classifier: the training subset's foreground agreement
+# this far below the validation detections' (at least LABEL_MIN_VAL_AGREEMENT, LABEL_MIN_COUNT each).
+LABEL_GAP = 0.2
+LABEL_MIN_VAL_AGREEMENT = 0.6
+LABEL_MIN_COUNT = 20
+
+
+def training_labels_disagree(evaluations: Sequence[tuple[int, Mapping[str, Any], tuple[float, int]]],
+                             cfg: DiagnosticsConfig) -> list[Diagnosis]:
+    """Per evaluation ``(epoch, train agreement, (val agreement, matched))``: the classifier gives the
+    sampled foreground proposals of the fixed training subset their own label far less often
+    (``LABEL_GAP``) than it gives the validation detections theirs, for ``patience_epochs``
+    evaluations: the training labels disagree with what the classifier learned from most of them
+    (labels flipped or mapped wrongly in the training file), where validation's agree."""
+    n = max(cfg.patience_epochs, 1)
+    if len(evaluations) < n:
+        return []
+    window = evaluations[-n:]
+    for _, train, (val, matched) in window:
+        if (train["foreground"] < LABEL_MIN_COUNT or matched < LABEL_MIN_COUNT or val < LABEL_MIN_VAL_AGREEMENT
+                or train["share"] > val - LABEL_GAP):
+            return []
+    epoch, train, (val, matched) = window[-1]
+    return [Diagnosis(
+        kind="training_labels", components=("loss_classifier",), section="training-labels", epoch=epoch,
+        strength=(val - train["share"]) / LABEL_GAP,
+        message=(f"training labels disagree with the classifier: it gives {train['share']:.0%} of the training subset's "
+                 f"{train['foreground']} foreground proposals their own label, but {val:.0%} of {matched} validation "
+                 f"detections theirs (in the last {n} evaluations: "
+                 + ", ".join(f"{t['share']:.0%} vs {v[0]:.0%}" for _, t, v in window) + ")."),
+        cause=("a share of the training annotations carries another class than its object (labels flipped by the "
+               "annotators, or category ids mapped wrongly in the training file), while validation's are right"),
+        config_key="the training annotations' category ids (python scripts/check_dataset.py; the per-image "
+                   "losses' annotations to check for loss_classifier)",
+        evidence={"train": [t["share"] for _, t, _ in window], "val": [v[0] for _, _, v in window],
+                  "train_foreground": train["foreground"], "val_matched": matched},
+    )]
+
+
 def confused_classes(confusion: Mapping[str, Any], min_matches: int = 5) -> list[dict[str, Any]]:
     """Per ground-truth class of a confusion matrix (``evaluation.per_class.confusion_matrix``) with at
     least ``min_matches`` matched detections: the share of them given another class, and which."""
@@ -976,6 +1024,7 @@ CHECKS = (
     "validation like training", "rare classes", "iteration spikes", "divergence", "stuck at chance",
     "rising or stalled", "lagging component", "train/val gap", "first evaluation gap", "dominant component",
     "segm vs bbox AP", "small vs large AP", "lagging class", "confused classes", "per-image losses",
+    "training labels",
 )
 SEVERITY_RANK = {"warning": 0, "info": 1}
 

@@ -22,11 +22,13 @@ from maskrcnn_coco.analysis.diagnostics import (
     Diagnosis,
     RunContext,
     class_aps,
+    confusion_agreement,
     diagnose,
     format_summary,
     lr_config_key,
     muted,
     rare_class_notes,
+    training_labels_disagree,
 )
 from maskrcnn_coco.analysis.history import HISTORY_FILE
 from maskrcnn_coco.config import DiagnosticsConfig
@@ -151,6 +153,8 @@ class DiagnosticsWriter(Hook):
         self.start = [d for d in [*start, *rare_class_notes(self.class_counts)] if not muted(d, self.config.ignore)]
         self.reported: set[tuple[Any, ...]] = set()
         self.confusions: list[Mapping[str, Any]] = []
+        # (epoch, the training subset's label agreement, (validation agreement, matched)) per evaluation.
+        self.agreements: list[tuple[int, Mapping[str, Any], tuple[float, int]]] = []
 
     def _append(self, findings: Sequence[Diagnosis]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,11 +186,13 @@ class DiagnosticsWriter(Hook):
 
     def state_dict(self) -> dict[str, Any]:
         """What was reported (so a resumed run does not say it again) and the recent confusion matrices."""
-        return {"reported": sorted(self.reported, key=repr), "confusions": list(self.confusions)}
+        return {"reported": sorted(self.reported, key=repr), "confusions": list(self.confusions),
+                "agreements": [list(a) for a in self.agreements]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.reported = {_as_key(k) for k in state.get("reported") or []}
         self.confusions = list(state.get("confusions") or [])
+        self.agreements = [(int(e), dict(t), tuple(v)) for e, t, v in state.get("agreements") or []]
 
     def on_finding(self, state: TrainingState, finding: Diagnosis) -> None:
         self._report([finding])
@@ -214,6 +220,10 @@ class DiagnosticsWriter(Hook):
                          context=self.context(state, weights))
         per_image = (getattr(state, "latest", None) or {}).get("per_image")
         if per_image and per_image.get("epoch") == result.epoch:
+            val = confusion_agreement(confusion) if confusion else None
+            if per_image.get("label_agreement") and val is not None:
+                self.agreements = [*self.agreements, (result.epoch, per_image["label_agreement"], val)][-4:]
+                found += training_labels_disagree(self.agreements, self.config)
             found = [cite_images(d, per_image) for d in found]
         self._report(found)
 
