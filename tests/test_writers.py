@@ -100,6 +100,30 @@ def test_the_sink_logs_each_finding_once_and_writes_jsonl(tmp_path, caplog):
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and warned[0].startswith("loss_objectness dominates")  # the start finding is the caller's to log
 
+    # The run's closing block: both findings ranked, warnings first, on the console and as tracker text.
+    texts = []
+    sink.tracker = SimpleNamespace(log_text=lambda tag, text, step: texts.append((tag, text, step)))
+    caplog.set_level(logging.INFO, logger="maskrcnn_coco")
+    state.epoch = 4
+    sink.after_fit(state)
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Diagnosis summary")]
+    assert summary and summary[0].splitlines()[0].endswith("2 warnings, 0 other")
+    assert [line.split("] ")[1].split(" ")[0] for line in summary[0].splitlines()[1:]] == ["zero_weight", "dominant"] or \
+        [line.split("] ")[1].split(" ")[0] for line in summary[0].splitlines()[1:]] == ["dominant", "zero_weight"]
+    assert texts[-1][0] == "diagnostics/summary" and "Diagnosis summary" in texts[-1][1] and texts[-1][2] == 4
+
+
+def test_a_healthy_run_ends_with_no_findings_and_the_number_of_checks(tmp_path, caplog):
+    from maskrcnn_coco.analysis.diagnostics import CHECKS
+    from maskrcnn_coco.engine.writers import DiagnosticsWriter
+
+    caplog.set_level(logging.INFO, logger="maskrcnn_coco")
+    writer = DiagnosticsWriter(tmp_path)
+    state = SimpleNamespace(epoch=5, history=[])
+    writer.before_fit(state)
+    writer.after_fit(state)
+    assert f"Diagnosis summary ({len(CHECKS)} checks over 5 epochs; docs/LOSS_BREAKDOWN.md): no findings." in caplog.text
+
 
 def test_a_spike_is_reported_once_per_epoch_and_subject(tmp_path):
     from maskrcnn_coco.engine.writers import DiagnosticsWriter
