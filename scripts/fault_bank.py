@@ -89,7 +89,8 @@ def rediagnose(run_dir: Path, export: Path | None = None) -> list:
     start = [json.loads(line) for line in (run_dir / "diagnostics.jsonl").read_text().splitlines() if line.strip()]
     context = RunContext(producer_lrs={r.module: r.lr for r in rows if r.lr is not None},
                          lr_keys={r.module: lr_config_key(r.groups[0]) for r in rows if r.groups}, class_counts=counts,
-                         start_findings=frozenset((f["kind"], f["subject"]) for f in start if f["epoch"] == 0))
+                         start_findings=frozenset((f["kind"], f["subject"]) for f in start
+                                                    if f["epoch"] == 0 and f["severity"] == "warning"))
     history = read_history(run_dir)
     steps = len(parts.data.train_loader)
     if export is not None:

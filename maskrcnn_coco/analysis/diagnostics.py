@@ -740,7 +740,7 @@ def lagging_component(history, weights, num_classes: int, cfg: DiagnosticsConfig
             kind="lagging_component", components=(c,), section="lagging-component", epoch=_epoch(history),
             message=(f"{c} lags the other components: {math.expm1(-now[c]):+.0%} since epoch {history[0]['epoch']} "
                      f"({first:.4g} -> {last:.4g}) while {others_text}; its fall is {ratios[-1]:.2f}x the others' "
-                     f"median (healthy runs: >= {HEALTHY_RELATIVE_FALL.get(c, 1.0):.2f}x, flagged below {limit:.2f}x)."),
+                     f"median (healthy short runs: >= {HEALTHY_RELATIVE_FALL[c]:.2f}x, flagged below {limit:.2f}x)."),
             cause=cause, config_key=change,
             evidence={"fall_ratio": ratios, "limit": limit, "first": first, "last": last,
                       "falls": {o: math.expm1(-v) for o, v in now.items()}, "producer_lr": lr, "other_lr": other_lr},
@@ -854,13 +854,13 @@ def first_evaluation_gap(history, weights, num_classes: int, cfg: DiagnosticsCon
     )]
 
 
-# Median fall (log ratio, epoch 1 -> latest) of the optimised components in healthy short runs of the
-# shapes set by epoch 3 (scripts/fault_bank.py): a regularisation or lr fault slows all of them at once.
-HEALTHY_MEDIAN_FALL = 0.4
+# Median fall (log ratio, epoch 1 -> 3) of the optimised components in healthy short runs of the shapes
+# set: 0.25-0.27 (scripts/fault_bank.py); a regularisation or lr fault slows all of them at once.
+HEALTHY_MEDIAN_FALL = 0.15
 
 
 def optimizer_in_behaviour(history, weights, num_classes: int, cfg: DiagnosticsConfig, context: RunContext) -> list[Diagnosis]:
-    """Confirms or withdraws the start's out-of-range optimizer settings (``optimizer_range``) by the
+    """Confirms or withdraws the start's out-of-range optimizer settings (``optimizer_range`` warnings) by the
     behaviour at ``lag_min_epoch``: every component slow together (median fall below
     ``HEALTHY_MEDIAN_FALL``, or a loss still near its chance value) confirms it."""
     flagged = sorted(str(subject) for kind, subject in context.start_findings if kind == "optimizer_range")

@@ -205,7 +205,7 @@ class DiagnosticsWriter(Hook):
             producer_lrs={r.module: r.lr for r in rows if r.lr is not None},
             lr_keys={r.module: lr_config_key(r.groups[0]) for r in rows if r.groups},
             class_counts=self.class_counts,
-            start_findings=frozenset((d.kind, d.subject) for d in self.start),
+            start_findings=frozenset((d.kind, d.subject) for d in self.start if d.severity == "warning"),
         )
 
     def after_epoch(self, state: TrainingState, result: EpochResult) -> None:
