@@ -416,6 +416,8 @@ EXPECTED = {
     "masks_off": (("metric_disparity", ("loss_mask",), "the training masks"), {"loss_mask"}),
     # Darker validation images: the start's split comparison says it (not in the fixture); training's
     # rules see the first evaluation and then the widening gaps.
+    # Noisy boxes: loss_box_reg rises; the classifier, fed worse positives, lags (its targets named).
+    "noisy_boxes": (("rising", ("loss_box_reg",), "the training annotations"), {"loss_box_reg", "loss_classifier"}),
     "dark_val": (("val_unlike_train", ("loss_objectness",), "data.val_images"),
                  {"loss_objectness", "loss_classifier"}),
 }

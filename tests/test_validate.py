@@ -311,7 +311,7 @@ def test_polygons_and_boxes_too_large():
     assert by_id[2].extent_inside == pytest.approx(0.5) and by_id[2].mask_off
     assert by_id[3].iou == pytest.approx(0.25) and by_id[3].inside == 1.0 and not by_id[3].mask_off
     assert [r.annotation_id for r in agreement.worst[:2]] == [3, 2] and agreement.named() == agreement.worst[:2]
-    assert "2 of 4 annotations (50.0%)" in agreement.describe() and "(1 with the mask off its box, 1 with a box too large" in agreement.describe()
+    assert "2 of 4 annotations (50.0%)" in agreement.describe() and "(1 with the mask shifted against a box of its size, 1 with box edges that miss" in agreement.describe()
     assert agreement.describe().endswith("worst, in-box share / IoU: image 1 ann 3: 1.00 / 0.25; image 1 ann 2: 0.50 / 0.33)")
     # Only the usable annotations of the images asked for.
     assert mask_box_agreement(coco, [1], {1, 3}).bad_ids == (3,)

@@ -283,7 +283,8 @@ def stuck_at_chance(history, weights, num_classes: int, cfg: DiagnosticsConfig) 
 
 def stalled_or_rising(history, weights, num_classes: int, cfg: DiagnosticsConfig) -> list[Diagnosis]:
     """(a) An optimised component that rises, or stops falling, for ``patience_epochs`` epochs while
-    the other optimised components fall. (A component at its chance value is ``stuck_at_chance``'s.)"""
+    the other optimised components fall (by more than ``others_fall_rel`` for a stall, more than
+    ``fall_rel`` for a rise). (A component at its chance value is ``stuck_at_chance``'s.)"""
     if _too_early(history, cfg):
         return []
     out = []
@@ -301,7 +302,10 @@ def stalled_or_rising(history, weights, num_classes: int, cfg: DiagnosticsConfig
         if c in chances and all(abs(v - chances[c]) <= cfg.chance_tolerance * chances[c] for v in values):
             continue
         fell, median = _others_fall(history, weights, c, n, cfg)
-        if not fell:
+        # A stall counts only while the others clearly fall; a settled component that rises for
+        # `patience_epochs` epochs is a fault whenever the others still come down at all (noisy boxes:
+        # loss_box_reg +8 %, +5 % while the others' median fell 14 %).
+        if not (fell or (rising and median is not None and median < -cfg.fall_rel)):
             continue
         verb = "rises" if rising else "stopped falling"
         weight = weights.get(c, 1.0)

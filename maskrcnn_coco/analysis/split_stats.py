@@ -289,14 +289,15 @@ def _class_differences(train: SplitStats, val: SplitStats) -> list[tuple[str, fl
 
 # ------------------------------------------------------------------------------ mask/box agreement
 def mask_box_finding(agreement: MaskBoxAgreement) -> Diagnosis | None:
-    """The ``mask_box_disagree`` finding when ``agreement`` warns: ``loss_mask`` when masks leave
-    their boxes (mask targets then show objects the boxes do not frame), ``loss_box_reg`` when boxes
-    are larger than their masks (box targets loose around the objects), both when each holds at
-    least a quarter of the annotations below the level."""
+    """The ``mask_box_disagree`` finding when ``agreement`` warns: ``loss_mask`` when masks are shifted
+    against boxes of their size (mask targets then show objects the boxes do not frame),
+    ``loss_box_reg`` when box edges miss their masks' extent (careless or rescaled boxes), both when
+    each holds at least a quarter of the annotations below the level."""
     if not agreement.warns:
         return None
-    components = tuple(c for c, n in (("loss_mask", agreement.masks_off), ("loss_box_reg", agreement.boxes_loose))
-                       if n >= 0.25 * agreement.bad)
+    # The more common kind first.
+    kinds = sorted((("loss_mask", agreement.masks_off), ("loss_box_reg", agreement.boxes_loose)), key=lambda kv: -kv[1])
+    components = tuple(c for c, n in kinds if n >= 0.25 * agreement.bad)
     worst = agreement.named()
     return Diagnosis(
         kind="mask_box_disagree", components=components, message=agreement.describe(), cause=MASK_BOX_CAUSE,

@@ -452,11 +452,13 @@ def check_images(
 # tight boxes), so the levels leave room for rounding and careless single boxes alike.
 MASK_BOX_LEVELS = (0.8, 0.7)
 MASK_BOX_WARN_SHARE = 0.03
-# Below a level, a mask whose tight box lies at least this much inside the bbox has a box too large
-# for it; otherwise the mask is off its box (which of the two moved cannot be told from one
-# annotation). The tight box decides, not the pixels: a circle shifted along a diagonal keeps most
-# of its pixels inside the old box.
+# Below a level, a mask whose tight box has the bbox's size (each side within SAME_SIZE of it) but
+# leaves the bbox (less than MASK_INSIDE_BOX of it inside) is shifted against its box: an exporter
+# or converter that offsets masks. Any other disagreement is a box whose edges miss the mask's
+# extent (too large, too small, or drawn carelessly edge by edge). The tight box decides, not the
+# pixels: a circle shifted along a diagonal keeps most of its pixels inside the old box.
 MASK_INSIDE_BOX = 0.9
+SAME_SIZE = 0.8
 MASK_BOX_EXAMPLES = 10
 MASK_BOX_CAUSE = "masks or boxes shifted or scaled by the exporter or a converter, or boxes drawn carelessly"
 
@@ -472,6 +474,7 @@ class MaskBoxRecord:
     iou: float
     extent_inside: float
     inside: float | None = None
+    size_ratio: float = 1.0  # the smaller of the tight box's width and height ratios to the bbox's (<= 1)
 
     @property
     def score(self) -> float:
@@ -480,8 +483,8 @@ class MaskBoxRecord:
 
     @property
     def mask_off(self) -> bool:
-        """The mask's tight box leaves the bbox (else: the bbox is too large for the mask)."""
-        return self.extent_inside < MASK_INSIDE_BOX
+        """The mask is shifted against a bbox of its size (else: the bbox's edges miss the mask's extent)."""
+        return self.extent_inside < MASK_INSIDE_BOX and self.size_ratio >= SAME_SIZE
 
     def format(self) -> str:
         numbers = f"{self.iou:.2f}" if self.inside is None else f"{self.inside:.2f} / {self.iou:.2f}"
@@ -536,7 +539,8 @@ class MaskBoxAgreement:
         """What is seen, with the numbers and the worst ids (no cause): a finding's message."""
         where = f"{self.source}: " if self.source else ""
         worst = "; ".join(r.format() for r in self.named()[:5])
-        kinds = f"{self.masks_off} with the mask off its box, {self.boxes_loose} with a box too large for the mask"
+        kinds = (f"{self.masks_off} with the mask shifted against a box of its size, {self.boxes_loose} with box edges "
+                 "that miss the mask's extent")
         return (f"{where}masks that do not lie on their boxes: {self.bad} of {self.measured} annotations "
                 f"({self.share_bad:.1%}) have {self._criterion()} ({kinds}; worst, {self._numbers()}: {worst})")
 
@@ -589,6 +593,13 @@ def _boxes_iou(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         iou = np.where(union > 0, inter / union, 0.0)
         inside = np.where(area_a > 0, inter / area_a, ((iw >= 0) & (ih >= 0)).astype(np.float64))
     return iou, inside
+
+
+def _size_ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise, the smaller of the width and height ratios of boxes ``a`` and ``b`` (each ratio <= 1)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = [np.fmin(x, 1 / x) for x in ((a[:, 2] - a[:, 0]) / (b[:, 2] - b[:, 0]), (a[:, 3] - a[:, 1]) / (b[:, 3] - b[:, 1]))]
+    return np.nan_to_num(np.fmin(*ratios), nan=0.0)
 
 
 def _polygon_extents(parts: list[list], owners: list[int], count: int) -> np.ndarray:
@@ -711,12 +722,14 @@ def mask_box_agreement(
             inside[row] = np.nan if share is None else share
     scores = np.where(finite, np.fmin(iou, inside), np.inf)  # fmin: an unmeasured share leaves the IoU
 
+    size_ratio = _size_ratio(extents, box)
+
     def record(i: int) -> MaskBoxRecord:
         share = None if math.isnan(inside[i]) else float(inside[i])
-        return MaskBoxRecord(*ids[i], float(iou[i]), float(extent_inside[i]), share)
+        return MaskBoxRecord(*ids[i], float(iou[i]), float(extent_inside[i]), share, float(size_ratio[i]))
 
     bad = scores < MASK_BOX_LEVELS[-1]
-    masks_off = int((bad & (extent_inside < MASK_INSIDE_BOX)).sum())  # as MaskBoxRecord.mask_off
+    masks_off = int((bad & (extent_inside < MASK_INSIDE_BOX) & (size_ratio >= SAME_SIZE)).sum())  # as MaskBoxRecord.mask_off
     order = np.argsort(scores, kind="stable")[:min(examples, int(finite.sum()))]
     return MaskBoxAgreement(
         source=source, measured=int(finite.sum()), pixels=pixels,
