@@ -375,7 +375,8 @@ def test_out_of_range_optimizer_settings_are_confirmed_or_withdrawn_by_behaviour
     (d,) = [d for d in diagnose(slow, num_classes=K, steps_per_epoch=100, context=flagged) if d.kind.startswith("optimizer_")]
     assert (d.kind, d.severity, d.config_key) == ("optimizer_confirmed", "warning", "optimizer.weight_decay")
     assert "still at chance: loss_mask 0.670" in d.message
-    fine = make_history(falling(3, rate=0.6))
+    fine = make_history(falling(4, rate=0.6))
+    assert [d for d in diagnose(fine[:3], num_classes=K, steps_per_epoch=100, context=flagged) if d.kind.startswith("optimizer_")] == []
     (d,) = [d for d in diagnose(fine, num_classes=K, steps_per_epoch=100, context=flagged) if d.kind.startswith("optimizer_")]
     assert (d.kind, d.severity) == ("optimizer_withdrawn", "info")
     assert [d for d in diagnose(slow, num_classes=K, steps_per_epoch=100) if d.kind.startswith("optimizer_")] == []
@@ -416,6 +417,8 @@ EXPECTED = {
     "masks_off": (("metric_disparity", ("loss_mask",), "the training masks"), {"loss_mask"}),
     # Darker validation images: the start's split comparison says it (not in the fixture); training's
     # rules see the first evaluation and then the widening gaps.
+    # Weight decay 0.1 (1,000x; the start warned): every component slow together at epoch 3.
+    "weight_decay": (("optimizer_confirmed", LOSS_COMPONENTS, "optimizer.weight_decay"), set(LOSS_COMPONENTS)),
     # Noisy boxes: loss_box_reg rises; the classifier, fed worse positives, lags (its targets named).
     "noisy_boxes": (("rising", ("loss_box_reg",), "the training annotations"), {"loss_box_reg", "loss_classifier"}),
     "dark_val": (("val_unlike_train", ("loss_objectness",), "data.val_images"),
