@@ -89,6 +89,7 @@ def rediagnose(run_dir: Path, export: Path | None = None) -> list:
     start = [json.loads(line) for line in (run_dir / "diagnostics.jsonl").read_text().splitlines() if line.strip()]
     context = RunContext(producer_lrs={r.module: r.lr for r in rows if r.lr is not None},
                          lr_keys={r.module: lr_config_key(r.groups[0]) for r in rows if r.groups}, class_counts=counts,
+                         train_images=len(parts.data.train_loader.dataset),
                          start_findings=frozenset((f["kind"], f["subject"]) for f in start
                                                     if f["epoch"] == 0 and f["severity"] == "warning"))
     history = read_history(run_dir)
@@ -99,7 +100,8 @@ def rediagnose(run_dir: Path, export: Path | None = None) -> list:
                    "history": [{k: r[k] for k in keep if k in r} for r in history],
                    "loss_weights": dict(parts.loss_weights), "num_classes": len(counts), "steps_per_epoch": steps,
                    "producer_lrs": dict(context.producer_lrs), "lr_keys": dict(context.lr_keys),
-                   "class_counts": counts, "start_findings": sorted(map(list, context.start_findings))}
+                   "class_counts": counts, "start_findings": sorted(map(list, context.start_findings)),
+                   "train_images": context.train_images}
         fixture["overrides"] = [o for o in OmegaConf.to_container(fixture["overrides"]) if "/work/" not in o]
         export.mkdir(parents=True, exist_ok=True)
         (export / f"{run_dir.name}.json").write_text(json.dumps(fixture, indent=1))

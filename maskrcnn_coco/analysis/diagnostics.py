@@ -147,6 +147,7 @@ class RunContext:
     lr_keys: Mapping[str, str] = field(default_factory=dict)
     class_counts: Mapping[str, int] = field(default_factory=dict)
     start_findings: frozenset[tuple[str, str | None]] = frozenset()
+    train_images: int | None = None
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -701,10 +702,12 @@ def lagging_component(history, weights, num_classes: int, cfg: DiagnosticsConfig
     """One component that falls far less than the others: its fall since the first epoch (log ratio)
     relative to the median fall of the other optimised components below what healthy runs show for
     its kind (``HEALTHY_RELATIVE_FALL``; x ``lag_ratio`` when its producers learn at the others' lr),
-    at the latest and the previous epoch, from ``lag_min_epoch``, while the others fell by more than
+    at the latest and the previous epoch, at epoch ``lag_min_epoch`` or the next, while the others fell by more than
     ``others_fall_rel``. The cause is read off the producers' learning rate: at most half the other
     producers' -> that lr and its key; the same -> its targets (annotations)."""
-    if len(history) < 2 or _epoch(history) < cfg.lag_min_epoch:
+    # Judged at epochs lag_min_epoch and the next only: the healthy references were measured there
+    # (a 32-image run's 20 epochs of 8 steps compare nothing like them).
+    if len(history) < 2 or _epoch(history) not in (cfg.lag_min_epoch, cfg.lag_min_epoch + 1):
         return []
     optimised = _optimised(weights)
     now, before = _falls(history, optimised), _falls(history[:-1], optimised)
@@ -855,6 +858,51 @@ def first_evaluation_gap(history, weights, num_classes: int, cfg: DiagnosticsCon
                "memorises it from the first epoch"),
         config_key="data.val_images / data.val_annotations (compare the splits: python scripts/check_dataset.py)",
         evidence={"ratios": ratios, "flagged": high},
+    )]
+
+
+# Validation loss this many times training's (the optimised totals) at ``patience_epochs`` settled
+# evaluations: the model fits what validation does not share. Healthy short runs: 0.8-0.9 at epoch 4;
+# 32 training images x 20 epochs: 1.61 and 1.55 at epochs 19-20.
+OVERFIT_RATIO = 1.5
+# Fewer training images than this are named as the likely cause.
+FEW_IMAGES = 200
+
+
+def overfitting(history, weights, num_classes: int, cfg: DiagnosticsConfig, context: RunContext) -> list[Diagnosis]:
+    """The validation loss (sum of the optimised components) above ``OVERFIT_RATIO`` x the training
+    epoch mean for ``patience_epochs`` evaluations: overfitting, named with the training set's size."""
+    n = max(cfg.patience_epochs, 1)
+    optimised = _optimised(weights)
+    pairs = []
+    for r in history:
+        train = [r.get(loss_tag("train", c)) for c in optimised]
+        val = [r.get(loss_tag("val", c)) for c in optimised]
+        if all(isinstance(v, (int, float)) and math.isfinite(v) for v in (*train, *val)) and sum(train) > 0:
+            pairs.append((int(r["epoch"]), sum(val), sum(train)))
+    if len(pairs) < n or pairs[-1][0] != _epoch(history) or _epoch(history) < max(cfg.min_epoch, 2):
+        return []
+    window = pairs[-n:]
+    if not all(v / t > OVERFIT_RATIO for _, v, t in window):
+        return []
+    ratios = [v / t for _, v, t in window]
+    images = context.train_images
+    few = images is not None and images < FEW_IMAGES
+    unlike = sorted(str(subject) for kind, subject in context.start_findings if kind == "val_unlike_train")
+    return [Diagnosis(
+        kind="overfitting", components=tuple(optimised), section="train-val-gap", epoch=_epoch(history),
+        strength=ratios[-1] / OVERFIT_RATIO,
+        message=(f"validation loss {window[-1][1]:.4g} is {ratios[-1]:.2f}x training's {window[-1][2]:.4g} "
+                 f"(ratios {_fmt(ratios)} over the last {n} evaluations; healthy short runs: 0.8-0.9)"
+                 + (f" with {images} training images." if images is not None else ".")),
+        cause=(f"validation unlike training: the start's split comparison found {', '.join(unlike)} apart" if unlike else
+               f"too few training images ({images}): the model memorises them" if few else
+               "the model fits the training images more than what validation shares with them (overfitting), "
+               "or validation unlike training (see the split comparison at start)"),
+        config_key=("data.val_images / data.val_annotations" if unlike else
+                    "more training images, data.augment.*, fewer epochs" if few else
+                    "data.augment.*, optimizer.weight_decay, epochs (fewer)"),
+        evidence={"ratios": ratios, "epochs": [e for e, _, _ in window], "train_images": images},
     )]
 
 
@@ -1030,6 +1078,7 @@ def diagnose(
         found.extend(d for d in lagging_component(history, weights, num_classes, cfg, context) if not set(d.components) & named)
         found.extend(optimizer_in_behaviour(history, weights, num_classes, cfg, context))
         found.extend(first_evaluation_gap(trend, weights, num_classes, cfg, context))
+        found.extend(overfitting(trend, weights, num_classes, cfg, context))
     for monitor in LEVEL_MONITORS:
         found.extend(monitor(history, weights, num_classes, cfg))
     for monitor in CONTEXT_MONITORS:
@@ -1045,7 +1094,7 @@ CHECKS = (
     "validation like training", "rare classes", "iteration spikes", "divergence", "stuck at chance",
     "rising or stalled", "lagging component", "train/val gap", "first evaluation gap", "dominant component",
     "segm vs bbox AP", "small vs large AP", "lagging class", "confused classes", "per-image losses",
-    "training labels",
+    "training labels", "overfitting",
 )
 SEVERITY_RANK = {"warning": 0, "info": 1}
 

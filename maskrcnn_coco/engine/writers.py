@@ -144,12 +144,14 @@ class DiagnosticsWriter(Hook):
     """
 
     def __init__(self, run_dir: str | Path, config: DiagnosticsConfig | None = None, *, start: Sequence[Diagnosis] = (),
-                 tracker: ExperimentTracker | None = None, class_counts: Mapping[str, int] | None = None):
+                 tracker: ExperimentTracker | None = None, class_counts: Mapping[str, int] | None = None,
+                 train_images: int | None = None):
         self.path = Path(run_dir) / DIAGNOSTICS_FILE
         self.tracker = tracker
         self.config = config if config is not None else DiagnosticsConfig()
         # Keyed as the per-class AP tags name the classes.
         self.class_counts = {sanitize(name): n for name, n in (class_counts or {}).items()}
+        self.train_images = train_images
         self.start = [d for d in [*start, *rare_class_notes(self.class_counts)] if not muted(d, self.config.ignore)]
         self.reported: set[tuple[Any, ...]] = set()
         self.confusions: list[Mapping[str, Any]] = []
@@ -206,6 +208,7 @@ class DiagnosticsWriter(Hook):
             lr_keys={r.module: lr_config_key(r.groups[0]) for r in rows if r.groups},
             class_counts=self.class_counts,
             start_findings=frozenset((d.kind, d.subject) for d in self.start if d.severity == "warning"),
+            train_images=self.train_images,
         )
 
     def after_epoch(self, state: TrainingState, result: EpochResult) -> None:
@@ -235,6 +238,13 @@ class DiagnosticsWriter(Hook):
         log.info("%s", text)
         if self.tracker is not None:
             log_text(self.tracker, "diagnostics/summary", "```\n" + text + "\n```", state.epoch)
+
+
+def _length(dataset: Any) -> int | None:
+    try:
+        return len(dataset) if dataset is not None else None
+    except TypeError:
+        return None
 
 
 def cite_images(finding: Diagnosis, per_image: Mapping[str, Any], limit: int = 12) -> Diagnosis:
@@ -349,7 +359,8 @@ def default_hooks(
         hooks += [
             checkpoint if checkpoint is not None else Checkpointer(run_dir / CHECKPOINT_DIR),
             ConsoleSummary(),
-            *([DiagnosticsWriter(run_dir, diagnostics, start=audit, tracker=tracker, class_counts=class_counts)] if enabled else []),
+            *([DiagnosticsWriter(run_dir, diagnostics, start=audit, tracker=tracker, class_counts=class_counts,
+                                train_images=_length(train_dataset))] if enabled else []),
             *([PerImageLosses(run_dir, train_dataset, num_images=cfg.per_image_images, seed=seed, k=cfg.per_image_k_mad,
                               min_ratio=cfg.per_image_min_ratio)]
               if enabled and train_dataset is not None and cfg.per_image_images > 0 else []),
