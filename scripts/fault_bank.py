@@ -72,11 +72,11 @@ def rediagnose(run_dir: Path, export: Path | None = None) -> list:
     ``export``: the history and that context as ``<export>/<run>.json`` (tests/data/fault_bank)."""
     from omegaconf import OmegaConf
 
-    from maskrcnn_coco.analysis.audit import producer_rows
-    from maskrcnn_coco.analysis.diagnostics import RunContext, diagnose, lr_config_key
+    from maskrcnn_coco.analysis.diagnostics import diagnose
     from maskrcnn_coco.cli.experiment import build_components, scaled_optimizer_config
     from maskrcnn_coco.config import register_configs
     from maskrcnn_coco.data.coco import class_instance_counts
+    from maskrcnn_coco.engine.writers import run_context
     from maskrcnn_coco.evaluation.per_class import sanitize
     from maskrcnn_coco.solver.param_groups import build_optimizer
 
@@ -84,14 +84,11 @@ def rediagnose(run_dir: Path, export: Path | None = None) -> list:
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     parts = build_components(cfg, progress=False)
     optimizer = build_optimizer(scaled_optimizer_config(cfg), parts.model)
-    rows = producer_rows(parts.model, optimizer, parts.loss_weights)
     counts = {sanitize(k): v for k, v in class_instance_counts(parts.data.train_loader.dataset).items()}
-    start = [json.loads(line) for line in (run_dir / "diagnostics.jsonl").read_text().splitlines() if line.strip()]
-    context = RunContext(producer_lrs={r.module: r.lr for r in rows if r.lr is not None},
-                         lr_keys={r.module: lr_config_key(r.groups[0]) for r in rows if r.groups}, class_counts=counts,
-                         train_images=len(parts.data.train_loader.dataset),
-                         start_findings=frozenset((f["kind"], f["subject"]) for f in start
-                                                    if f["epoch"] == 0 and f["severity"] == "warning"))
+    lines = (run_dir / "diagnostics.jsonl").read_text().splitlines()
+    start = [f for f in map(json.loads, filter(str.strip, lines)) if f["epoch"] == 0]
+    context = run_context(parts.model, optimizer, parts.loss_weights, class_counts=counts, start=start,
+                          train_images=len(parts.data.train_loader.dataset))
     history = read_history(run_dir)
     steps = len(parts.data.train_loader)
     if export is not None:

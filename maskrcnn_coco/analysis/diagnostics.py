@@ -127,14 +127,20 @@ class Diagnosis:
         }
 
 
-def _plain(obj: Any) -> Any:
+def json_safe(obj: Any, digits: int | None = None) -> Any:
+    """``obj`` as JSON can hold it: non-finite floats as null (JSON has no NaN/Inf), string keys,
+    tuples as lists; floats rounded to ``digits`` when given."""
     if isinstance(obj, float):
-        return round(obj, 6) if math.isfinite(obj) else None
+        return (obj if digits is None else round(obj, digits)) if math.isfinite(obj) else None
     if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
+        return {str(k): json_safe(v, digits) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
+        return [json_safe(v, digits) for v in obj]
     return obj
+
+
+def _plain(obj: Any) -> Any:
+    return json_safe(obj, digits=6)
 
 
 @dataclass

@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from maskrcnn_coco.analysis.diagnostics import Diagnosis
+from maskrcnn_coco.analysis.diagnostics import Diagnosis, rare_class_notes
+from maskrcnn_coco.data.coco import category_counts
 from maskrcnn_coco.data.validate import (
     MASK_BOX_CAUSE,
     MASK_BOX_WARN_SHARE,
@@ -129,18 +130,8 @@ def split_stats(
     (``usable_ann_ids``; None: the non-crowd ones); pixels from at most ``sample`` images of
     ``images_dir`` (drawn with ``seed``; none without a folder). Images that do not decode are
     skipped (the dataset check names them)."""
-    usable = None if usable_ann_ids is None else set(usable_ann_ids)
-    names = {cid: str(c.get("name", cid)) for cid, c in sorted(coco.cats.items())}
-    counts = dict.fromkeys(names.values(), 0)
-    instances = 0
-    for image_id in image_ids:
-        for ann in coco.imgToAnns.get(image_id, []):
-            if ann.get("iscrowd", 0) if usable is None else ann["id"] not in usable:
-                continue
-            instances += 1
-            name = names.get(ann.get("category_id"))
-            if name is not None:
-                counts[name] += 1
+    counts = category_counts(coco, image_ids, usable_ann_ids)
+    instances = sum(counts.values())
     sizes = np.asarray([(coco.imgs[i]["width"], coco.imgs[i]["height"]) for i in image_ids], np.float64).reshape(-1, 2)
     median = (float(np.median(sizes[:, 0])), float(np.median(sizes[:, 1]))) if len(sizes) else (0.0, 0.0)
     stats = SplitStats(split, len(image_ids), instances, median, counts)
@@ -325,7 +316,7 @@ def dataset_mask_box(dataset: Any, source: str | None = None, *, pixels: bool = 
 @dataclass
 class DataAudit:
     """The start-of-run data checks: both splits' statistics, the training masks' agreement with
-    their boxes, and the findings (``mask_box_disagree``, ``val_unlike_train``)."""
+    their boxes, and the findings (``mask_box_disagree``, ``val_unlike_train``, ``rare_class``)."""
 
     train: SplitStats | None
     val: SplitStats | None
@@ -355,4 +346,6 @@ def audit_data(train_dataset: Any, val_dataset: Any, *, train_source: str | None
         findings.append(finding)
     if train is not None and val is not None:
         findings += compare_splits(train, val)
+    if train is not None:
+        findings += rare_class_notes(train.classes)
     return DataAudit(train, val, agreement, findings, time.perf_counter() - start)

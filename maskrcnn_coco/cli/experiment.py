@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from maskrcnn_coco.analysis.diagnostics import Diagnosis, muted
 from maskrcnn_coco.analysis.history import objective_value
 from maskrcnn_coco.analysis.split_stats import audit_data
 from maskrcnn_coco.config import validate_config
-from maskrcnn_coco.data.coco import CategoryMapping, DataBundle, build_data, class_instance_counts
+from maskrcnn_coco.data.coco import CategoryMapping, DataBundle, build_data
 from maskrcnn_coco.engine.checkpoint import (
     CHECKPOINT_DIR,
     Checkpointer,
@@ -219,12 +218,11 @@ def audit_start(cfg: DictConfig, model: nn.Module, optimizer: torch.optim.Optimi
 
 
 def build_hooks(cfg: DictConfig, run_dir: Path, settings: FitSettings, tracker: ExperimentTracker,
-                audit: list[Diagnosis], resolved: dict[str, Any], class_counts: Mapping[str, int] | None = None,
-                train_dataset: Any = None) -> list[Hook]:
+                audit: list[Diagnosis], resolved: dict[str, Any], train_dataset: Any = None) -> list[Hook]:
     """The run's hooks: the default instruments as configured (``train.*``, ``checkpoint.*``,
     ``diagnostics.*``), then one hook per ``hooks.<name>`` entry (a Hydra ``_target_`` spec of a
-    ``engine.hooks.Hook``), in the order of the entries. ``class_counts``: training instances per
-    class, for the per-class diagnoses; ``train_dataset``: for the per-image losses."""
+    ``engine.hooks.Hook``), in the order of the entries. ``train_dataset``: for the per-class
+    diagnoses (its instances per class) and the per-image losses."""
     hooks = default_hooks(
         run_dir, settings, tracker, grad_norm_every=cfg.train.grad_norm_every,
         divergence=DivergenceGuard(max_loss=cfg.train.max_loss, factor=cfg.train.max_loss_factor),
@@ -232,7 +230,7 @@ def build_hooks(cfg: DictConfig, run_dir: Path, settings: FitSettings, tracker: 
                                 extra={"config": resolved}, keep_last=cfg.checkpoint.keep_last,
                                 best_metric=cfg.objective.metric),
         checkpoint_every_n_iters=cfg.checkpoint.every_n_iters, diagnostics=cfg.diagnostics, audit=audit,
-        class_counts=class_counts, train_dataset=train_dataset, seed=cfg.seed,
+        train_dataset=train_dataset, seed=cfg.seed,
     )
     for name, spec in (cfg.hooks or {}).items():
         if spec is None:
@@ -297,8 +295,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
     )
     tracker = build_tracker(cfg.tracker, run_dir)
     resolved = config_to_dict(cfg)
-    hooks = build_hooks(cfg, run_dir, settings, tracker, audit, resolved, class_instance_counts(data.train_loader.dataset),
-                        data.train_loader.dataset)
+    hooks = build_hooks(cfg, run_dir, settings, tracker, audit, resolved, data.train_loader.dataset)
     try:
         tracker.log_hyperparams(Hyperparams(resolved, overrides=task_overrides()))
         history = fit(wrap_distributed(model, device), optimizer, data.train_loader, data.val_loader, settings, hooks,

@@ -161,20 +161,27 @@ class CocoInstances(CocoDetection):
         return [a for a in self.coco.imgToAnns.get(id, []) if a["id"] in self.usable_ann_ids]
 
 
-def class_instance_counts(dataset: Any) -> dict[str, int]:
-    """Usable instances per category name (every category, 0 included) of a ``CocoInstances``-like
-    dataset (``coco``, ``ids``, ``usable_ann_ids``); empty for anything else. A subset (e.g.
-    ``data.max_train_images``) counts its own images only."""
-    coco, ids, usable = (getattr(dataset, a, None) for a in ("coco", "ids", "usable_ann_ids"))
-    if coco is None or ids is None:
-        return {}
-    by_id = {int(c["id"]): str(c.get("name", c["id"])) for c in coco.loadCats(coco.getCatIds())}
-    counts = dict.fromkeys(by_id.values(), 0)
-    for image_id in ids:
+def category_counts(coco: COCO, image_ids: Iterable[int], usable_ann_ids: Iterable[int] | None = None) -> dict[str, int]:
+    """Usable instances per category name (every category, 0 included, in category id order) of the
+    images ``image_ids``; ``usable_ann_ids`` None: the non-crowd annotations."""
+    usable = None if usable_ann_ids is None else set(usable_ann_ids)
+    names = {int(cid): str(c.get("name", cid)) for cid, c in sorted(coco.cats.items())}
+    counts = dict.fromkeys(names.values(), 0)
+    for image_id in image_ids:
         for ann in coco.imgToAnns.get(image_id, []):
-            if (usable is None or ann["id"] in usable) and int(ann["category_id"]) in by_id:
-                counts[by_id[int(ann["category_id"])]] += 1
+            if ann.get("iscrowd", 0) if usable is None else ann["id"] not in usable:
+                continue
+            name = names.get(int(ann["category_id"]))
+            if name is not None:
+                counts[name] += 1
     return counts
+
+
+def class_instance_counts(dataset: Any) -> dict[str, int]:
+    """``category_counts`` of a ``CocoInstances``-like dataset (``coco``, ``ids``, ``usable_ann_ids``);
+    empty for anything else. A subset (e.g. ``data.max_train_images``) counts its own images only."""
+    coco, ids = getattr(dataset, "coco", None), getattr(dataset, "ids", None)
+    return {} if coco is None or ids is None else category_counts(coco, ids, getattr(dataset, "usable_ann_ids", None))
 
 
 class PrepareTargets:

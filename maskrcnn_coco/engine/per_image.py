@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torchvision.datasets import wrap_dataset_for_transforms_v2
 
+from maskrcnn_coco.analysis.diagnostics import json_safe
 from maskrcnn_coco.config import AugmentConfig
 from maskrcnn_coco.data.coco import CocoInstances, build_transforms
 from maskrcnn_coco.data.samplers import SeededSamples
@@ -431,17 +432,6 @@ def annotations_sheet(
     return contact_sheet(tiles, captions) if tiles else None
 
 
-def _json_safe(obj: Any) -> Any:
-    """JSON has no NaN/Inf: non-finite floats become null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def medians(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """The median of each component's ranked value over its ranked images (``outlier_images``; NaN
     when none is finite)."""
@@ -560,7 +550,7 @@ class PerImageLosses(Hook):
             "rows": rows,
         }
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(_json_safe(summary), indent=1))
+        path.write_text(json.dumps(json_safe(summary), indent=1))
         if worst:
             shown = ", ".join(f"{image_id} ({found[0][0]} {found[0][1]['value']:.3g}, median {found[0][1]['median']:.3g})"
                               for image_id, found in worst[:5])

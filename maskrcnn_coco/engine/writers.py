@@ -27,11 +27,11 @@ from maskrcnn_coco.analysis.diagnostics import (
     format_summary,
     lr_config_key,
     muted,
-    rare_class_notes,
     training_labels_disagree,
 )
 from maskrcnn_coco.analysis.history import HISTORY_FILE
 from maskrcnn_coco.config import DiagnosticsConfig
+from maskrcnn_coco.data.coco import class_instance_counts
 from maskrcnn_coco.engine.checkpoint import CHECKPOINT_DIR, Checkpointer, display_path
 from maskrcnn_coco.engine.hooks import EpochResult, Hook
 from maskrcnn_coco.engine.monitors import (
@@ -152,7 +152,7 @@ class DiagnosticsWriter(Hook):
         # Keyed as the per-class AP tags name the classes.
         self.class_counts = {sanitize(name): n for name, n in (class_counts or {}).items()}
         self.train_images = train_images
-        self.start = [d for d in [*start, *rare_class_notes(self.class_counts)] if not muted(d, self.config.ignore)]
+        self.start = [d for d in start if not muted(d, self.config.ignore)]
         self.reported: set[tuple[Any, ...]] = set()
         self.confusions: list[Mapping[str, Any]] = []
         # (epoch, the training subset's label agreement, (validation agreement, matched)) per evaluation.
@@ -180,9 +180,6 @@ class DiagnosticsWriter(Hook):
     def before_fit(self, state: TrainingState) -> None:
         if self.config.ignore:
             log.info("diagnostics.ignore=%s: these findings are not reported", list(self.config.ignore))
-        for finding in self.start:
-            if finding.severity != "warning" and finding.kind == "rare_class":
-                log.info("%s", finding.text())  # the audit's own findings were logged by the caller
         self._append(self.start)  # this start's audit (a resumed run audits again)
         self.reported.update(d.key for d in self.start)
 
@@ -201,15 +198,9 @@ class DiagnosticsWriter(Hook):
 
     def context(self, state: TrainingState, loss_weights: Mapping[str, float] | None) -> RunContext:
         """The producers' current learning rates and keys, the class counts and the start's findings."""
-        model, optimizer = getattr(state, "model", None), getattr(state, "optimizer", None)
-        rows = producer_rows(getattr(model, "module", model), optimizer, loss_weights or {}) if model is not None and optimizer is not None else []
-        return RunContext(
-            producer_lrs={r.module: r.lr for r in rows if r.lr is not None},
-            lr_keys={r.module: lr_config_key(r.groups[0]) for r in rows if r.groups},
-            class_counts=self.class_counts,
-            start_findings=frozenset((d.kind, d.subject) for d in self.start if d.severity == "warning"),
-            train_images=self.train_images,
-        )
+        return run_context(getattr(state, "model", None), getattr(state, "optimizer", None), loss_weights,
+                           class_counts=self.class_counts, start=[d.to_json() for d in self.start],
+                           train_images=self.train_images)
 
     def after_epoch(self, state: TrainingState, result: EpochResult) -> None:
         confusion = (result.record.get("metrics") or {}).get(CONFUSION_KEY)
@@ -238,6 +229,23 @@ class DiagnosticsWriter(Hook):
         log.info("%s", text)
         if self.tracker is not None:
             log_text(self.tracker, "diagnostics/summary", "```\n" + text + "\n```", state.epoch)
+
+
+def run_context(model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None,
+                loss_weights: Mapping[str, float] | None, *, class_counts: Mapping[str, int],
+                start: Sequence[Mapping[str, Any]] = (), train_images: int | None = None) -> RunContext:
+    """What the monitors read beside the history: each loss producer's current lr and the key that
+    sets it (from the optimizer's groups), the training instances per class, the start's warnings
+    (``start``: ``Diagnosis.to_json`` objects) and the training set's size."""
+    rows = producer_rows(getattr(model, "module", model), optimizer, loss_weights or {}) \
+        if model is not None and optimizer is not None else []
+    return RunContext(
+        producer_lrs={r.module: r.lr for r in rows if r.lr is not None},
+        lr_keys={r.module: lr_config_key(r.groups[0]) for r in rows if r.groups},
+        class_counts=class_counts,
+        start_findings=frozenset((f["kind"], f["subject"]) for f in start if f["severity"] == "warning"),
+        train_images=train_images,
+    )
 
 
 def _length(dataset: Any) -> int | None:
@@ -331,7 +339,6 @@ def default_hooks(
     checkpoint_every_n_iters: int | None = None,
     diagnostics: DiagnosticsConfig | None = None,
     audit: Sequence[Diagnosis] = (),
-    class_counts: Mapping[str, int] | None = None,
     train_dataset: Any = None,
     seed: int = 0,
 ) -> list[Hook]:
@@ -359,8 +366,9 @@ def default_hooks(
         hooks += [
             checkpoint if checkpoint is not None else Checkpointer(run_dir / CHECKPOINT_DIR),
             ConsoleSummary(),
-            *([DiagnosticsWriter(run_dir, diagnostics, start=audit, tracker=tracker, class_counts=class_counts,
-                                train_images=_length(train_dataset))] if enabled else []),
+            *([DiagnosticsWriter(run_dir, diagnostics, start=audit, tracker=tracker,
+                                 class_counts=class_instance_counts(train_dataset), train_images=_length(train_dataset))]
+              if enabled else []),
             *([PerImageLosses(run_dir, train_dataset, num_images=cfg.per_image_images, seed=seed, k=cfg.per_image_k_mad,
                               min_ratio=cfg.per_image_min_ratio)]
               if enabled and train_dataset is not None and cfg.per_image_images > 0 else []),
