@@ -433,6 +433,10 @@ class DiagnosticsConfig:
     per_image_images: int = field(default=24, metadata=at_least(0))
     per_image_k_mad: float = 5.0
     per_image_min_ratio: float = 2.0
+    # The label check (engine/label_check.py): at each evaluation, the box classifier's verdict on the
+    # annotated objects of this many training and as many validation images (0: off); training labels
+    # that agree with it less often than validation's are "training_labels".
+    label_check_images: int = field(default=64, metadata=at_least(0))
 
 
 @dataclass

@@ -72,10 +72,11 @@ def rediagnose(run_dir: Path, export: Path | None = None) -> list:
     ``export``: the history and that context as ``<export>/<run>.json`` (tests/data/fault_bank)."""
     from omegaconf import OmegaConf
 
-    from maskrcnn_coco.analysis.diagnostics import diagnose
+    from maskrcnn_coco.analysis.diagnostics import diagnose, training_labels_disagree
     from maskrcnn_coco.cli.experiment import build_components, scaled_optimizer_config
     from maskrcnn_coco.config import register_configs
     from maskrcnn_coco.data.coco import class_instance_counts
+    from maskrcnn_coco.engine.label_check import saved_checks
     from maskrcnn_coco.engine.writers import run_context
     from maskrcnn_coco.evaluation.per_class import sanitize
     from maskrcnn_coco.solver.param_groups import build_optimizer
@@ -98,14 +99,20 @@ def rediagnose(run_dir: Path, export: Path | None = None) -> list:
                    "loss_weights": dict(parts.loss_weights), "num_classes": len(counts), "steps_per_epoch": steps,
                    "producer_lrs": dict(context.producer_lrs), "lr_keys": dict(context.lr_keys),
                    "class_counts": counts, "start_findings": sorted(map(list, context.start_findings)),
-                   "train_images": context.train_images}
+                   "train_images": context.train_images,
+                   # The label check's per-evaluation input of the training-labels rule (no rows).
+                   "label_checks": saved_checks(run_dir)}
         fixture["overrides"] = [o for o in OmegaConf.to_container(fixture["overrides"]) if "/work/" not in o]
         export.mkdir(parents=True, exist_ok=True)
         (export / f"{run_dir.name}.json").write_text(json.dumps(fixture, indent=1))
+    checks = dict(saved_checks(run_dir))
     found, seen = [], set()
     for i in range(len(history)):
-        for d in diagnose(history[: i + 1], loss_weights=parts.loss_weights, num_classes=len(counts),
-                          config=cfg.diagnostics, steps_per_epoch=steps, context=context):
+        epoch = history[i].get("epoch", i + 1)
+        window = [(e, c) for e, c in sorted(checks.items()) if e <= epoch]
+        for d in [*diagnose(history[: i + 1], loss_weights=parts.loss_weights, num_classes=len(counts),
+                            config=cfg.diagnostics, steps_per_epoch=steps, context=context),
+                  *(training_labels_disagree(window, cfg.diagnostics) if epoch in checks else [])]:
             if d.key not in seen:
                 seen.add(d.key)
                 found.append(d)

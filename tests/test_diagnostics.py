@@ -257,6 +257,7 @@ from maskrcnn_coco.analysis.diagnostics import (  # noqa: E402
     lagging_component,
     muted,
     rare_classes,
+    training_labels_disagree,
 )
 
 HEADS = {"roi_heads.box_head": 0.02, "roi_heads.box_predictor": 0.02, "rpn.head": 0.02}
@@ -442,10 +443,14 @@ def bank_findings(name):
     context = RunContext(producer_lrs=run["producer_lrs"], lr_keys=run["lr_keys"], class_counts=run["class_counts"],
                          start_findings=frozenset(tuple(f) for f in run["start_findings"]),
                          train_images=run.get("train_images"))
+    checks = {int(e): c for e, c in run.get("label_checks") or []}
     found, seen = [], set()
-    for i in range(len(run["history"])):
-        for d in diagnose(run["history"][: i + 1], loss_weights=run["loss_weights"], num_classes=run["num_classes"],
-                          steps_per_epoch=run["steps_per_epoch"], context=context):
+    for i, record in enumerate(run["history"]):
+        epoch = record.get("epoch", i + 1)
+        window = [(e, c) for e, c in sorted(checks.items()) if e <= epoch]
+        for d in [*diagnose(run["history"][: i + 1], loss_weights=run["loss_weights"], num_classes=run["num_classes"],
+                            steps_per_epoch=run["steps_per_epoch"], context=context),
+                  *(training_labels_disagree(window, DiagnosticsConfig()) if epoch in checks else [])]:
             if d.key not in seen:
                 seen.add(d.key)
                 found.append(d)
@@ -466,19 +471,33 @@ def test_each_measured_fault_is_named_with_its_component_and_key(name):
     assert {c for d in found for c in d.components} <= allowed, [d.text() for d in found]
 
 
-def test_training_labels_that_disagree_with_the_classifier_are_named():
-    from maskrcnn_coco.analysis.diagnostics import confusion_agreement, training_labels_disagree
+def _check(train: float, n_train: int, val: float, n_val: int, standardised: float | None = None) -> dict:
+    return {"train": {"share": train, "objects": n_train}, "val": {"share": val, "objects": n_val},
+            "standardised": standardised,
+            "disagreements": [{"image_id": 7, "index": 0, "annotation_id": 31}, {"image_id": 9, "index": 2}]}
 
-    confusion = {"ground_truth": ["circle", "square", "background"],
-                 "matrix": [[40, 5, 1], [10, 45, 2], [3, 4, 0]]}
-    assert confusion_agreement(confusion) == (85 / 100, 100)
-    noisy = [(3, {"share": 0.5, "foreground": 120}, (0.82, 100)), (4, {"share": 0.55, "foreground": 130}, (0.85, 110))]
+
+def test_training_labels_that_disagree_with_the_classifier_are_named():
+    from maskrcnn_coco.analysis.diagnostics import label_gap_z
+
+    # As measured: 40 % of the training labels flipped, epoch 4: 0.41 (standardised) vs 0.55 of ~200 objects.
+    noisy = [(3, _check(0.46, 201, 0.53, 195, 0.44)), (4, _check(0.45, 201, 0.55, 195, 0.41))]
     (d,) = training_labels_disagree(noisy, DiagnosticsConfig())
     assert (d.kind, d.components, d.epoch) == ("training_labels", ("loss_classifier",), 4)
-    assert "55% of the training subset's 130 foreground proposals their own label, but 85% of 110" in d.message
-    assert "category ids" in d.config_key
-    healthy = [(3, {"share": 0.8, "foreground": 120}, (0.75, 100)), (4, {"share": 0.9, "foreground": 130}, (0.85, 110))]
+    z = label_gap_z(0.41, 201, 0.55, 195)
+    assert z < -2.5 and d.evidence["z"] == pytest.approx(z)
+    assert f"41% of 201 annotated objects of the training subset their own label, but 55% of 195 validation objects theirs (z {z:.1f}" in d.message
+    assert "44% vs 53%, 41% vs 55%" in d.message  # both evaluations of the window
+    assert "Most confidently given another class: ann 31, image 9 object 2." in d.message
+    assert "category ids" in d.config_key and d.evidence["annotation_ids"] == [31, None]
+    # Healthy short runs: the training objects agree more than validation's (what the model fitted).
+    healthy = [(3, _check(0.66, 201, 0.57, 195)), (4, _check(0.74, 201, 0.61, 195))]
     assert training_labels_disagree(healthy, DiagnosticsConfig()) == []
-    early = [(2, {"share": 0.3, "foreground": 120}, (0.4, 100)), (3, {"share": 0.35, "foreground": 130}, (0.5, 110))]
-    assert training_labels_disagree(early, DiagnosticsConfig()) == []  # the classifier still sorts classes out
-    assert training_labels_disagree(noisy[-1:], DiagnosticsConfig()) == []  # patience
+    # A gap too small to stand above sampling noise at this size (z > -1.645), or too few objects.
+    assert training_labels_disagree([(3, _check(0.50, 60, 0.58, 60)), (4, _check(0.50, 60, 0.58, 60))],
+                                    DiagnosticsConfig()) == []
+    assert training_labels_disagree([(3, _check(0.3, 40, 0.7, 40)), (4, _check(0.3, 40, 0.7, 40))],
+                                    DiagnosticsConfig()) == []
+    # Only the latest evaluation behind: patience.
+    assert training_labels_disagree([(3, _check(0.6, 201, 0.55, 195)), noisy[-1]], DiagnosticsConfig()) == []
+    assert training_labels_disagree(noisy[-1:], DiagnosticsConfig()) == []

@@ -610,51 +610,69 @@ def confused_with_another(history, confusions: Sequence[Mapping[str, Any]], num_
     return out
 
 
-def confusion_agreement(confusion: Mapping[str, Any]) -> tuple[float, int] | None:
-    """(share of the matched detections given their ground-truth class, matched detections) of a
-    confusion matrix; None without matches."""
-    k = len(list(confusion["ground_truth"])) - 1
-    rows = [[int(v) for v in row[:k]] for row in confusion["matrix"][:k]]
-    matched = sum(map(sum, rows))
-    return (sum(rows[i][i] for i in range(k)) / matched, matched) if matched else None
+# Training labels that disagree with the classifier (engine/label_check.py): the classifier gives the
+# training subset's annotated objects their own label less often than the validation subset's, by at
+# least LABEL_MIN_GAP at each of the last patience evaluations and significantly (one-sided z at most
+# -LABEL_Z, pooled binomial) at the latest, with LABEL_MIN_OBJECTS objects on each side. Healthy short
+# runs give the training subset 0.04-0.13 *more* (it is what the model fitted).
+LABEL_MIN_GAP = 0.05
+LABEL_Z = 1.645
+LABEL_MIN_OBJECTS = 50
 
 
-# Training labels that disagree with the classifier: the training subset's foreground agreement
-# this far below the validation detections' (at least LABEL_MIN_VAL_AGREEMENT, LABEL_MIN_COUNT each).
-LABEL_GAP = 0.2
-LABEL_MIN_VAL_AGREEMENT = 0.6
-LABEL_MIN_COUNT = 20
+def label_gap_z(train: float, n_train: int, val: float, n_val: int) -> float:
+    """The one-sided z of ``train - val`` for two shares of ``n_train`` and ``n_val`` objects (pooled)."""
+    pooled = (train * n_train + val * n_val) / (n_train + n_val)
+    spread = math.sqrt(max(pooled * (1 - pooled), 1e-12) * (1 / n_train + 1 / n_val))
+    return (train - val) / spread
 
 
-def training_labels_disagree(evaluations: Sequence[tuple[int, Mapping[str, Any], tuple[float, int]]],
+def training_labels_disagree(evaluations: Sequence[tuple[int, Mapping[str, Any]]],
                              cfg: DiagnosticsConfig) -> list[Diagnosis]:
-    """Per evaluation ``(epoch, train agreement, (val agreement, matched))``: the classifier gives the
-    sampled foreground proposals of the fixed training subset their own label far less often
-    (``LABEL_GAP``) than it gives the validation detections theirs, for ``patience_epochs``
-    evaluations: the training labels disagree with what the classifier learned from most of them
-    (labels flipped or mapped wrongly in the training file), where validation's agree."""
+    """Per evaluation ``(epoch, label check)`` (``engine.label_check.LabelCheck``'s summary: ``train`` and
+    ``val`` agreements, the ``standardised`` training share, the most confident ``disagreements``):
+    the training objects agree with the classifier less often than the validation objects, for
+    ``patience_epochs`` evaluations: a share of the training labels is wrong (flipped by annotators, or
+    category ids mapped wrongly in the training file), while validation's are right."""
     n = max(cfg.patience_epochs, 1)
     if len(evaluations) < n:
         return []
     window = evaluations[-n:]
-    for _, train, (val, matched) in window:
-        if (train["foreground"] < LABEL_MIN_COUNT or matched < LABEL_MIN_COUNT or val < LABEL_MIN_VAL_AGREEMENT
-                or train["share"] > val - LABEL_GAP):
+    gaps = []
+    for _, check in window:
+        train, val = check.get("train"), check.get("val")
+        if not train or not val or min(train["objects"], val["objects"]) < LABEL_MIN_OBJECTS:
             return []
-    epoch, train, (val, matched) = window[-1]
+        share = check.get("standardised")
+        share = train["share"] if share is None else share
+        if val["share"] - share < LABEL_MIN_GAP:
+            return []
+        gaps.append((share, val["share"]))
+    epoch, check = window[-1]
+    train, val = check["train"], check["val"]
+    share, val_share = gaps[-1]
+    z = label_gap_z(share, train["objects"], val_share, val["objects"])
+    if z > -LABEL_Z:
+        return []
+    worst = check.get("disagreements") or []
+    named = ", ".join(f"ann {d['annotation_id']}" if d.get("annotation_id") is not None else
+                      f"image {d['image_id']} object {d['index']}" for d in worst[:6])
     return [Diagnosis(
         kind="training_labels", components=("loss_classifier",), section="training-labels", epoch=epoch,
-        strength=(val - train["share"]) / LABEL_GAP,
-        message=(f"training labels disagree with the classifier: it gives {train['share']:.0%} of the training subset's "
-                 f"{train['foreground']} foreground proposals their own label, but {val:.0%} of {matched} validation "
-                 f"detections theirs (in the last {n} evaluations: "
-                 + ", ".join(f"{t['share']:.0%} vs {v[0]:.0%}" for _, t, v in window) + ")."),
+        strength=-z / LABEL_Z,
+        message=(f"training labels disagree with the classifier: it gives {share:.0%} of {train['objects']} annotated "
+                 f"objects of the training subset their own label, but {val_share:.0%} of {val['objects']} validation "
+                 f"objects theirs (z {z:.1f}; in the last {n} evaluations "
+                 + ", ".join(f"{t:.0%} vs {v:.0%}" for t, v in gaps)
+                 + "; healthy runs give the training objects more, it is what the model fitted)"
+                 + (f". Most confidently given another class: {named}" if named else "") + "."),
         cause=("a share of the training annotations carries another class than its object (labels flipped by the "
                "annotators, or category ids mapped wrongly in the training file), while validation's are right"),
-        config_key="the training annotations' category ids (python scripts/check_dataset.py; the per-image "
-                   "losses' annotations to check for loss_classifier)",
-        evidence={"train": [t["share"] for _, t, _ in window], "val": [v[0] for _, _, v in window],
-                  "train_foreground": train["foreground"], "val_matched": matched},
+        config_key="the training annotations' category ids (python scripts/check_dataset.py; the run's "
+                   "label_check_epoch_NNN.json lists the objects the classifier gives another class)",
+        evidence={"train": [t for t, _ in gaps], "val": [v for _, v in gaps], "z": z,
+                  "train_objects": train["objects"], "val_objects": val["objects"],
+                  "annotation_ids": [d.get("annotation_id") for d in worst[:12]]},
     )]
 
 

@@ -218,11 +218,13 @@ def audit_start(cfg: DictConfig, model: nn.Module, optimizer: torch.optim.Optimi
 
 
 def build_hooks(cfg: DictConfig, run_dir: Path, settings: FitSettings, tracker: ExperimentTracker,
-                audit: list[Diagnosis], resolved: dict[str, Any], train_dataset: Any = None) -> list[Hook]:
+                audit: list[Diagnosis], resolved: dict[str, Any], train_dataset: Any = None,
+                val_dataset: Any = None) -> list[Hook]:
     """The run's hooks: the default instruments as configured (``train.*``, ``checkpoint.*``,
     ``diagnostics.*``), then one hook per ``hooks.<name>`` entry (a Hydra ``_target_`` spec of a
     ``engine.hooks.Hook``), in the order of the entries. ``train_dataset``: for the per-class
-    diagnoses (its instances per class) and the per-image losses."""
+    diagnoses (its instances per class), the per-image losses and the label check (with
+    ``val_dataset``)."""
     hooks = default_hooks(
         run_dir, settings, tracker, grad_norm_every=cfg.train.grad_norm_every,
         divergence=DivergenceGuard(max_loss=cfg.train.max_loss, factor=cfg.train.max_loss_factor),
@@ -230,7 +232,7 @@ def build_hooks(cfg: DictConfig, run_dir: Path, settings: FitSettings, tracker: 
                                 extra={"config": resolved}, keep_last=cfg.checkpoint.keep_last,
                                 best_metric=cfg.objective.metric),
         checkpoint_every_n_iters=cfg.checkpoint.every_n_iters, diagnostics=cfg.diagnostics, audit=audit,
-        train_dataset=train_dataset, seed=cfg.seed,
+        train_dataset=train_dataset, seed=cfg.seed, val_dataset=val_dataset,
     )
     for name, spec in (cfg.hooks or {}).items():
         if spec is None:
@@ -295,7 +297,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
     )
     tracker = build_tracker(cfg.tracker, run_dir)
     resolved = config_to_dict(cfg)
-    hooks = build_hooks(cfg, run_dir, settings, tracker, audit, resolved, data.train_loader.dataset)
+    hooks = build_hooks(cfg, run_dir, settings, tracker, audit, resolved, data.train_loader.dataset,
+                        data.val_loader.dataset)
     try:
         tracker.log_hyperparams(Hyperparams(resolved, overrides=task_overrides()))
         history = fit(wrap_distributed(model, device), optimizer, data.train_loader, data.val_loader, settings, hooks,

@@ -57,9 +57,7 @@ POSITIVE_ONLY = frozenset({"loss_box_reg", "loss_mask", "loss_rpn_box_reg"})
 # objects) has a larger value without a worse regression, so they are ranked per positive:
 # value x sampled / positives, from the row's sampler counts.
 PER_POSITIVE = {"loss_box_reg": ("roi_positive", "roi_sampled"), "loss_rpn_box_reg": ("rpn_positive", "rpn_sampled")}
-COUNTS = ("rpn_positive", "rpn_sampled", "roi_positive", "roi_sampled", "roi_fg_agree")
-# roi_fg_agree: the sampled foreground proposals whose top-scoring object class is their ground-truth label
-# (over roi_positive): how far the training labels agree with what the classifier learned.
+COUNTS = ("rpn_positive", "rpn_sampled", "roi_positive", "roi_sampled")
 # Outlier rule defaults: above median + K_MAD x MAD and at least MIN_RATIO x the median, among at
 # least MIN_IMAGES images (a median of fewer says little).
 K_MAD = 5.0
@@ -147,9 +145,6 @@ class _CountingSampler:
         pos, neg = self.sampler(labels)
         positives = sum(p.sum() for p in pos)
         self.counts = (positives, positives + sum(n.sum() for n in neg))
-        # The sampled proposals' labels, in the order the box predictor scores them (torchvision's
-        # select_training_samples keeps the sampled indices of each image in order).
-        self.sampled_labels = torch.cat([lab[(p | n).bool()] for lab, p, n in zip(labels, pos, neg)])
         return pos, neg
 
     def __getattr__(self, name: str) -> Any:
@@ -207,16 +202,14 @@ def per_image_losses(
         if statistics == "batch":
             torch.manual_seed(seed)
             _capture_batch_statistics(model, images, targets)
-        with loss_mode(model), _counting(model) as counters, _class_logits(model) as logits:
+        with loss_mode(model), _counting(model) as counters:
             for i, (image, target) in enumerate(zip(images, targets)):
                 torch.manual_seed(seed + i)
                 for counter in counters.values():
                     counter.counts = None  # a forward that never reaches a sampler counts nothing
-                logits.clear()
                 try:
                     loss_dict = model([image], [dict(target)])
                     counts = [c for k in ("rpn", "roi") for c in _counts(counters.get(k), device)]
-                    counts.append(_fg_agreement(counters.get("roi"), logits, device))
                     values.append(torch.stack([*(loss_dict[k].detach().float() for k in LOSS_COMPONENTS), *counts]))
                 except (ValueError, RuntimeError, IndexError, AssertionError) as err:
                     errors[i] = f"{type(err).__name__}: {err}"
@@ -233,29 +226,6 @@ def per_image_losses(
     return rows
 
 
-@contextmanager
-def _class_logits(model: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """The box predictor's class logits of each forward while open (empty without a box predictor)."""
-    captured: list[torch.Tensor] = []
-    predictor = getattr(getattr(model, "roi_heads", None), "box_predictor", None)
-    handle = predictor.register_forward_hook(lambda m, i, out: captured.append(out[0])) if predictor is not None else None
-    try:
-        yield captured
-    finally:
-        if handle is not None:
-            handle.remove()
-
-
-def _fg_agreement(counter: _CountingSampler | None, logits: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """How many sampled foreground proposals the classifier gives their own label (NaN when unknown)."""
-    labels = getattr(counter, "sampled_labels", None) if counter is not None and counter.counts is not None else None
-    if labels is None or not logits or logits[-1].shape[0] != labels.shape[0]:
-        return torch.tensor(math.nan, device=device)
-    fg = labels > 0
-    # Among the object classes only (as a detection's class is): background is the RPN's question.
-    return (logits[-1][fg][:, 1:].argmax(dim=1) + 1 == labels[fg]).sum().float()
-
-
 def _counts(counter: _CountingSampler | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(positives, sampled) of the counter's last draw as float device tensors; NaN without one."""
     if counter is None or counter.counts is None:
@@ -263,18 +233,6 @@ def _counts(counter: _CountingSampler | None, device: torch.device) -> tuple[tor
         return nan, nan
     positives, sampled = counter.counts
     return positives.float(), sampled.float()
-
-
-def label_agreement(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
-    """Over the rows: the share of sampled foreground proposals the classifier gives their own
-    (training) label, with the counts; None without any."""
-    pairs = [(r.get("roi_fg_agree"), r.get("roi_positive")) for r in rows]
-    pairs = [(a, p) for a, p in pairs if a is not None and p]
-    total = sum(p for _, p in pairs)
-    if not total:
-        return None
-    agree = sum(a for a, _ in pairs)
-    return {"share": agree / total, "agree": agree, "foreground": total, "images": len(pairs)}
 
 
 # ------------------------------------------------------------------------------------ outliers
@@ -545,7 +503,6 @@ class PerImageLosses(Hook):
             "medians": medians(rows),
             "outliers": outliers,
             "images_to_check": [image_id for image_id, _ in worst],
-            "label_agreement": label_agreement(rows),
             "sheet": sheet.name if sheet is not None else None,
             "rows": rows,
         }
@@ -557,5 +514,4 @@ class PerImageLosses(Hook):
             log.info("Per-image losses (epoch %d, %d training images, %.1f s): annotations to check: images %s%s; see %s",
                      epoch, len(rows), seconds, shown, " ..." if len(worst) > 5 else "", sheet.name if sheet else path.name)
         return {"epoch": epoch, "path": path, "sheet": sheet, "outliers": outliers,
-                "images_to_check": summary["images_to_check"], "medians": summary["medians"], "seconds": seconds,
-                "label_agreement": summary["label_agreement"]}
+                "images_to_check": summary["images_to_check"], "medians": summary["medians"], "seconds": seconds}

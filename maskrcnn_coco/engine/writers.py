@@ -22,7 +22,6 @@ from maskrcnn_coco.analysis.diagnostics import (
     Diagnosis,
     RunContext,
     class_aps,
-    confusion_agreement,
     diagnose,
     format_summary,
     lr_config_key,
@@ -34,6 +33,8 @@ from maskrcnn_coco.config import DiagnosticsConfig
 from maskrcnn_coco.data.coco import class_instance_counts
 from maskrcnn_coco.engine.checkpoint import CHECKPOINT_DIR, Checkpointer, display_path
 from maskrcnn_coco.engine.hooks import EpochResult, Hook
+from maskrcnn_coco.engine.label_check import LATEST_KEY as LABEL_CHECK_KEY
+from maskrcnn_coco.engine.label_check import LabelCheck, rule_input
 from maskrcnn_coco.engine.monitors import (
     DivergenceGuard,
     GradNormMeter,
@@ -155,8 +156,8 @@ class DiagnosticsWriter(Hook):
         self.start = [d for d in start if not muted(d, self.config.ignore)]
         self.reported: set[tuple[Any, ...]] = set()
         self.confusions: list[Mapping[str, Any]] = []
-        # (epoch, the training subset's label agreement, (validation agreement, matched)) per evaluation.
-        self.agreements: list[tuple[int, Mapping[str, Any], tuple[float, int]]] = []
+        # (epoch, the label check's summary: engine/label_check.py) per evaluation.
+        self.agreements: list[tuple[int, Mapping[str, Any]]] = []
 
     def _append(self, findings: Sequence[Diagnosis]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -191,7 +192,8 @@ class DiagnosticsWriter(Hook):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.reported = {_as_key(k) for k in state.get("reported") or []}
         self.confusions = list(state.get("confusions") or [])
-        self.agreements = [(int(e), dict(t), tuple(v)) for e, t, v in state.get("agreements") or []]
+        self.agreements = [(int(e), dict(c)) for e, c in state.get("agreements") or []
+                           if isinstance(c, Mapping)]  # a checkpoint of an older layout carries none
 
     def on_finding(self, state: TrainingState, finding: Diagnosis) -> None:
         self._report([finding])
@@ -212,12 +214,13 @@ class DiagnosticsWriter(Hook):
                          num_classes=state.mapping.num_classes - 1, config=self.config, confusions=self.confusions,
                          steps_per_epoch=state.global_step / result.epoch if state.global_step else None,
                          context=self.context(state, weights))
-        per_image = (getattr(state, "latest", None) or {}).get("per_image")
+        latest = getattr(state, "latest", None) or {}
+        check = latest.get(LABEL_CHECK_KEY)
+        if check and check.get("epoch") == result.epoch:
+            self.agreements = [*self.agreements, (result.epoch, rule_input(check))][-4:]
+            found += training_labels_disagree(self.agreements, self.config)
+        per_image = latest.get("per_image")
         if per_image and per_image.get("epoch") == result.epoch:
-            val = confusion_agreement(confusion) if confusion else None
-            if per_image.get("label_agreement") and val is not None:
-                self.agreements = [*self.agreements, (result.epoch, per_image["label_agreement"], val)][-4:]
-                found += training_labels_disagree(self.agreements, self.config)
             found = [cite_images(d, per_image) for d in found]
         self._report(found)
 
@@ -341,6 +344,7 @@ def default_hooks(
     audit: Sequence[Diagnosis] = (),
     train_dataset: Any = None,
     seed: int = 0,
+    val_dataset: Any = None,
 ) -> list[Hook]:
     """The instruments of a training run, in their order (``engine.hooks``): gradient norms, the
     iteration timer, the spike monitor (with diagnostics), the divergence guard, periodic step-boundary
@@ -372,6 +376,8 @@ def default_hooks(
             *([PerImageLosses(run_dir, train_dataset, num_images=cfg.per_image_images, seed=seed, k=cfg.per_image_k_mad,
                               min_ratio=cfg.per_image_min_ratio)]
               if enabled and train_dataset is not None and cfg.per_image_images > 0 else []),
+            *([LabelCheck(run_dir, train_dataset, val_dataset, num_images=cfg.label_check_images, seed=seed)]
+              if enabled and train_dataset is not None and val_dataset is not None and cfg.label_check_images > 0 else []),
             ConfusionWriter(run_dir),
             TrackerWriter(tracker),
             HistoryWriter(run_dir),
