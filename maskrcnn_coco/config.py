@@ -440,6 +440,18 @@ class DiagnosticsConfig:
 
 
 @dataclass
+class VisConfig:
+    """Images of predictions at each evaluation (engine/visualize.py): fixed validation images drawn as
+    ground truth beside predictions, in <run folder>/vis/ and the trackers' images."""
+
+    # Validation images drawn (chosen once from the seed; 0: off, no prediction or confusion images).
+    num_images: int = field(default=4, metadata=at_least(0))
+    # Detections drawn: score at least this, at most max_detections of them (the best).
+    score_threshold: float = field(default=0.5, metadata=rule(is_probability, "a probability in [0, 1]"))
+    max_detections: int = field(default=20, metadata=at_least(1))
+
+
+@dataclass
 class Config:
     data: DataConfig = MISSING
     model: ModelConfig = MISSING
@@ -452,6 +464,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    vis: VisConfig = field(default_factory=VisConfig)
     epochs: int = field(default=10, metadata=at_least(1))
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -32,6 +32,8 @@ def test_benchmark_smoke_writes_the_json_report(tmp_path, capsys, restore_thread
         assert {"ours", "bare", "ratio"} <= set(entry) and entry["ratio"]["wall"]["median"] > 0
         assert entry["ours"]["images_per_s"]["median"] > 0 and len(entry["ours"]["cpu_s"]) == 1
     assert report["train"]["off"]["overhead"]["grad_norm_update_ms"] > 0
+    iteration_log = report["train"]["off"]["iteration_log"]  # the iter/ scalars' read-back, timed alone
+    assert iteration_log["read_back_us"]["wall"] > 0 and iteration_log["estimated_ratio"] > 1
     assert report["eval"]["metrics_equal"] is True and report["eval"]["ratio"]["cpu"]["median"] > 0
     stages = report["eval"]["stages"]
     assert set(STAGES) | {"to COCO", "COCOeval", "losses_over_rest"} == set(stages)
@@ -40,7 +42,7 @@ def test_benchmark_smoke_writes_the_json_report(tmp_path, capsys, restore_thread
     assert report["cocoeval"]["identical"] is True and "pycocotools" in report["cocoeval"]["backends"]
     assert {"fused", "foreach", "for_loop"} <= set(report["optimizer"])
     text = capsys.readouterr().out
-    assert "bit-identical: True" in text and f"Wrote {out}" in text
+    assert "bit-identical: True" in text and f"Wrote {out}" in text and "iteration log per read-back" in text
     assert "no exact val loss can bring the ratio below" in text
 
 

@@ -147,6 +147,10 @@ BAD_VALUES = [
     ("data.augment.scale_range=[0.8]", "data.augment.scale_range=[0.8]: must be [min, max]"),
     ("scheduler.warmup_iters=-1", "scheduler.warmup_iters=-1: must be 0 or more"),
     ("diagnostics.per_image_images=-1", "diagnostics.per_image_images=-1: must be at least 0"),
+    ("diagnostics.label_check_images=-1", "diagnostics.label_check_images=-1: must be at least 0"),
+    ("vis.num_images=-1", "vis.num_images=-1: must be at least 0"),
+    ("vis.score_threshold=1.5", "vis.score_threshold=1.5: must be a probability in [0, 1]"),
+    ("vis.max_detections=0", "vis.max_detections=0: must be at least 1"),
     ("eval.every_n_epochs=0", "eval.every_n_epochs=0: must be at least 1"),
     ("eval.backend=fast", "eval.backend=fast: must be one of auto, pycocotools, faster_coco_eval"),
     ("checkpoint.every_n_epochs=-1", "checkpoint.every_n_epochs=-1: must be 0 (no epoch_NNN.pth) or more"),
@@ -184,6 +188,7 @@ def test_every_field_rule_is_exercised():
      "eval.backend=pycocotools", "optimizer.impl=foreach", "optimizer.scale_lr=linear", "optimizer.clip_grad_norm=10",
      "checkpoint.keep_last=null", "checkpoint.every_n_epochs=0", "checkpoint.every_n_iters=50", "train.max_loss=null",
      "train.max_loss_factor=null", "scheduler.warmup_iters=0", "data.augment.hflip_prob=1"],
+    ["vis.num_images=0", "vis.score_threshold=0", "vis.max_detections=1"],
 ])
 def test_working_values_pass_the_field_rules(overrides):
     validate_config(compose_config(overrides))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,9 +32,10 @@ def _can_build_wheels() -> bool:
     return importlib.util.find_spec("setuptools.command.bdist_wheel") is not None or importlib.util.find_spec("wheel") is not None
 
 
-# slow: builds and installs a wheel, trains in subprocesses
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not _can_build_wheels(), reason="building a wheel offline needs setuptools (and bdist_wheel)")]
+def wheel_test(test):
+    """slow: builds and installs a wheel, trains in subprocesses."""
+    needs_wheel = pytest.mark.skipif(not _can_build_wheels(), reason="building a wheel offline needs setuptools (and bdist_wheel)")
+    return pytest.mark.slow(needs_wheel(test))
 
 PIP_ENV = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
 
@@ -84,6 +86,7 @@ def installed(tmp_path_factory) -> Installed:
     return Installed(wheel, target, python, root)
 
 
+@wheel_test
 def test_wheel_ships_every_module_and_yaml(installed):
     names = set(zipfile.ZipFile(installed.wheel).namelist())
     yamls = sorted(p.relative_to(REPO / "conf").as_posix() for p in (REPO / "conf").rglob("*.yaml"))
@@ -100,6 +103,7 @@ def test_wheel_ships_every_module_and_yaml(installed):
     assert "maskrcnn-probe = maskrcnn_coco.cli.probe:cli" in entry_points
 
 
+@wheel_test
 def test_wheel_copy_is_imported_finds_its_conf_and_runs_probe_script(installed, tmp_path):
     # One interpreter (one torch import) for both checks: which copy is imported, then the
     # maskrcnn-probe console script, run as the launcher would run it.
@@ -127,6 +131,7 @@ def _check_training(proc: subprocess.CompletedProcess, runs: Path) -> None:
     assert (run_dir / "metrics.jsonl").is_file()
 
 
+@wheel_test
 def test_console_script_trains_outside_the_checkout(installed, tmp_path):
     script = installed.target / "bin" / "maskrcnn-train"
     assert script.is_file()
@@ -136,8 +141,20 @@ def test_console_script_trains_outside_the_checkout(installed, tmp_path):
     _check_training(proc, runs)
 
 
+@wheel_test
 def test_python_m_trains_outside_the_checkout(installed, tmp_path):
     runs = tmp_path / "runs"
     proc = subprocess.run([str(installed.python), "-m", "maskrcnn_coco", *_train_overrides(runs)], cwd=tmp_path,
                           env=installed.env, capture_output=True, text=True, timeout=300, check=False)
     _check_training(proc, runs)
+
+
+def test_the_mlflow_ui_has_an_extra_and_training_does_not_pull_it():
+    """``mlflow ui`` needs the full mlflow package (its server and web app; mlflow-skinny has neither):
+    the ``mlflow-ui`` extra brings it, the ``mlflow`` extra stays the client that training needs."""
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names = {key: {re.split(r"[<>=!~ \[;]", r)[0] for r in requirements} for key, requirements in extras.items()}
+    assert "mlflow" in names["mlflow-ui"] and "maskrcnn_coco" in names["mlflow-ui"]
+    assert "mlflow-skinny" in names["mlflow"] and "mlflow" not in names["mlflow"]

@@ -69,13 +69,14 @@ def test_a_run_written_to_a_file_has_no_bar_frames_and_one_line_per_print_freq(t
     run_dir = next((tmp_path / "maskrcnn").iterdir())
     assert len(LINE.findall((run_dir / "train.log").read_text().replace("[INFO] ", "\n"))) == 4
 
-    # The run's HParams: the curated keys plus what the command line overrode.
+    # The run's HParams: the curated keys plus the hyperparameters the command line overrode (not
+    # where or how the run executes: print_freq, tracker, progress, runs_dir).
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
     content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     start = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
     assert set(KEY_HPARAMS) <= set(start.hparams)
     assert start.hparams["data.augment.vflip_prob"].number_value == pytest.approx(0.25)
-    assert start.hparams["print_freq"].number_value == 2 and start.hparams["tracker"].string_value == "tensorboard"
+    assert not {"print_freq", "tracker", "progress", "runs_dir"} & set(start.hparams)
     assert "data.augment.hflip_prob" not in start.hparams
     assert all(f"loss.weights.{k}" in start.hparams for k in LOSS_COMPONENTS)

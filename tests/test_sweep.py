@@ -2,9 +2,12 @@
 summary when the sweep ends."""
 
 import csv
+import json
 
 import pytest
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 from conftest import TINY_OVERRIDES, run_entry
 
@@ -25,11 +28,19 @@ def test_two_job_head_lr_multirun(tmp_path):
         heads = acc.Scalars("lr/heads")[-1].value
         assert heads / lr == pytest.approx(multiplier, rel=1e-5)
         assert acc.Scalars("lr/backbone")[-1].value == pytest.approx(lr)
+        # HParams: the swept key first, infrastructure overrides (runs_dir, progress) left out.
+        content = acc.PluginTagToContent("hparams")
+        start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+        experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+        assert experiment.hparam_infos[0].name == "optimizer.head_lr_multiplier"
+        assert start.hparams["optimizer.head_lr_multiplier"].number_value == multiplier
+        assert "runs_dir" not in start.hparams and "progress" not in start.hparams
+        assert json.loads((job / "provenance.json").read_text())["world_size"] == 1
 
     rows = list(csv.DictReader((sweep_dir / "sweep_summary.csv").open()))
     assert [r["overrides"].split()[-1] for r in rows] == ["optimizer.head_lr_multiplier=1", "optimizer.head_lr_multiplier=3"]
     for r in rows:
-        assert float(r["loss/train_loss_mask"]) > 0 and r["best_epoch"] == "1"
+        assert float(r["loss/train_loss_mask"]) > 0 and float(r["loss/val_loss_mask"]) > 0 and r["best_epoch"] == "1"
         assert 0.0 <= float(r["mAP/segm_AP"]) <= 1.0 and float(r["loss/val"]) > 0
     png = (sweep_dir / "sweep_summary.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -70,3 +81,64 @@ def test_job_dirname_names_only_the_swept_keys(monkeypatch):
     monkeypatch.setattr("sys.argv", ["main_mlops.py", "-m", *[f"key{i}=a,b" for i in range(40)]])
     name = job_dirname(long)
     assert len(name) <= MAX_DIRNAME and "/" not in name and name.startswith("key0=value_0,key1=")
+
+
+def fake_sweep(sweep_dir, multipliers=(1, 10)):
+    """Job folders as a finished multirun leaves them: ``metrics.jsonl`` and ``.hydra/overrides.yaml``.
+    The x10 job's val classifier loss rises while every train loss falls (heads overfitting)."""
+    from maskrcnn_coco.tracking.scalars import LOSS_COMPONENTS
+
+    for j, m in enumerate(multipliers):
+        job = sweep_dir / f"{j}_optimizer.head_lr_multiplier={m}"
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["epochs=3", f"optimizer.head_lr_multiplier={m}"]))
+        records = []
+        for epoch in (1, 2, 3):
+            record = {"epoch": epoch, "loss/train_total": 5 / epoch, "loss/val": 5 / epoch, "mAP/segm_AP": 0.1 * epoch}
+            for name in LOSS_COMPONENTS:
+                record[f"loss/train_{name}"] = 1 / epoch
+                record[f"loss/val_{name}"] = 0.5 * epoch if (m == 10 and name == "loss_classifier") else 1 / epoch
+            records.append(json.dumps(record))
+        (job / "metrics.jsonl").write_text("\n".join(records) + "\n")
+    return sweep_dir
+
+
+def test_summary_table_has_each_components_final_train_and_val(tmp_path):
+    from maskrcnn_coco.analysis.sweep import write_sweep_summary
+
+    table = write_sweep_summary(fake_sweep(tmp_path))
+    header = table.splitlines()[0]
+    assert "| train_classifier | val_classifier | train_box_reg | val_box_reg | train_mask | val_mask |" in header
+    assert "| train_total | val |" in header
+    rows = list(csv.DictReader((tmp_path / "sweep_summary.csv").open()))
+    assert [float(r["loss/val_loss_classifier"]) for r in rows] == [pytest.approx(1 / 3), pytest.approx(1.5)]
+    assert [float(r["loss/train_loss_classifier"]) for r in rows] == [pytest.approx(1 / 3)] * 2
+    assert (tmp_path / "sweep_summary.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_summary_plot_has_one_panel_per_component_with_train_solid_and_val_dashed(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from maskrcnn_coco.analysis.sweep import collect_jobs, sweep_figure
+    from maskrcnn_coco.tracking.scalars import LOSS_COMPONENTS
+
+    rows = collect_jobs(fake_sweep(tmp_path))
+    fig = sweep_figure(rows, "sweep")
+    try:
+        titles = [ax.get_title() for ax in fig.axes]
+        assert titles[:7] == [*LOSS_COMPONENTS, "total (weighted)", "mAP/segm_AP"]
+        for ax in fig.axes[:6]:  # per job: train solid, val dashed, in the job's colour
+            assert [(line.get_linestyle(), line.get_color()) for line in ax.get_lines()] == [
+                ("-", "C0"), ("--", "C0"), ("-", "C1"), ("--", "C1")]
+        rising = fig.axes[0].get_lines()[3]  # the x10 job's val classifier loss
+        assert list(rising.get_ydata()) == pytest.approx([0.5, 1.0, 1.5])
+        legend = [t.get_text() for t in fig.axes[7].get_legend().get_texts()]
+        assert legend == ["optimizer.head_lr_multiplier=1", "optimizer.head_lr_multiplier=10", "train", "val"]
+    finally:
+        plt.close(fig)
+
+
+def test_task_swept_keys_outside_a_multirun_is_empty():
+    from maskrcnn_coco.analysis.sweep import task_swept_keys
+
+    assert task_swept_keys() == []

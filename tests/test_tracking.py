@@ -21,6 +21,7 @@ from maskrcnn_coco.tracking import (
     flatten_params,
     log_training_metrics,
 )
+from maskrcnn_coco.tracking.hparams import HPARAM_METRICS, experiment_summary, is_hyperparameter, key_hparams
 from maskrcnn_coco.tracking.scalars import epoch_scalars
 
 from conftest import REPO
@@ -190,18 +191,22 @@ def test_float_losses_are_backward_compatible(tmp_path):
 
 def test_hyperparams_go_into_the_runs_own_event_file(tmp_path):
     tb = TensorBoardTracker(tmp_path)
-    params = {"optimizer": {"lr": 0.02, "groups": {"heads": {"prefixes": ["roi_heads"]}}}, "epochs": 3, "resume": None}
-    tb.log_hyperparams(Hyperparams(params, overrides=["optimizer.groups.heads.prefixes=[roi_heads]", "resume=null"]))
+    params = {"optimizer": {"lr": 0.02, "groups": {"heads": {"prefixes": ["roi_heads"]}}}, "epochs": 3, "model": {"weights": None}}
+    tb.log_hyperparams(Hyperparams(params, overrides=["optimizer.groups.heads.prefixes=[roi_heads]", "model.weights=null"]))
     tb.log_scalar("loss/val", 1.0, 1)
     tb.close()
-    assert [p for p in tmp_path.iterdir() if p.is_dir()] == []  # no stray sub-run
+    for sub in (p for p in tmp_path.iterdir() if p.is_dir()):  # no stray sub-run (add_hparams would make one)
+        sub_acc = EventAccumulator(str(sub))
+        sub_acc.Reload()
+        with pytest.raises(KeyError):
+            sub_acc.PluginTagToContent("hparams")
     _, acc = read_scalars(tmp_path)
     content = acc.PluginTagToContent("hparams")
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
     assert start.hparams["optimizer.lr"].number_value == pytest.approx(0.02)
     assert start.hparams["epochs"].number_value == 3
     assert start.hparams["optimizer.groups.heads.prefixes"].string_value == "['roi_heads']"
-    assert start.hparams["resume"].string_value == "None"
+    assert start.hparams["model.weights"].string_value == "None"
 
 
 def test_composite_fans_out_and_csv_reads_back(tmp_path):
@@ -233,6 +238,108 @@ def test_new_backends_implement_the_protocol_signatures(path):
     cls = getattr(importlib.import_module(module), name)  # importable without the optional library
     for method in PROTOCOL_METHODS:
         assert signature_shape(getattr(cls, method)) == signature_shape(getattr(ExperimentTracker, method)), f"{name}.{method}"
+
+
+EXTRAS = ("log_text", "log_image", "log_artifact", "resume")
+
+
+@pytest.mark.parametrize("path", ["maskrcnn_coco.tracking.backends.TensorBoardTracker",
+                                  "maskrcnn_coco.tracking.backends.CSVTracker",
+                                  "maskrcnn_coco.tracking.backends.CompositeTracker",
+                                  "maskrcnn_coco.tracking.backends.GuardedTracker",
+                                  "maskrcnn_coco.tracking.mlflow_tracker.MLflowTracker",
+                                  "maskrcnn_coco.tracking.wandb_tracker.WandbTracker"])
+def test_optional_methods_have_the_extras_signatures(path):
+    import importlib
+
+    from maskrcnn_coco.tracking import TrackerExtras
+
+    module, _, name = path.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    present = [m for m in EXTRAS if hasattr(cls, m)]
+    for method in present:
+        assert signature_shape(getattr(cls, method)) == signature_shape(getattr(TrackerExtras, method)), f"{name}.{method}"
+    if name in ("CompositeTracker", "GuardedTracker"):  # wrappers forward every optional method
+        assert present == list(EXTRAS)
+    assert set(vars(TrackerExtras)) >= set(EXTRAS)
+
+
+def test_optional_calls_skip_a_tracker_without_them_also_composed_and_guarded(tmp_path):
+    import torch
+
+    from maskrcnn_coco.tracking import log_artifact, log_image, log_text
+
+    image = torch.zeros(3, 8, 6, dtype=torch.uint8)
+    plain, tb = ListTracker(), TensorBoardTracker(tmp_path)
+    guarded = GuardedTracker(ListTracker())
+    for tracker in (plain, CompositeTracker([ListTracker(), tb]), guarded):
+        log_text(tracker, "diagnostics/x", "**x**", 1)
+        log_image(tracker, "images/predictions/7", image, 1)
+        log_artifact(tracker, tmp_path)
+    assert guarded.failed is None
+    tb.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    acc.Reload()
+    assert [(e.step, e.width, e.height) for e in acc.Images("images/predictions/7")] == [(1, 6, 8)]
+
+
+def test_images_and_text_reach_tensorboards_tabs_at_their_epoch(tmp_path):
+    import torch
+
+    tb = TensorBoardTracker(tmp_path)
+    for epoch in (1, 2):
+        tb.log_image("images/confusion", torch.full((3, 4, 5), 200, dtype=torch.uint8), epoch)
+        tb.log_text("diagnostics/summary", f"epoch {epoch}", epoch)
+    tb.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images("images/confusion")] == [1, 2]
+    assert [e.step for e in acc.Tensors("diagnostics/summary/text_summary")] == [1, 2]
+
+
+def test_train_and_val_share_compare_cards_in_two_sub_runs_and_readers_see_one_run(tmp_path):
+    """The compare/<component> card: the same tag in <run>/train and <run>/val (two runs, two colours);
+    the run's own file keeps the vocabulary; run readers still find ONE run with the same tags."""
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+
+    from maskrcnn_coco.analysis import read_scalars as read_run
+    from maskrcnn_coco.analysis.inspect import find_runs
+
+    run = tmp_path / "maskrcnn" / "run1"
+    tb = TensorBoardTracker(run)
+    log_training_metrics(tb, 1, COMPONENTS, {**COMPONENTS, "loss_mask": 0.75}, METRICS, 0.01)
+    log_training_metrics(tb, 2, COMPONENTS, None, None, 0.01)  # an epoch without validation
+    tb.close()
+    main, _ = read_scalars(run)
+    assert not any(tag.startswith("compare/") for tag in main)
+    assert {"loss/train_loss_mask", "loss/val_loss_mask", "loss/train_total", "loss/val"} <= set(main)
+    train, _ = read_scalars(run / "train")
+    val, _ = read_scalars(run / "val")
+    assert set(train) == {f"compare/{name}" for name in COMPONENTS} | {"compare/loss_total"}
+    assert train["compare/loss_mask"] == [(1, 1.0), (2, 1.0)]
+    assert val["compare/loss_mask"] == [(1, 0.75)] and val["compare/loss_total"] == main["loss/val"]
+    multiplexer = EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(tmp_path))
+    multiplexer.Reload()
+    holding = sorted(r for r, tags in multiplexer.Runs().items() if "compare/loss_mask" in tags.get("tensors", []) + tags.get("scalars", []))
+    assert holding == ["maskrcnn/run1/train", "maskrcnn/run1/val"]
+    assert find_runs(tmp_path) == [run]
+    assert set(read_run(run)) == set(main)
+
+
+def test_layout_puts_iteration_tags_in_their_own_category():
+    from maskrcnn_coco.tracking.layout import compare_pair, custom_scalars_layout
+
+    tags = ["iter/loss_mask", "iter/loss_total", "iter/lr/heads", "iter/grad_norm/backbone", "iter/time_iter",
+            "iter/memory/main_rss_mb", "lr/heads"]
+    layout = custom_scalars_layout(tags)
+    (iterations,) = [c for c in layout if c.startswith("Iterations")]
+    assert set(layout[iterations]) == {"losses", "lr (all groups)", "grad_norm (all sets)", "time per iteration (s)",
+                                       "memory (MiB)"}
+    assert layout["Optimisation"] == {"lr (all groups)": ["Multiline", ["lr/.*"]]}  # lr/.* never matches iter/lr/
+    assert compare_pair("loss/val") == ("val", "compare/loss_total")
+    assert compare_pair("loss/train_loss_box_reg") == ("train", "compare/loss_box_reg")
+    assert compare_pair("mAP/segm_AP") is None and compare_pair("iter/loss_mask") is None
 
 
 def custom_scalars_layout_of(acc):
@@ -303,10 +410,89 @@ def test_hparams_show_the_curated_keys_and_the_overridden_ones_with_final_metric
     metric_tags = [m.name.tag for m in experiment.metric_infos]
     assert metric_tags[0] == "mAP/segm_AP"
     assert set(metric_tags) <= set(scalars)  # the HParams table reads each metric's last value from these
+    assert {f"loss/{split}_{name}" for name in COMPONENTS for split in ("train", "val")} <= set(metric_tags)
     assert scalars["mAP/segm_AP"][-1] == (2, pytest.approx(0.6))
     assert {h.name for h in experiment.hparam_infos} == set(start.hparams)
+    # The overridden keys are marked as differing: TensorBoard lists and ticks them first.
+    assert sorted(h.name for h in experiment.hparam_infos if h.differs) == ["data.augment.vflip_prob", "optimizer.lr"]
     end = hparams_content(acc, "_hparams_/session_end_info").session_end_info
     assert end.status == 1  # STATUS_SUCCESS
+
+
+# Overrides of a sweep job: infrastructure and paths beside the swept key and two real hyperparameters.
+JOB_OVERRIDES = ["hydra/launcher=submitit_local", "hydra.run.dir=/tmp/x", "+sweep=head_lr", "tracker=all", "device=cpu",
+                 "progress=false", "runs_dir=/tmp/runs", "data.num_workers=2", "data.cache_dir=/tmp/cache",
+                 "checkpoint.keep_last=1", "diagnostics.enabled=false", "model.weights=/weights/r50.pth",
+                 "epochs=1", "data.augment.vflip_prob=0.5", "optimizer.head_lr_multiplier=3"]
+
+
+def composed_job_config():
+    register_configs()
+    composable = [o for o in JOB_OVERRIDES if not o.startswith(("hydra", "+sweep", "tracker"))]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return OmegaConf.to_container(compose("config", overrides=composable), resolve=True)
+
+
+def test_key_hparams_leave_out_infrastructure_and_paths_and_put_the_swept_key_first():
+    selected = key_hparams(composed_job_config(), JOB_OVERRIDES, swept=["optimizer.head_lr_multiplier"])
+    assert list(selected)[:3] == ["optimizer.head_lr_multiplier", "epochs", "data.augment.vflip_prob"]
+    assert set(selected) == {*KEY_HPARAMS, "data.augment.vflip_prob"}
+    assert selected.differs == ("optimizer.head_lr_multiplier",)  # in a sweep: only what tells its jobs apart
+    assert selected["optimizer.head_lr_multiplier"] == 3 and selected["epochs"] == 1
+    # Outside a sweep every overridden hyperparameter sets the run apart, in command-line order.
+    single = key_hparams(composed_job_config(), JOB_OVERRIDES)
+    assert single.differs == ("epochs", "data.augment.vflip_prob", "optimizer.head_lr_multiplier")
+    assert list(single)[:3] == list(single.differs)
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("optimizer.lr", 0.01, True), ("optimizer", "adamw", True), ("model.weights", "DEFAULT", True),
+    ("optimizer.groups.heads.prefixes", "['roi_heads']", True),
+    ("data.root", "/data/coco", False), ("resume", "runs/x/last.pth", False), ("model.weights", "~/w.pth", False),
+    ("data.train_annotations", "C:\\coco\\train.json", False), ("hydra/launcher", "submitit_local", False),
+    ("hydra.sweeper.n_trials", 12, False), ("tracker", "all", False), ("tracker.backends.csv", "null", False),
+    ("device", "cuda", False), ("progress", False, False), ("diagnostics.min_epoch", 3, False),
+    ("data.num_workers", 4, False),
+])
+def test_is_hyperparameter(key, value, expected):
+    assert is_hyperparameter(key, value) is expected
+
+
+def test_hparam_metrics_add_each_components_train_and_val_loss_after_the_five_shown_by_default():
+    from maskrcnn_coco.tracking import backends
+
+    assert backends.HPARAM_METRICS is HPARAM_METRICS  # one owner: tracking.hparams
+    assert HPARAM_METRICS[:5] == ("mAP/segm_AP", "mAP/segm_AP50", "mAP/bbox_AP", "loss/val", "loss/train_total")
+    assert HPARAM_METRICS[5:] == tuple(f"loss/{split}_{name}" for name in COMPONENTS for split in ("train", "val"))
+
+
+def ticked_by_default(experiment):
+    """The HParams columns TensorBoard 2.21 shows without a click: the backend sorts ``hparam_infos`` by
+    ``(not differs, name)``, the tab ticks the first five after a stable sort putting ``differs`` first."""
+    from tensorboard.plugins.hparams import backend_context
+
+    backend_context._sort_and_reduce_to_hparams_limit(experiment, 1000)  # the server's own sort
+    infos = sorted(experiment.hparam_infos, key=lambda info: not info.differs)
+    return [info.name for info in infos[:5]]
+
+
+def test_experiment_summary_marks_the_swept_key_so_tensorboard_shows_it(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams
+
+    selected = key_hparams(composed_job_config(), JOB_OVERRIDES, swept=["optimizer.head_lr_multiplier"])
+    writer = SummaryWriter(str(tmp_path))
+    writer.file_writer.add_summary(experiment_summary(selected, HPARAM_METRICS))
+    writer.close()
+    _, acc = read_scalars(tmp_path)
+    experiment = hparams_content(acc, "_hparams_/experiment").experiment
+    assert [info.name for info in experiment.hparam_infos if info.differs] == ["optimizer.head_lr_multiplier"]
+    assert [m.name.tag for m in experiment.metric_infos] == list(HPARAM_METRICS)
+    assert ticked_by_default(experiment)[0] == "optimizer.head_lr_multiplier"
+    # torch's own summary leaves differs unset: the first five alphabetically, the swept key hidden.
+    plain, _, _ = hparams(dict(selected), {})
+    plain_experiment = plugin_data_pb2.HParamsPluginData.FromString(plain.value[0].metadata.plugin_data.content).experiment
+    assert "optimizer.head_lr_multiplier" not in ticked_by_default(plain_experiment)
 
 
 def test_hparams_session_of_a_run_that_raised_ends_as_failed(tmp_path):

@@ -3,9 +3,12 @@
 ``SweepSummaryCallback.on_multirun_end`` reads each job folder's ``metrics.jsonl`` (written by
 ``fit`` every epoch, by scalar tag) and ``.hydra/overrides.yaml``, and writes into the sweep folder:
 
-* ``sweep_summary.csv`` and ``sweep_summary.md``: one row per job (overrides, final train
-  components, final val loss, bbox/segm AP and AP50, best epoch by the objective metric);
-* ``sweep_summary.png``: one panel per loss component (plus val loss and segm AP), one line per job.
+* ``sweep_summary.csv`` and ``sweep_summary.md``: one row per job (overrides, each loss component's
+  final train and val value, the weighted totals, bbox/segm AP and AP50, best epoch by the objective
+  metric); the CSV's columns are scalar tags, the markdown's the same without ``loss/``/``loss_``;
+* ``sweep_summary.png``: one panel per loss component and one for the totals, train solid and val
+  dashed, one colour per job (a head lr that overfits shows as a val curve rising above its train
+  curve, not only as a higher total), and one panel for the objective metric.
 """
 
 from __future__ import annotations
@@ -29,11 +32,12 @@ from omegaconf import DictConfig, OmegaConf
 from maskrcnn_coco.analysis.history import best_epoch, last_value, read_history, record_metric
 from maskrcnn_coco.tracking.scalars import DEFAULT_OBJECTIVE, LOSS_COMPONENTS, TRAIN_TOTAL, VAL_TOTAL, loss_tag
 
-# Final values shown per job, by scalar tag (the one vocabulary of maskrcnn_coco.tracking.scalars).
 log = logging.getLogger(__name__)
 
+# Final values shown per job, by scalar tag (the one vocabulary of maskrcnn_coco.tracking.scalars):
+# each component's train and val side by side, then the weighted totals and AP.
 SUMMARY_TAGS = (
-    *(loss_tag("train", k) for k in LOSS_COMPONENTS),
+    *(loss_tag(split, k) for k in LOSS_COMPONENTS for split in ("train", "val")),
     TRAIN_TOTAL,
     VAL_TOTAL,
     "mAP/bbox_AP",
@@ -64,6 +68,18 @@ def swept_keys(argv: Sequence[str], sweeper_params: Mapping[str, Any] | None) ->
         parsed = []
     keys.update(o.key_or_group for o in parsed if o.is_sweep_override())
     return keys
+
+
+def task_swept_keys() -> list[str]:
+    """The keys the running Hydra multirun varies (for the HParams table's ``differs``); [] outside one."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return []
+    params = HydraConfig.get().sweeper.get("params")
+    params = OmegaConf.to_container(params) if isinstance(params, DictConfig) else params
+    return sorted(swept_keys(sys.argv[1:], params))
 
 
 def job_dirname(task_overrides: Sequence[str], sweeper_params: Mapping[str, Any] | None = None) -> str:
@@ -133,43 +149,71 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def column_label(tag: str) -> str:
+    """A summary column's short name in the markdown table: ``loss/val_loss_mask`` -> ``val_mask``,
+    ``loss/train_total`` -> ``train_total``; other tags as they are."""
+    return tag.removeprefix("loss/").replace("_loss_", "_")
+
+
 def summary_markdown(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
     """The table printed to the console: varied overrides only (the CSV also has all of them)."""
     cols = [c for c in SUMMARY_COLUMNS if c not in ("job", "overrides")]
-    header = ["job", *cols[:-1], f"best {metric}"]
+    header = ["job", *(column_label(c) for c in cols[:-1]), f"best {metric}"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in rows:
         lines.append("| " + " | ".join(_fmt(row.get(c)) for c in ("job", *cols)) + " |")
     return "\n".join(lines)
 
 
-def plot_sweep(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
-    """Loss components (and val loss, segm AP) over epochs, one line per job."""
+# The plot's panels: (title, train tag or None, val tag or None); train solid, val dashed.
+PLOT_PANELS = (
+    *((k, loss_tag("train", k), loss_tag("val", k)) for k in LOSS_COMPONENTS),
+    ("total (weighted)", TRAIN_TOTAL, VAL_TOTAL),
+)
+
+
+def sweep_figure(rows: Sequence[Mapping[str, Any]], title: str, metric: str = DEFAULT_OBJECTIVE):
+    """The summary plot as a matplotlib ``Figure`` (2 x 4 axes): one panel per loss component and one
+    for the totals, each with every job's train (solid) and val (dashed) curve in the job's colour,
+    one panel for ``metric``, and the legend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
-    panels = [*(loss_tag("train", k) for k in LOSS_COMPONENTS), VAL_TOTAL, DEFAULT_OBJECTIVE]
+    shown = DEFAULT_OBJECTIVE if metric.startswith("loss/") else metric  # a loss objective is in the totals panel
+    panels = [*PLOT_PANELS, (shown, shown, None)]
     fig, axes = plt.subplots(2, 4, figsize=(18, 8), squeeze=False)
     flat = axes.flatten()
-    for ax, tag in zip(flat, panels):
-        for row in rows:
-            points = [(r["epoch"], v) for r in row["history"] if (v := record_metric(r, tag)) is not None]
-            if points:
-                ax.plot(*zip(*points), marker="o", markersize=3, label=row["varied"])
-        ax.set_title(tag)
+    for ax, (name, train_tag, val_tag) in zip(flat, panels):
+        for i, row in enumerate(rows):
+            for tag, style in ((train_tag, "-"), (val_tag, "--")):
+                points = [(r["epoch"], v) for r in row["history"] if tag and (v := record_metric(r, tag)) is not None]
+                if points:
+                    ax.plot(*zip(*points), linestyle=style, color=f"C{i % 10}", marker="o", markersize=3)
+        ax.set_title(name)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
+    legend_ax = flat[-1]
     for ax in flat[len(panels):]:
         ax.axis("off")
-    handles, labels = flat[0].get_legend_handles_labels()
-    if handles:
-        flat[-1].legend(handles, labels, loc="center", fontsize=9, title="job (varied overrides)")
-    fig.suptitle(f"Sweep: {path.parent.name} ({len(rows)} jobs)")
+    handles = [Line2D([], [], color=f"C{i % 10}", label=row["varied"]) for i, row in enumerate(rows)]
+    handles += [Line2D([], [], color="black", linestyle="-", label="train"),
+                Line2D([], [], color="black", linestyle="--", label="val")]
+    legend_ax.legend(handles=handles, loc="center", fontsize=9, title="job (varied overrides)")
+    fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_sweep(rows: Sequence[Mapping[str, Any]], path: Path, metric: str = DEFAULT_OBJECTIVE) -> Path:
+    """Write ``sweep_figure`` to ``path`` (a PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = sweep_figure(rows, f"Sweep: {path.parent.name} ({len(rows)} jobs)", metric)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -187,7 +231,7 @@ def write_sweep_summary(sweep_dir: str | Path, metric: str = DEFAULT_OBJECTIVE) 
         writer.writerows(rows)
     table = summary_markdown(rows, metric)
     (sweep_dir / "sweep_summary.md").write_text(f"# Sweep {sweep_dir.name}\n\n{table}\n")
-    plot_sweep(rows, sweep_dir / "sweep_summary.png")
+    plot_sweep(rows, sweep_dir / "sweep_summary.png", metric)
     return table
 
 

@@ -5,7 +5,7 @@ Sections (``--sections``, all by default):
 
 * ``train``: ``train_one_epoch`` with everything ``fit`` gives it (gradient norms of the groups and the
   loss-producing modules at ``train.grad_norm_every``, the divergence guard, the schedule, the
-  timer) against a bare loop (forward, sum, backward, step, scheduler), per ``train.amp`` mode
+  timer, the iteration log and its ``iter/`` scalars every ``print_freq``) against a bare loop (forward, sum, backward, step, scheduler), per ``train.amp`` mode
   (``--amp``) and optionally in channels_last (``--channels-last``). Trials alternate A/B/A/B; before
   each one the model, a fresh optimizer and schedule and every RNG are restored to the same
   snapshot, so A and B train the same steps and must end with bit-identical weights (checked).

@@ -32,6 +32,13 @@ def format_report(report: dict[str, Any]) -> str:
             h = entry["hooks_us_per_iteration"]
             lines.append(f"      default hooks per iteration: {h['default_hooks']:.0f} us (their work + dispatch; gradient norms "
                          f"every {report['meta']['grad_norm_every']}), dispatch alone {h['dispatch_only']:.1f} us")
+        if "iteration_log" in entry:
+            il = entry["iteration_log"]
+            workers = (f"; {il['workers']} loader workers' memory {il['workers_memory_us']['cpu'] / 1e3:.1f} ms cpu a read, "
+                       f"at most {100 * il['workers_share']:.1f}% of the time" if "workers_memory_us" in il else "")
+            lines.append(f"      iteration log per read-back: {il['read_back_us']['wall']:.0f} us wall, {il['read_back_us']['cpu']:.0f} us cpu "
+                         f"(main memory {il['main_memory_us']['cpu']:.0f} us) = x{il['estimated_ratio']:.5f} of a bare iteration "
+                         f"every {il['print_freq']}{workers}")
         if "speedup_vs_off" in entry:
             lines.append(f"      {label} vs off (ours): wall x{_fmt(entry['speedup_vs_off']['wall'])} cpu x{_fmt(entry['speedup_vs_off']['cpu'])}")
     ev = report.get("eval")

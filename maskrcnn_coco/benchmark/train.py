@@ -1,4 +1,5 @@
-"""The training section: ``train_one_epoch`` with the default hooks against a bare torchvision loop."""
+"""The training section: ``train_one_epoch`` with the default hooks (the iteration log included) against a
+bare torchvision loop, and what the read-back's iteration log costs, timed alone."""
 
 from __future__ import annotations
 
@@ -14,13 +15,16 @@ from maskrcnn_coco.benchmark.setup import Setup
 from maskrcnn_coco.benchmark.timing import Timing, ratios, timed
 from maskrcnn_coco.engine.checkpoint import rng_state, set_rng_state
 from maskrcnn_coco.engine.hooks import Hook, HookList
+from maskrcnn_coco.engine.iteration_log import IterationLog, MemoryReader, loader_workers, main_rss_mb
 from maskrcnn_coco.engine.loop import move_to_device, stack_losses, train_one_epoch
 from maskrcnn_coco.engine.monitors import DivergenceGuard, GradNormMeter
 from maskrcnn_coco.engine.settings import FitSettings, amp_dtype, grad_scaler
 from maskrcnn_coco.engine.state import TrainingState
-from maskrcnn_coco.engine.writers import default_hooks
+from maskrcnn_coco.engine.writers import TrackerWriter, default_hooks
 from maskrcnn_coco.solver.param_groups import build_optimizer
 from maskrcnn_coco.solver.schedule import build_lr_scheduler
+from maskrcnn_coco.tracking.backends import NullTracker
+from maskrcnn_coco.tracking.scalars import LOSS_COMPONENTS
 
 
 class TrainBench:
@@ -47,10 +51,15 @@ class TrainBench:
                            clip_grad_norm=cfg.optimizer.clip_grad_norm, print_freq=cfg.print_freq, progress=False)
 
     def hooks(self, settings: FitSettings) -> list[Hook]:
-        """The default instruments of a run (gradient norms, timer, divergence guard, spike monitor)."""
+        """The default instruments of a run (gradient norms, timer, divergence guard, spike monitor) and,
+        as a run with a run folder has them, the iteration log and a tracker writer (to a null tracker:
+        the ``iter/`` scalars are made and handed over, the backends' own cost is theirs)."""
         cfg = self.s.cfg
-        return default_hooks(None, settings, grad_norm_every=cfg.train.grad_norm_every, diagnostics=cfg.diagnostics,
-                             divergence=DivergenceGuard(max_loss=cfg.train.max_loss, factor=cfg.train.max_loss_factor))
+        hooks = default_hooks(None, settings, grad_norm_every=cfg.train.grad_norm_every, diagnostics=cfg.diagnostics,
+                              divergence=DivergenceGuard(max_loss=cfg.train.max_loss, factor=cfg.train.max_loss_factor))
+        if not any(isinstance(h, IterationLog) for h in hooks):
+            hooks.append(IterationLog())
+        return [*hooks, TrackerWriter(NullTracker())]
 
     def ours(self, amp: str, channels_last: bool) -> tuple[float, float]:
         """train_one_epoch with the default hooks, as fit runs it (the epoch's record included); returns (wall, cpu)."""
@@ -96,10 +105,13 @@ class TrainBench:
                 for i in range(calls):
                     state.iteration, state.step_grad_norms = i, None
                     runner.after_backward(state)
+                    state.loss_sums += components
+                    state.n_batches, state.global_step = i + 1, state.global_step + 1
                     runner.after_step(state)
                     state.it_device += 1
                     if (i + 1) % settings.print_freq == 0:
                         runner.call("at_read_back", state)
+                        state.scalars.clear()
 
             _, wall, cpu = timed(iterations, s.device)
             out[label] = 1e6 * (wall if s.device.type == "cuda" else cpu) / calls
@@ -174,6 +186,7 @@ def bench_train(setup: Setup, args: argparse.Namespace, modes: Sequence[str], lo
                 f"bare {bare_t.wall[-1]:.2f}s (cpu {bare_t.cpu[-1]:.2f}s)")
     base = timings.get(("off", False), (None, None))[0]
     update_s = grad_norm_update_seconds(setup)  # on the last trial's gradients (dispatch_us clears them)
+    log_cost = iteration_log_cost(setup)
     dispatch = {name(v): bench.dispatch_us(v[0]) for v in variants}
     every = setup.cfg.train.grad_norm_every
     out = {}
@@ -185,6 +198,11 @@ def bench_train(setup: Setup, args: argparse.Namespace, modes: Sequence[str], lo
         entry["overhead"] = {"grad_norm_update_ms": 1e3 * update_s, "grad_norm_every": every, "bare_iteration_s": iter_s,
                              "estimated_ratio_every_1": 1 + update_s / iter_s, "estimated_ratio": 1 + update_s / every / iter_s}
         entry["hooks_us_per_iteration"] = dispatch[name(v)]
+        # The iteration log's read-back, once every print_freq iterations (its loader-worker reads are
+        # bounded apart: at most workers_share of the time).
+        read_back_s = log_cost["read_back_us"]["cpu" if setup.device.type == "cpu" else "wall"] / 1e6
+        entry["iteration_log"] = {**log_cost, "print_freq": setup.cfg.print_freq,
+                                  "estimated_ratio": 1 + read_back_s / setup.cfg.print_freq / iter_s}
         if base is not None and v != ("off", False):
             entry["speedup_vs_off"] = ratios(base, ours_t)  # off / this: above 1 is faster
         out[name(v)] = entry
@@ -205,3 +223,56 @@ def grad_norm_update_seconds(setup: Setup, calls: int = 20) -> float:
 
 def name(variant: tuple[str, bool]) -> str:
     return variant[0] + ("+channels_last" if variant[1] else "")
+
+
+def iteration_log_cost(setup: Setup, calls: int = 50) -> dict[str, Any]:
+    """What the iteration log costs, timed alone (A/B ratios on a shared machine cannot resolve it), in
+    microseconds, median of ``calls`` (wall and process CPU): ``read_back_us``, one
+    ``IterationLog.at_read_back`` (the one host copy of the loss and gradient-norm sums, the window
+    means, every group's lr, the main process's memory, the scalars; its loader-worker reads left out);
+    ``main_memory_us``, the main process's RSS read alone; ``workers_memory_us``, one read of the
+    loader workers' USS and PSS (``smaps_rollup``), when the configured loader has workers, which the
+    log makes at most within ``workers_share`` of the time."""
+    device = setup.device
+    optimizer = build_optimizer(setup.cfg.optimizer, setup.model, verbose=False)
+    meter = GradNormMeter.from_optimizer(optimizer, model=setup.model)
+    state = TrainingState(setup.model, optimizer, None, None, setup.mapping, 1)
+    state.hooks = HookList([meter])  # where the log finds the meter's sums
+    k = len(LOSS_COMPONENTS)
+    state.weights = torch.ones(k, device=device)
+    state.loss_sums = torch.rand(k, device=device)
+    meter.sums, meter.count = torch.rand(len(meter.groups), device=device), 1
+    memory = MemoryReader()
+    log = IterationLog(memory)
+    log.before_epoch(state)
+    memory._workers_due = float("inf")  # the workers are timed apart, below
+    print_freq = setup.cfg.print_freq
+    wall, cpu = [], []
+    for _ in range(calls):
+        state.n_batches += print_freq
+        state.global_step += print_freq
+        state.loss_sums += 1.0
+        meter.sums, meter.count = meter.sums + 1.0, meter.count + 1
+
+        def read_back() -> None:
+            log.at_read_back(state)
+
+        _, w, c = timed(read_back, device)
+        wall.append(w)
+        cpu.append(c)
+        state.scalars.clear()
+
+    def median_us(fn: Callable[[], Any], n: int) -> dict[str, float]:
+        ws, cs = [], []
+        for _ in range(n):
+            _, w, c = timed(fn, torch.device("cpu"))
+            ws.append(w)
+            cs.append(c)
+        return {"wall": 1e6 * statistics.median(ws), "cpu": 1e6 * statistics.median(cs)}
+
+    out: dict[str, Any] = {"read_back_us": {"wall": 1e6 * statistics.median(wall), "cpu": 1e6 * statistics.median(cpu)},
+                           "main_memory_us": median_us(main_rss_mb, calls), "workers": len(loader_workers()),
+                           "workers_share": memory.workers_share}
+    if out["workers"]:
+        out["workers_memory_us"] = median_us(MemoryReader.read_workers, 5)
+    return out

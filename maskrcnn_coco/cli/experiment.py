@@ -23,6 +23,7 @@ from maskrcnn_coco.analysis.audit import audit_run
 from maskrcnn_coco.analysis.diagnostics import Diagnosis, muted
 from maskrcnn_coco.analysis.history import objective_value
 from maskrcnn_coco.analysis.split_stats import audit_data
+from maskrcnn_coco.analysis.sweep import task_swept_keys
 from maskrcnn_coco.config import validate_config
 from maskrcnn_coco.data.coco import CategoryMapping, DataBundle, build_data
 from maskrcnn_coco.engine.checkpoint import (
@@ -43,12 +44,13 @@ from maskrcnn_coco.modeling.build import build_model
 from maskrcnn_coco.modeling.weights import WeightsError, is_local_path
 from maskrcnn_coco.solver.param_groups import build_optimizer, check_head_multiplier
 from maskrcnn_coco.solver.schedule import build_lr_scheduler, check_schedule
-from maskrcnn_coco.tracking.backends import CompositeTracker, ExperimentTracker, GuardedTracker, NullTracker
+from maskrcnn_coco.tracking.backends import CompositeTracker, ExperimentTracker, GuardedTracker, NullTracker, log_text
 from maskrcnn_coco.tracking.hparams import Hyperparams, task_overrides
 from maskrcnn_coco.tracking.scalars import check_objective, loss_weights_from_config
 from maskrcnn_coco.utils import dist
 from maskrcnn_coco.utils.dist import is_main_process
 from maskrcnn_coco.utils.errors import ConfigError
+from maskrcnn_coco.utils.provenance import record_provenance
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +234,7 @@ def build_hooks(cfg: DictConfig, run_dir: Path, settings: FitSettings, tracker: 
                                 extra={"config": resolved}, keep_last=cfg.checkpoint.keep_last,
                                 best_metric=cfg.objective.metric),
         checkpoint_every_n_iters=cfg.checkpoint.every_n_iters, diagnostics=cfg.diagnostics, audit=audit,
-        train_dataset=train_dataset, seed=cfg.seed, val_dataset=val_dataset,
+        train_dataset=train_dataset, seed=cfg.seed, val_dataset=val_dataset, vis=cfg.vis,
     )
     for name, spec in (cfg.hooks or {}).items():
         if spec is None:
@@ -300,7 +302,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
     hooks = build_hooks(cfg, run_dir, settings, tracker, audit, resolved, data.train_loader.dataset,
                         data.val_loader.dataset)
     try:
-        tracker.log_hyperparams(Hyperparams(resolved, overrides=task_overrides()))
+        tracker.log_hyperparams(Hyperparams(resolved, overrides=task_overrides(), swept=task_swept_keys()))
+        record_provenance(run_dir, device, dist.world_size(), lambda tag, text, step: log_text(tracker, tag, text, step))
         history = fit(wrap_distributed(model, device), optimizer, data.train_loader, data.val_loader, settings, hooks,
                       mapping=data.mapping, lr_scheduler=scheduler, state=state)
     finally:

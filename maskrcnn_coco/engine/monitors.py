@@ -355,7 +355,9 @@ class IterationTimer(Hook):
     loop around ``next``) and the whole iteration (``iter``: between two ``after_step``), from
     ``time.perf_counter`` (no device sync: on a GPU an iteration's host time follows the device at
     the read-back points, so the epoch mean is right). The epoch means are the tags ``time/data`` and
-    ``time/iter``; at each read-back they are in ``state.latest["time"]`` (the progress line)."""
+    ``time/iter``; at each read-back they are in ``state.latest["time"]`` (the progress line), and the
+    means over the window since the previous read-back, with the images per second of all ranks, in
+    ``state.latest["time_window"]`` (``data``, ``iter``, ``images_per_s``: the ``iter/`` scalars)."""
 
     priority = MEASURE
     main_process_only = False
@@ -366,11 +368,14 @@ class IterationTimer(Hook):
 
     def reset(self) -> None:
         self.data_s, self.iter_s, self.count = 0.0, 0.0, 0
+        self.images = 0  # this rank's images (the window's throughput; not kept in checkpoints)
+        self._mark: tuple[float, float, int, int] = (0.0, 0.0, 0, 0)  # the sums where the window began
 
-    def add(self, data_s: float, iter_s: float) -> None:
+    def add(self, data_s: float, iter_s: float, images: int = 0) -> None:
         self.data_s += data_s
         self.iter_s += iter_s
         self.count += 1
+        self.images += images
 
     def compute(self) -> dict[str, float]:
         """``{"data": mean s, "iter": mean s}`` per iteration (the tags ``time/data``, ``time/iter``)."""
@@ -378,18 +383,34 @@ class IterationTimer(Hook):
             return {}
         return {"data": self.data_s / self.count, "iter": self.iter_s / self.count}
 
+    def window(self) -> dict[str, float]:
+        """Since the previous call (or the epoch's start): ``{"data": mean s, "iter": mean s,
+        "images_per_s": images of all ranks per second}`` (empty without an iteration); starts the next window."""
+        data_s, iter_s, count, images = self._mark
+        self._mark = (self.data_s, self.iter_s, self.count, self.images)
+        n = self.count - count
+        if n <= 0:
+            return {}
+        out = {"data": (self.data_s - data_s) / n, "iter": (self.iter_s - iter_s) / n}
+        if self.iter_s > iter_s:
+            # Every rank steps in lockstep on batches of the same size.
+            out["images_per_s"] = (self.images - images) * world_size() / (self.iter_s - iter_s)
+        return out
+
     def before_epoch(self, state: TrainingState) -> None:
         if state.iteration == 0:
             self.reset()
+        # A continued epoch (after a step-boundary stop, or resumed) keeps its window: ``_mark`` stays.
         self._t_prev = time.perf_counter()
 
     def after_step(self, state: TrainingState) -> None:
         now = time.perf_counter()
-        self.add(state.data_time, now - self._t_prev)
+        self.add(state.data_time, now - self._t_prev, len(state.step_image_ids))
         self._t_prev = now
 
     def at_read_back(self, state: TrainingState) -> None:
         state.latest["time"] = self.compute()
+        state.latest["time_window"] = self.window()
 
     def after_train_epoch(self, state: TrainingState) -> None:
         state.record.setdefault("time", {}).update(self.compute())
@@ -399,6 +420,7 @@ class IterationTimer(Hook):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.data_s, self.iter_s, self.count = float(state["data_s"]), float(state["iter_s"]), int(state["count"])
+        self._mark = (self.data_s, self.iter_s, self.count, self.images)  # a resumed epoch's window starts here
 
 
 class DivergenceError(FloatingPointError):

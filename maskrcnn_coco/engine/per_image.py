@@ -45,7 +45,7 @@ from maskrcnn_coco.engine.hooks import MONITOR, EpochResult, Hook
 from maskrcnn_coco.engine.loop import move_to_device
 from maskrcnn_coco.engine.state import TrainingState
 from maskrcnn_coco.tracking.scalars import LOSS_COMPONENTS
-from maskrcnn_coco.utils.draw import contact_sheet, draw_instances, save_png
+from maskrcnn_coco.utils.draw import contact_sheet, draw_instances, enlarged, save_png
 
 log = logging.getLogger(__name__)
 
@@ -359,12 +359,7 @@ def draw_ground_truth(image: torch.Tensor, target: Mapping[str, Any], class_name
     names = [class_names[label - 1] if 0 < label <= len(class_names) else str(label) for label in labels]
     image, boxes, masks = image.detach().cpu(), target["boxes"].detach().cpu().float(), target.get("masks")
     masks = masks.detach().cpu().bool() if masks is not None else None
-    scale = max(1, min_side // max(image.shape[-2:]))
-    if scale > 1:
-        image = image.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
-        boxes = boxes * scale
-        if masks is not None:
-            masks = masks.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+    image, boxes, masks = enlarged(image, boxes, masks, min_side)
     return draw_instances(image, boxes, names, masks, ids=ann_ids)
 
 

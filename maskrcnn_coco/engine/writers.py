@@ -29,10 +29,12 @@ from maskrcnn_coco.analysis.diagnostics import (
     training_labels_disagree,
 )
 from maskrcnn_coco.analysis.history import HISTORY_FILE
-from maskrcnn_coco.config import DiagnosticsConfig
+from maskrcnn_coco.config import DiagnosticsConfig, VisConfig
 from maskrcnn_coco.data.coco import class_instance_counts
 from maskrcnn_coco.engine.checkpoint import CHECKPOINT_DIR, Checkpointer, display_path
 from maskrcnn_coco.engine.hooks import EpochResult, Hook
+from maskrcnn_coco.engine.iteration_log import LATEST_KEY as LOSSES_KEY
+from maskrcnn_coco.engine.iteration_log import IterationLog, LossReadBack
 from maskrcnn_coco.engine.label_check import LATEST_KEY as LABEL_CHECK_KEY
 from maskrcnn_coco.engine.label_check import LabelCheck, rule_input
 from maskrcnn_coco.engine.monitors import (
@@ -46,8 +48,9 @@ from maskrcnn_coco.engine.per_image import PerImageLosses
 from maskrcnn_coco.engine.progress import Progress
 from maskrcnn_coco.engine.settings import FitSettings
 from maskrcnn_coco.engine.state import TrainingState
+from maskrcnn_coco.engine.visualize import PredictionImages
 from maskrcnn_coco.evaluation.per_class import CONFUSION_KEY, sanitize, save_confusion
-from maskrcnn_coco.tracking.backends import ExperimentTracker, NullTracker, log_scalars, log_text
+from maskrcnn_coco.tracking.backends import ExperimentTracker, NullTracker, log_scalars, log_text, resume_tracker
 from maskrcnn_coco.tracking.scalars import IOU_TYPES, LOSS_COMPONENTS, TRAIN_TOTAL, VAL_TOTAL, loss_tag, map_tag
 
 log = logging.getLogger(__name__)
@@ -98,10 +101,21 @@ class ConsoleSummary(Hook):
 
 class TrackerWriter(Hook):
     """Every epoch scalar to an ``ExperimentTracker`` at ``step=epoch``, and the scalars hooks put at a
-    read-back (``state.put_scalar``) at ``step=global_step``."""
+    read-back (``state.put_scalar``) at ``step=global_step``.
+
+    A resumed run (``before_fit`` with a checkpoint's epoch or global step) first tells each backend
+    where it continues (``tracking.backends.resume_tracker``): a backend starting empty (a new run
+    folder) gets the carried history once; one continuing its earlier output (the same folder) logs
+    only what that output lacks and drops or skips what was logged after the checkpoint, so every tag
+    stays one curve after any number of stops and resumes.
+    """
 
     def __init__(self, tracker: ExperimentTracker | None):
         self.tracker = tracker or NullTracker()
+
+    def before_fit(self, state: TrainingState) -> None:
+        if state.epoch or state.global_step:
+            resume_tracker(self.tracker, state.epoch, state.global_step, state.history)
 
     def at_read_back(self, state: TrainingState) -> None:
         if state.scalars:
@@ -302,14 +316,20 @@ SHORT_NAMES = {
 
 class ProgressBar(Hook):
     """The epoch's progress (``engine.progress.Progress``: a bar in a terminal, a log line elsewhere),
-    with the running mean of each component, the weighted total, the first group's lr and the
-    iteration times (``state.latest["time"]``) at every read-back."""
+    with the running mean of each component and the weighted total (read back by the
+    ``IterationLog``: ``state.latest["losses"]``, the same host copy as the ``iter/`` scalars), the
+    first group's lr and the iteration times (``state.latest["time"]``) at every read-back. Without an
+    ``IterationLog`` among the hooks the line has no losses (said once)."""
 
     def __init__(self) -> None:
         self.bar: Progress | None = None
+        self._warned = False
 
     def before_epoch(self, state: TrainingState) -> None:
         self.bar = Progress(None, f"Epoch {state.epoch}", start=state.iteration, total=state.epoch_length)
+        if not self._warned and state.hooks is not None and state.hooks.find(IterationLog) is None:
+            self._warned = True
+            log.warning("ProgressBar without an IterationLog hook: the progress line shows no losses")
 
     def after_step(self, state: TrainingState) -> None:
         self.bar.advance()
@@ -317,12 +337,14 @@ class ProgressBar(Hook):
     def at_read_back(self, state: TrainingState) -> None:
         if state.epoch_end:
             return
-        means = state.loss_sums / state.n_batches
-        *values, total = torch.cat([means, (means * state.weights).sum()[None]]).tolist()  # a read-back point
-        postfix = {SHORT_NAMES[k]: f"{v:.3f}" for k, v in zip(LOSS_COMPONENTS, values)}
+        losses: LossReadBack | None = state.latest.get(LOSSES_KEY)
+        postfix = {}
+        if losses is not None and losses.step == state.global_step:  # read back at this point, not before
+            postfix = {SHORT_NAMES[k]: f"{v:.3f}" for k, v in losses.running.items()}
+            postfix["total"] = f"{losses.running_total:.3f}"
         times = {k: f"{1e3 * v:.0f}ms" for k, v in state.latest.get("time", {}).items()}
         lr = state.optimizer.param_groups[0]["lr"]
-        self.bar.update({**postfix, "total": f"{total:.3f}", "lr": f"{lr:.4g}", **times}, state.iteration + 1)
+        self.bar.update({**postfix, "lr": f"{lr:.4g}", **times}, state.iteration + 1)
 
     def at_boundary(self, state: TrainingState) -> None:
         self.bar.close()
@@ -345,12 +367,16 @@ def default_hooks(
     train_dataset: Any = None,
     seed: int = 0,
     val_dataset: Any = None,
+    vis: VisConfig | None = None,
 ) -> list[Hook]:
     """The instruments of a training run, in their order (``engine.hooks``): gradient norms, the
-    iteration timer, the spike monitor (with diagnostics), the divergence guard, periodic step-boundary
+    iteration timer, the iteration log (the read-back's losses, ``iter/`` scalars: with a progress line
+    or a ``run_dir``), the spike monitor (with diagnostics), the divergence guard, periodic step-boundary
     checkpoints, the progress line, then, with a ``run_dir``: checkpoints (``checkpoint``, default:
     every epoch under ``<run_dir>/checkpoints``), the console block, diagnostics (``audit``: the
-    start-of-run findings), confusion matrices, the tracker and ``metrics.jsonl``.
+    start-of-run findings), the per-image losses and the label check (with ``train_dataset`` and
+    ``val_dataset``), confusion matrices, the prediction images (``vis``, with ``val_dataset``), the
+    tracker and ``metrics.jsonl``.
 
     ``diagnostics.enabled=false`` leaves out the spike monitor and the diagnostics writer.
     """
@@ -359,6 +385,8 @@ def default_hooks(
     cfg = diagnostics if diagnostics is not None else DiagnosticsConfig()
     hooks: list[Hook] = [GradNormMeter(every=grad_norm_every), IterationTimer(),
                          divergence if divergence is not None else DivergenceGuard()]
+    if settings.progress or run_dir is not None:  # someone shows or writes what it reads back
+        hooks.append(IterationLog())
     if enabled:
         hooks.append(SpikeMonitor(diagnostics))
     if checkpoint_every_n_iters:
@@ -367,6 +395,7 @@ def default_hooks(
         hooks.append(ProgressBar())
     if run_dir is not None:
         run_dir = Path(run_dir)
+        vis_cfg = vis if vis is not None else VisConfig()
         hooks += [
             checkpoint if checkpoint is not None else Checkpointer(run_dir / CHECKPOINT_DIR),
             ConsoleSummary(),
@@ -379,6 +408,10 @@ def default_hooks(
             *([LabelCheck(run_dir, train_dataset, val_dataset, num_images=cfg.label_check_images, seed=seed)]
               if enabled and train_dataset is not None and val_dataset is not None and cfg.label_check_images > 0 else []),
             ConfusionWriter(run_dir),
+            # Images of predictions (vis.num_images=0: off); before TrackerWriter, whose flush sends them.
+            *([PredictionImages(run_dir, val_dataset, tracker, num_images=vis_cfg.num_images, seed=seed,
+                                score_threshold=vis_cfg.score_threshold, max_detections=vis_cfg.max_detections)]
+              if val_dataset is not None and vis_cfg.num_images > 0 else []),
             TrackerWriter(tracker),
             HistoryWriter(run_dir),
         ]

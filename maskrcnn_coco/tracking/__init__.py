@@ -8,8 +8,14 @@ from maskrcnn_coco.tracking.backends import (
     GuardedTracker,
     NullTracker,
     TensorBoardTracker,
+    TrackerExtras,
+    log_artifact,
+    log_image,
     log_scalars,
+    log_text,
     log_training_metrics,
+    resume_tracker,
+    step_axis,
 )
 from maskrcnn_coco.tracking.hparams import KEY_HPARAMS, Hyperparams, flatten_params, key_hparams
 from maskrcnn_coco.tracking.scalars import epoch_scalars
@@ -23,9 +29,15 @@ __all__ = [
     "Hyperparams",
     "NullTracker",
     "TensorBoardTracker",
+    "TrackerExtras",
     "epoch_scalars",
     "flatten_params",
     "key_hparams",
+    "log_artifact",
+    "log_image",
     "log_scalars",
+    "log_text",
     "log_training_metrics",
+    "resume_tracker",
+    "step_axis",
 ]

@@ -1,12 +1,31 @@
-"""TensorBoard's CUSTOM SCALARS layout: charts that put related tags of the one vocabulary together.
+"""How TensorBoard shows the one vocabulary: the CUSTOM SCALARS layout and the train/val comparison sub-runs.
 
-* ``Losses``: per component, train and validation on one chart (``loss/train_<c>`` + ``loss/val_<c>``),
-  and ``total`` (``loss/train_total`` + ``loss/val``);
+TensorBoard colours lines by RUN, everywhere: in the Time Series and Scalars tabs every tag of a run has
+the run's colour, and a CUSTOM SCALARS multiline chart too takes its colours from the runs
+(``DataSeriesColorScale`` parses the run out of the series name ``tag (run)``); the tags of one run on
+one multiline chart are told apart by marker symbol and by the "Matches" legend under the chart.
+Two consequences:
+
+* train and val of a loss component in two colours need two runs: ``TensorBoardTracker`` writes each
+  per-epoch loss once more, under ``compare/<component>`` (``compare_pair``), into the sub-runs
+  ``<log_dir>/train`` and ``<log_dir>/val`` (Keras' TensorBoard callback writes ``train``/``validation``
+  runs the same way): the card ``compare/loss_mask`` then shows ``<run>/train`` and ``<run>/val`` in two
+  colours. The run's own event file keeps every tag where it is (``loss/train_loss_mask``, ``loss/val_loss_mask``).
+* learning-rate and gradient-norm groups stay tags of one run (a sub-run per group would multiply the
+  run list by ten in a sweep): the CUSTOM SCALARS charts ``lr (all groups)`` and ``grad_norm (all groups)``
+  put them on one chart, one colour, one symbol per group.
+
+The layout (``custom_scalars_layout(tags)``) has these categories:
+
+* ``Losses (train vs val)``: per component, train and validation on one chart (``loss/train_<c>`` +
+  ``loss/val_<c>``), and ``total`` (``loss/train_total`` + ``loss/val``);
 * ``Optimisation``: every learning-rate group on one chart (``lr/.*``), every grad-norm group on another;
-* ``COCO AP``: segm and bbox AP on one chart, and AP50 on another.
+* ``COCO AP``: segm and bbox AP on one chart, and AP50 on another;
+* ``Iterations``: the ``iter/`` window means (step = global iteration): losses, lr groups, grad-norm
+  sets, time per iteration, memory.
 
 Each entry is a regular expression that TensorBoard matches from the start of a tag; the layout
-names only what the run logged (``custom_scalars_layout(tags)``), so no chart stays empty.
+names only what the run logged, so no chart stays empty.
 """
 
 from __future__ import annotations
@@ -14,9 +33,35 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from maskrcnn_coco.tracking.scalars import LOSS_COMPONENTS, TRAIN_ONLY_TOTAL, TRAIN_TOTAL, VAL_TOTAL, loss_tag
+from maskrcnn_coco.tracking.scalars import (
+    ITER_PREFIX,
+    LOSS_COMPONENTS,
+    TRAIN_ONLY_TOTAL,
+    TRAIN_TOTAL,
+    VAL_TOTAL,
+    loss_tag,
+)
 
 Layout = dict[str, dict[str, list]]
+
+COMPARE_PREFIX = "compare/"
+SPLITS = ("train", "val")  # the comparison sub-runs, <log_dir>/train and <log_dir>/val
+COMPARE_TOTAL = COMPARE_PREFIX + "loss_total"
+
+# Per-epoch loss tag -> (sub-run, comparison tag): one card per component, one line per split.
+_PAIRS: dict[str, tuple[str, str]] = {
+    TRAIN_TOTAL: ("train", COMPARE_TOTAL),
+    TRAIN_ONLY_TOTAL: ("train", COMPARE_TOTAL),
+    VAL_TOTAL: ("val", COMPARE_TOTAL),
+    **{loss_tag(split, name): (split, COMPARE_PREFIX + name) for split in SPLITS for name in LOSS_COMPONENTS},
+}
+
+
+def compare_pair(tag: str) -> tuple[str, str] | None:
+    """``(split, comparison tag)`` of a per-epoch loss tag, e.g. ``loss/val_loss_mask`` ->
+    ``("val", "compare/loss_mask")`` and ``loss/train_total`` -> ``("train", "compare/loss_total")``;
+    None for any other tag."""
+    return _PAIRS.get(tag)
 
 
 def _exact(tag: str) -> str:
@@ -27,12 +72,20 @@ def layout_spec() -> dict[str, dict[str, list[str]]]:
     """``{category: {chart: [tag regex, ...]}}`` before filtering by what a run logged."""
     losses = {"total": [_exact(TRAIN_TOTAL), _exact(TRAIN_ONLY_TOTAL), _exact(VAL_TOTAL)]}
     losses.update({name: [_exact(loss_tag("train", name)), _exact(loss_tag("val", name))] for name in LOSS_COMPONENTS})
+    it = re.escape(ITER_PREFIX)
     return {
         "Losses (train vs val)": losses,
         "Optimisation": {"lr (all groups)": [r"lr/.*"], "grad_norm (all groups)": [r"grad_norm/.*"]},
         "COCO AP": {
             "AP (segm, bbox)": [_exact("mAP/segm_AP"), _exact("mAP/bbox_AP")],
             "AP50 (segm, bbox)": [_exact("mAP/segm_AP50"), _exact("mAP/bbox_AP50")],
+        },
+        "Iterations (window means, step = iteration)": {
+            "losses": [it + r"loss_.*"],
+            "lr (all groups)": [it + r"lr/.*"],
+            "grad_norm (all sets)": [it + r"grad_norm/.*"],
+            "time per iteration (s)": [it + r"time_.*"],
+            "memory (MiB)": [it + r"memory/.*"],
         },
     }
 

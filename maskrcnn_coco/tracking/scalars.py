@@ -11,6 +11,17 @@ objective, anything that reads a run back) uses these tags:
 * ``grad_norm/<group>``, ``time/<name>``
 * ``spike/loss``, ``spike/grad_norm``: the epoch's largest iteration-level ratio (a window's peak over
   its reference, ``engine.monitors.SpikeMonitor``); what the spike warnings compare with their factors
+
+Iteration-level scalars (``iteration_scalars``), one namespace ``iter/`` at ``step=global_step`` (the
+optimizer steps so far), every ``print_freq`` iterations and at an epoch's end; each is the mean over
+the window since the previous read-back (the epoch tags above are untouched):
+
+* ``iter/<component>`` (raw, e.g. ``iter/loss_mask``) and ``iter/loss_total`` (weighted)
+* ``iter/lr/<group>`` (the groups as ``lr/<group>`` names them), ``iter/grad_norm/<set>`` (windows
+  in which the gradient norms were measured)
+* ``iter/time_data``, ``iter/time_iter`` (seconds per iteration), ``iter/images_per_s`` (all ranks)
+* ``iter/memory/<name>`` in MiB: ``main_rss_mb``, ``workers_uss_mb``, ``workers_pss_mb`` (with loader
+  workers), ``cuda_max_allocated_mb`` (the window's peak), ``cuda_reserved_mb``
 """
 
 from __future__ import annotations
@@ -29,14 +40,18 @@ IOU_TYPES = ("bbox", "segm")
 TRAIN_TOTAL = "loss/train_total"
 TRAIN_ONLY_TOTAL = "loss/train"  # a train loss known only as a float total
 VAL_TOTAL = "loss/val"
+ITER_PREFIX = "iter/"
+ITER_TOTAL = "iter/loss_total"
 OBJECTIVE_MODES = ("final", "best")
 
 __all__ = [
     "DEFAULT_OBJECTIVE",
+    "ITER_PREFIX",
     "LOSS_COMPONENTS",
     "METRIC_NAMES",
     "check_objective",
     "epoch_scalars",
+    "iteration_scalars",
     "loss_tag",
     "loss_weights_from_config",
     "map_tag",
@@ -109,6 +124,27 @@ def epoch_scalars(record: Mapping[str, Any]) -> dict[str, float]:
         tags["lr"] = float(lr)
     for prefix in ("grad_norm", "time", "spike"):
         tags.update({f"{prefix}/{name}": float(v) for name, v in (record.get(prefix) or {}).items()})
+    return tags
+
+
+def iteration_scalars(record: Mapping[str, Any]) -> dict[str, float]:
+    """One read-back window -> ``{tag: value}`` under the ``iter/`` namespace (module docstring).
+
+    ``record`` keys (all optional): ``loss`` (``{component: window mean}``, raw), ``loss_weights``
+    (for ``iter/loss_total``; 1.0 where absent), ``lr`` (``{group: lr}``), ``grad_norm``
+    (``{set: window mean}``), ``time`` (``{"data": s, "iter": s}``), ``images_per_s``, ``memory``
+    (``{name: MiB}``, names ending in ``_mb``).
+    """
+    tags: dict[str, float] = {}
+    losses = record.get("loss") or {}
+    if losses:
+        tags.update({ITER_PREFIX + name: float(v) for name, v in losses.items()})
+        tags[ITER_TOTAL] = float(weighted_total(losses, record.get("loss_weights")))
+    for prefix in ("lr", "grad_norm", "memory"):
+        tags.update({f"{ITER_PREFIX}{prefix}/{name}": float(v) for name, v in (record.get(prefix) or {}).items()})
+    tags.update({f"{ITER_PREFIX}time_{name}": float(v) for name, v in (record.get("time") or {}).items()})
+    if record.get("images_per_s") is not None:
+        tags[ITER_PREFIX + "images_per_s"] = float(record["images_per_s"])
     return tags
 
 

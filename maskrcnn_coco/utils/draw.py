@@ -125,6 +125,28 @@ def contact_sheet(tiles: Sequence[torch.Tensor], captions: Sequence[str] | None 
     return make_grid(padded, nrow=max(1, min(columns, len(padded))), padding=4, pad_value=255)
 
 
+def enlarged(image: torch.Tensor, boxes: torch.Tensor | None = None, masks: torch.Tensor | None = None,
+             min_side: int = 256) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``image`` (and its ``boxes``, ``masks``) enlarged by the integer factor that brings its longer side
+    to at least ``min_side`` (nearest neighbour; factor 1, unchanged, for a large enough image or
+    ``min_side=0``), so the captions stay legible on a small image."""
+    scale = max(1, min_side // max(image.shape[-2:])) if min_side else 1
+    if scale == 1:
+        return image, boxes, masks
+    image = image.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+    if boxes is not None:
+        boxes = boxes * scale
+    if masks is not None:
+        masks = masks.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+    return image, boxes, masks
+
+
+def read_png(path: str | Path) -> torch.Tensor:
+    """A PNG (e.g. a matplotlib figure) as a uint8 ``(3, H, W)`` image (alpha dropped)."""
+    with Image.open(path) as pil:
+        return torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
 def save_png(image: torch.Tensor, path: str | Path) -> Path:
     """Write a uint8 ``(3, H, W)`` image as PNG (folders created)."""
     path = Path(path)
