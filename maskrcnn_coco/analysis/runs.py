@@ -4,8 +4,10 @@
     >>> scalars = read_scalars("runs/maskrcnn/2024-05-01_12-00-00")
     >>> scalars["mAP/segm_AP"]            # [(epoch, value), ...]
     >>> df = read_scalars(run_dir, as_dataframe=True)   # one row per epoch, one column per tag
+    >>> it = read_scalars(run_dir, as_dataframe=True, axis="iter")   # iter/ tags: one row per read-back
 
-Tags are the one vocabulary of ``maskrcnn_coco.tracking.scalars``; steps are epochs. The run's
+Tags are the one vocabulary of ``maskrcnn_coco.tracking.scalars``; steps are epochs, except for the
+``iter/`` tags, whose steps are global iterations. The run's
 ``metrics.jsonl`` holds the same values (``maskrcnn_coco.analysis.history.read_history``), this
 reads what TensorBoard shows, every event file of the folder (not its sub-folders).
 """
@@ -16,13 +18,17 @@ from pathlib import Path
 from typing import Any
 
 
-def read_scalars(run_dir: str | Path, *, as_dataframe: bool = False) -> Any:
+def read_scalars(run_dir: str | Path, *, as_dataframe: bool = False, axis: str = "epoch") -> Any:
     """``{tag: [(step, value), ...]}`` of every scalar in ``run_dir``'s event files, steps ascending
     (the last value written wins for a repeated step, as after a resume).
 
     ``as_dataframe=True`` returns a pandas DataFrame instead: index ``step``, one column per tag
-    (sorted), NaN where a tag has no value at a step (e.g. mAP on epochs without evaluation).
+    (sorted), NaN where a tag has no value at a step (e.g. mAP on epochs without evaluation), with
+    the tags of one step ``axis`` only (``"epoch"``, or ``"iter"``: the ``iter/`` tags), so that an
+    epoch and a global iteration never share a row.
     """
+    from maskrcnn_coco.tracking.backends import step_axis
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = Path(run_dir)
@@ -41,7 +47,7 @@ def read_scalars(run_dir: str | Path, *, as_dataframe: bool = False) -> Any:
         import pandas as pd
     except ImportError:
         raise ImportError("read_scalars(..., as_dataframe=True) needs pandas: pip install pandas") from None
-    columns = {tag: pd.Series(dict(points), dtype="float64") for tag, points in scalars.items()}
+    columns = {tag: pd.Series(dict(points), dtype="float64") for tag, points in scalars.items() if step_axis(tag) == axis}
     frame = pd.DataFrame(columns)
     frame.index.name = "step"
     return frame.sort_index()
