@@ -19,6 +19,7 @@ from maskrcnn_coco.engine.state import EpochProgress, TrainingState
 from maskrcnn_coco.engine.writers import SHORT_NAMES, ProgressBar
 from maskrcnn_coco.modeling.build import build_model
 from maskrcnn_coco.solver.param_groups import build_optimizer, group_lrs
+from maskrcnn_coco.tracking.backends import NullTracker
 from maskrcnn_coco.tracking.scalars import LOSS_COMPONENTS, iteration_scalars
 
 from conftest import tiny_data_cfg, tiny_model_cfg
@@ -26,7 +27,7 @@ from conftest import tiny_data_cfg, tiny_model_cfg
 ITER_LOSS_TAGS = [f"iter/{c}" for c in LOSS_COMPONENTS] + ["iter/loss_total"]
 
 
-class Recorder:
+class Recorder(NullTracker):
     """A tracker that keeps every call: ``{tag: [(step, value), ...]}``."""
 
     def __init__(self):
@@ -34,15 +35,6 @@ class Recorder:
 
     def log_scalar(self, tag, value, step):
         self.scalars.setdefault(tag, []).append((step, value))
-
-    def log_hyperparams(self, params):
-        pass
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
 
     def steps(self, tag):
         return [s for s, _ in self.scalars.get(tag, [])]

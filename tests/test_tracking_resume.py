@@ -27,7 +27,7 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 from tensorboard.util.tensor_util import make_ndarray
 
 from maskrcnn_coco.tracking import CSVTracker, GuardedTracker, TensorBoardTracker, log_scalars, resume_tracker
-from maskrcnn_coco.tracking.backends import CompositeTracker
+from maskrcnn_coco.tracking.backends import CompositeTracker, NullTracker
 
 ITERS, EVERY = 4, 2  # iterations per epoch, an iter/ scalar every EVERY iterations
 
@@ -183,7 +183,7 @@ def test_csv_new_folder_gets_the_carried_history_once(tmp_path):
     assert_points(csv_scalars(tmp_path / "c")["loss/train_loss_mask"], EXPECTED["loss/train_loss_mask"])
 
 
-class ListTracker:
+class ListTracker(NullTracker):
     """A backend that knows nothing of resumes (the four protocol methods)."""
 
     def __init__(self):
@@ -191,15 +191,6 @@ class ListTracker:
 
     def log_scalar(self, tag, value, step):
         self.scalars.append((tag, step))
-
-    def log_hyperparams(self, params):
-        pass
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
 
 
 def test_a_tracker_without_resume_gets_the_history_once_also_composed_and_guarded():

@@ -27,7 +27,7 @@ from maskrcnn_coco.engine.visualize import (
 )
 from maskrcnn_coco.engine.writers import ConfusionWriter, TrackerWriter
 from maskrcnn_coco.modeling.build import build_model
-from maskrcnn_coco.tracking.backends import TensorBoardTracker
+from maskrcnn_coco.tracking.backends import NullTracker, TensorBoardTracker
 from maskrcnn_coco.utils.draw import class_colour, to_uint8
 
 from conftest import tiny_model_cfg
@@ -190,7 +190,7 @@ def test_the_hook_is_wired_by_vis(tmp_path, tiny_data):
                    for h in build_hooks(off, tmp_path, FitSettings(progress=False), NullTracker(), [], {}, val_dataset=val))
 
 
-class ImageRecorder:
+class ImageRecorder(NullTracker):
     """A tracker that keeps the images it is given."""
 
     def __init__(self):
@@ -201,15 +201,6 @@ class ImageRecorder:
 
     def log_image(self, tag, image, step):
         self.images.append((tag, tuple(image.shape), image.dtype, step))
-
-    def log_hyperparams(self, params):
-        pass
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
 
 
 def test_tracker_images_and_the_confusion_matrix(tmp_path, tiny_data):
