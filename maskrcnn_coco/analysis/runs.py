@@ -27,9 +27,9 @@ def read_scalars(run_dir: str | Path, *, as_dataframe: bool = False, axis: str =
     the tags of one step ``axis`` only (``"epoch"``, or ``"iter"``: the ``iter/`` tags), so that an
     epoch and a global iteration never share a row.
     """
-    from maskrcnn_coco.tracking.backends import step_axis
-
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from maskrcnn_coco.tracking.backends import step_axis
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
