@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -118,18 +119,15 @@ def most_confident_disagreements(rows: Sequence[Mapping[str, Any]], dataset: Any
     """The objects given another class than their label, most confident first, with their annotation
     id when ``dataset`` can name it."""
     off = sorted((r for r in rows if r["predicted"] != r["given"]), key=lambda r: -r["p_predicted"])[:most]
+    objects = Counter(r["image_id"] for r in rows)
     out = []
     for r in off:
         entry = dict(r)
-        ids = annotation_ids(dataset, r["image_id"], _count(rows, r["image_id"])) if dataset is not None else None
+        ids = annotation_ids(dataset, r["image_id"], objects[r["image_id"]]) if dataset is not None else None
         if ids is not None:
             entry["annotation_id"] = ids[r["index"]]
         out.append(entry)
     return out
-
-
-def _count(rows: Sequence[Mapping[str, Any]], image_id: Any) -> int:
-    return sum(1 for r in rows if r["image_id"] == image_id)
 
 
 def rule_input(summary: Mapping[str, Any]) -> dict[str, Any]:
@@ -159,7 +157,7 @@ class LabelCheck(Hook):
     priority = MONITOR
     main_process_only = True
 
-    def __init__(self, run_dir: str | Path, train_dataset: Any, val_dataset: Any, *, num_images: int = 80,
+    def __init__(self, run_dir: str | Path, train_dataset: Any, val_dataset: Any, *, num_images: int = 64,
                  seed: int = 0, batch_size: int = 8):
         self.run_dir = Path(run_dir)
         self.train = unaugmented(train_dataset)
