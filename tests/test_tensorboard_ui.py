@@ -117,13 +117,21 @@ def served_points(base: str, run: str, tag: str) -> list[tuple[int, float]]:
 
 
 @pytest.mark.slow
-def test_runs_list_the_run_and_its_train_and_val_comparison_runs(run, server):
+def test_runs_list_the_run_its_train_and_val_and_its_group_comparison_runs(run, server):
     runs = tb.get_json(server, "/data/runs")
     assert run.name in runs
-    from maskrcnn_coco.tracking.layout import SPLITS, compare_pair
+    from maskrcnn_coco.tracking.layout import SPLITS, compare_pair, group_pair
 
-    assert sorted(runs) == sorted([run.name, *(f"{run.name}/{split}" for split in SPLITS)])
     scalars = tb.get_json(server, "/data/plugin/scalars/tags")
+    groups = {group_pair(tag)[0] for tag in scalars[run.name] if group_pair(tag)}
+    assert {"groups/backbone", "groups/heads"} <= groups
+    assert sorted(runs) == sorted([run.name, *(f"{run.name}/{sub}" for sub in (*SPLITS, *groups))])
+    lr_groups = [tag.split("/", 2)[2] for tag in scalars[run.name] if tag.startswith("iter/lr/")]
+    assert lr_groups and {f"groups/{g}" for g in lr_groups} <= groups
+    for group in lr_groups:  # lr groups: a run (a colour) each, the same points as the run's own tags
+        sub = f"groups/{group}"
+        assert served_points(server, f"{run.name}/{sub}", "compare/iter_lr") == \
+            served_points(server, run.name, f"iter/lr/{group}")
     for component in LOSS_COMPONENTS:
         for split in SPLITS:
             compare_tag = f"compare/{component}"

@@ -327,6 +327,48 @@ def test_train_and_val_share_compare_cards_in_two_sub_runs_and_readers_see_one_r
     assert set(read_run(run)) == set(main)
 
 
+def test_lr_and_grad_norm_groups_get_a_sub_run_each_so_their_cards_have_a_colour_per_group(tmp_path):
+    """compare/lr, compare/grad_norm and their iter/ forms: one tag in <run>/groups/<group> per group
+    (TensorBoard colours by run); the run's own file keeps lr/<group> etc.; group_runs=False writes none."""
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+
+    from maskrcnn_coco.analysis.inspect import find_runs
+    from maskrcnn_coco.tracking.layout import group_pair
+
+    assert group_pair("lr/heads") == ("groups/heads", "compare/lr")
+    assert group_pair("iter/lr/module.rpn_head") == ("groups/module.rpn_head", "compare/iter_lr")
+    assert group_pair("iter/grad_norm/backbone") == ("groups/backbone", "compare/iter_grad_norm")
+    assert group_pair("grad_norm/backbone") == ("groups/backbone", "compare/grad_norm")
+    assert group_pair("lr") is None and group_pair("lr/") is None and group_pair("loss/val") is None
+
+    run = tmp_path / "maskrcnn" / "run1"
+    tb = TensorBoardTracker(run)
+    lr = {"backbone": 0.01, "heads": 0.1}
+    log_training_metrics(tb, 1, COMPONENTS, None, None, lr, extra={"grad_norm/heads": 1.5, "grad_norm/backbone": 0.5})
+    tb.log_scalar("iter/lr/heads", 0.05, 20)
+    tb.log_scalar("iter/lr/backbone", 0.005, 20)
+    tb.close()
+    main, _ = read_scalars(run)
+    assert {"lr/heads", "lr/backbone", "grad_norm/heads", "iter/lr/heads"} <= set(main)
+    heads, _ = read_scalars(run / "groups" / "heads")
+    backbone, _ = read_scalars(run / "groups" / "backbone")
+    assert set(heads) == {"compare/lr", "compare/grad_norm", "compare/iter_lr"}
+    assert heads["compare/lr"] == main["lr/heads"] and heads["compare/iter_lr"] == main["iter/lr/heads"]
+    assert heads["compare/grad_norm"] == [(1, 1.5)] and backbone["compare/iter_lr"] == main["iter/lr/backbone"]
+    multiplexer = EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(tmp_path))
+    multiplexer.Reload()
+    holding = sorted(r for r, tags in multiplexer.Runs().items() if "compare/lr" in tags.get("tensors", []) + tags.get("scalars", []))
+    assert holding == ["maskrcnn/run1/groups/backbone", "maskrcnn/run1/groups/heads"]
+    assert find_runs(tmp_path) == [run]
+
+    off = tmp_path / "off"
+    tb = TensorBoardTracker(off, group_runs=False)
+    log_training_metrics(tb, 1, COMPONENTS, None, None, lr)
+    tb.close()
+    assert not (off / "groups").exists() and "lr/heads" in read_scalars(off)[0]
+
+
 def test_layout_puts_iteration_tags_in_their_own_category():
     from maskrcnn_coco.tracking.layout import compare_pair, custom_scalars_layout
 

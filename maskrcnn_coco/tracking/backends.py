@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from maskrcnn_coco.tracking.hparams import HPARAM_METRICS, experiment_summary, key_hparams
-from maskrcnn_coco.tracking.layout import compare_pair, custom_scalars_layout
+from maskrcnn_coco.tracking.layout import compare_pair, custom_scalars_layout, group_pair
 from maskrcnn_coco.tracking.scalars import ITER_PREFIX, epoch_scalars
 from maskrcnn_coco.utils.errors import ConfigError
 
@@ -139,6 +139,13 @@ def import_optional(module: str, extra: str) -> Any:
         ) from None
 
 
+def _restart_marker(writer: Any, step: int) -> None:
+    """``SessionLog.START`` at ``step``: TensorBoard drops this file's folder's earlier events at steps >= it."""
+    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+    writer.file_writer.add_event(Event(step=step, wall_time=time.time(), session_log=SessionLog(status=SessionLog.START)))
+
+
 class TensorBoardTracker:
     """Writes scalars and hyperparameters into one event file in ``log_dir`` (opened lazily).
 
@@ -151,7 +158,9 @@ class TensorBoardTracker:
 
     Train vs val in two colours (``tracking.layout``): each per-epoch loss tag is also written as
     ``compare/<component>`` into the sub-run ``<log_dir>/train`` or ``<log_dir>/val``; the run's own
-    event file holds every tag of the vocabulary, as before. Images (``log_image``) go to the IMAGES tab,
+    event file holds every tag of the vocabulary, as before. Likewise each lr and grad-norm group
+    (``lr/<g>``, ``grad_norm/<g>`` and their ``iter/`` forms) goes once more into ``<log_dir>/groups/<g>``
+    (``group_pair``; off with ``group_runs=False``), so their charts have a colour per group. Images (``log_image``) go to the IMAGES tab,
     text to the TEXT tab, both at ``step=epoch``.
 
     Resume (``resume``): into a new folder, the carried history is written once. Into the same folder
@@ -167,9 +176,11 @@ class TensorBoardTracker:
     replaces every earlier point at steps >= s), which resolves the same attempts the same way.
     """
 
-    def __init__(self, log_dir: str | Path, flush_secs: int = 30):
+    def __init__(self, log_dir: str | Path, flush_secs: int = 30, group_runs: bool = True):
         self.log_dir = Path(log_dir)
         self.flush_secs = flush_secs
+        self.group_runs = group_runs
+        self._restart_step: int | None = None  # set by resume: the sub-runs' restart marker
         self._writer = None
         self._pair_writers: dict[str, Any] = {}
         self._earlier: list[Path] = []  # event files of earlier attempts in log_dir
@@ -187,20 +198,25 @@ class TensorBoardTracker:
             self._writer = SummaryWriter(log_dir=str(self.log_dir), flush_secs=self.flush_secs)
         return self._writer
 
-    def _pair_writer(self, split: str):
-        if split not in self._pair_writers:
+    def _pair_writer(self, sub_run: str):
+        if sub_run not in self._pair_writers:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._pair_writers[split] = SummaryWriter(log_dir=str(self.log_dir / split), flush_secs=self.flush_secs)
-        return self._pair_writers[split]
+            folder = self.log_dir / sub_run
+            earlier = sorted(folder.glob(EVENT_FILE_GLOB))
+            writer = SummaryWriter(log_dir=str(folder), flush_secs=self.flush_secs)
+            if earlier and self._restart_step is not None:
+                _restart_marker(writer, self._restart_step)  # as in the run's own file (resume)
+            self._pair_writers[sub_run] = writer
+        return self._pair_writers[sub_run]
 
     def log_scalar(self, tag: str, value: float, step: int) -> None:
         self.writer.add_scalar(tag, value, global_step=step)
         self._tags.add(tag)
-        pair = compare_pair(tag)
+        pair = compare_pair(tag) or (group_pair(tag) if self.group_runs else None)
         if pair is not None:
-            split, compare_tag = pair
-            self._pair_writer(split).add_scalar(compare_tag, value, global_step=step)
+            sub_run, compare_tag = pair
+            self._pair_writer(sub_run).add_scalar(compare_tag, value, global_step=step)
 
     def log_text(self, tag: str, text: str, step: int) -> None:
         """Markdown in TensorBoard's Text tab (the diagnostics' findings)."""
@@ -217,10 +233,8 @@ class TensorBoardTracker:
         writer = self.writer  # opening it lists the earlier attempts' files
         present: set[tuple[str, int]] = set()
         if self._earlier:
-            from tensorboard.compat.proto.event_pb2 import Event, SessionLog
-
-            writer.file_writer.add_event(Event(step=global_step + 1, wall_time=time.time(),
-                                               session_log=SessionLog(status=SessionLog.START)))
+            self._restart_step = global_step + 1
+            _restart_marker(writer, self._restart_step)
             present = _logged_steps(self._earlier)
             carried = {tag for record in history for tag in record_scalars(record)}
             later = sorted({s for tag, s in present if tag in carried and s > epoch})

@@ -11,9 +11,15 @@ Two consequences:
   ``<log_dir>/train`` and ``<log_dir>/val`` (Keras' TensorBoard callback writes ``train``/``validation``
   runs the same way): the card ``compare/loss_mask`` then shows ``<run>/train`` and ``<run>/val`` in two
   colours. The run's own event file keeps every tag where it is (``loss/train_loss_mask``, ``loss/val_loss_mask``).
-* learning-rate and gradient-norm groups stay tags of one run (a sub-run per group would multiply the
-  run list by ten in a sweep): the CUSTOM SCALARS charts ``lr (all groups)`` and ``grad_norm (all groups)``
-  put them on one chart, one colour, one symbol per group.
+* learning-rate and gradient-norm groups in distinct colours need a run per group, too: each
+  ``lr/<group>``, ``grad_norm/<group>``, ``iter/lr/<group>`` and ``iter/grad_norm/<group>`` is written
+  once more (``group_pair``) into the sub-run ``<log_dir>/groups/<group>`` as ``compare/lr``,
+  ``compare/grad_norm``, ``compare/iter_lr`` and ``compare/iter_grad_norm``: one card each, one colour
+  per group. A run then lists ``train``, ``val`` and ``groups/<group>`` beside it in TensorBoard's run
+  selector (filter runs with a regex such as ``^[^/]*$`` to see the runs alone, or
+  ``TensorBoardTracker(group_runs=False)``, ``tracker.backends.tensorboard.group_runs=false``); the
+  CUSTOM SCALARS charts ``lr (all groups)`` and ``grad_norm (all groups)`` keep them on one chart of
+  the run itself (one colour, one symbol per group).
 
 The layout (``custom_scalars_layout(tags)``) has these categories:
 
@@ -62,6 +68,25 @@ def compare_pair(tag: str) -> tuple[str, str] | None:
     ``("val", "compare/loss_mask")`` and ``loss/train_total`` -> ``("train", "compare/loss_total")``;
     None for any other tag."""
     return _PAIRS.get(tag)
+
+
+GROUPS_DIR = "groups"  # the per-group sub-runs, <log_dir>/groups/<group>
+_GROUP_PREFIXES = (  # longest first: iter/lr/ before lr/
+    (ITER_PREFIX + "grad_norm/", COMPARE_PREFIX + "iter_grad_norm"),
+    (ITER_PREFIX + "lr/", COMPARE_PREFIX + "iter_lr"),
+    ("grad_norm/", COMPARE_PREFIX + "grad_norm"),
+    ("lr/", COMPARE_PREFIX + "lr"),
+)
+
+
+def group_pair(tag: str) -> tuple[str, str] | None:
+    """``(sub-run, comparison tag)`` of a per-group lr or gradient-norm tag, e.g. ``iter/lr/heads`` ->
+    ``("groups/heads", "compare/iter_lr")`` and ``grad_norm/backbone`` -> ``("groups/backbone",
+    "compare/grad_norm")``; None for any other tag (``lr`` alone included)."""
+    for prefix, compare_tag in _GROUP_PREFIXES:
+        if tag.startswith(prefix) and len(tag) > len(prefix):
+            return f"{GROUPS_DIR}/{tag[len(prefix):]}", compare_tag
+    return None
 
 
 def _exact(tag: str) -> str:
