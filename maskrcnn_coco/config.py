@@ -52,6 +52,9 @@ LOSS_COMPONENTS: tuple[str, ...] = (
 # at the bottom of the package, so that those modules and the value rules share one list.
 AMP_MODES: tuple[str, ...] = ("off", "bf16", "fp16")
 EVAL_BACKENDS: tuple[str, ...] = ("auto", "pycocotools", "faster_coco_eval")
+EXIF_POLICIES = ("apply", "ignore")
+CROWD_POLICIES = ("ignore", "train")
+DATA_LAYOUTS = ("auto", "coco2017", "roboflow", "cvat")
 # How the optimizer's step runs (solver.param_groups.implementation_kwargs): one fused kernel per parameter
 # list, torch's multi-tensor (foreach) ops, or a Python loop over parameters. auto: fused where it exists.
 OPTIMIZER_IMPLS: tuple[str, ...] = ("auto", "fused", "foreach", "for_loop")
@@ -167,6 +170,14 @@ class DataConfig:
     # built, the others when first loaded) | drop (decode every image once at build, in threads, and
     # skip the bad ones with a warning; costs one full decode of the split per run).
     on_invalid: str = "error"
+    # EXIF orientation (phone photos): apply = load images as displayed, as annotation tools show them
+    # (an image whose annotation size matches only its raw frame is loaded raw, with one line saying so);
+    # ignore = always the raw pixel frame.
+    exif: str = field(default="apply", metadata=rule(lambda v: v in EXIF_POLICIES, "apply or ignore"))
+    # iscrowd=1 annotations: ignore = COCO semantics (not trained; COCOeval ignores detections on them);
+    # train = ordinary instances in training and evaluation (CVAT's "COCO 1.0" marks every mask-drawn
+    # object as a crowd RLE).
+    crowd: str = field(default="ignore", metadata=rule(lambda v: v in CROWD_POLICIES, "ignore or train"))
 
 
 @dataclass
@@ -177,6 +188,15 @@ class CocoDataConfig(DataConfig):
     val_images: str = "${.root}/val2017"
     train_annotations: str = "${.root}/annotations/instances_train2017.json"
     val_annotations: str = "${.root}/annotations/instances_val2017.json"
+    # Where the files are under data.root: auto (COCO 2017's layout when its files exist, else
+    # Roboflow's train/_annotations.coco.json or CVAT's annotations/instances_default.json + images/,
+    # recognised from data.root) | coco2017 | roboflow | cvat. Explicit data.*_images/_annotations win.
+    layout: str = field(default="auto", metadata=rule(lambda v: v in DATA_LAYOUTS, "auto, coco2017, roboflow or cvat"))
+    # Split one annotation file (data.train_annotations) into train and val: this fraction of its
+    # images (deterministic from image ids and data.split_seed) becomes val; data.val_annotations is
+    # then unused. null: the two files as given.
+    val_fraction: Optional[float] = field(default=None, metadata=rule(lambda v: 0 < v < 1, "between 0 and 1, e.g. 0.1", null=True))
+    split_seed: int = 0
 
 
 @dataclass
