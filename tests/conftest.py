@@ -27,7 +27,7 @@ TINY_MODEL_OVERRIDES = [
     "scheduler.warmup_iters=2",
     "progress=false",
 ]
-TINY_OVERRIDES = ["data.num_train=8", "data.num_val=4", "data.image_size=64", "data.batch_size=2", *TINY_MODEL_OVERRIDES]
+TINY_OVERRIDES = ["data.num_train=8", "data.num_val=4", "data.image_size=64", "data.batch_size=2", "data.num_workers=0", *TINY_MODEL_OVERRIDES]
 
 
 @pytest.fixture(autouse=True)
