@@ -29,7 +29,7 @@ def test_degenerate_polygons_are_named_and_skipped(tmp_path, caplog):
     images = [{"id": 1, "file_name": "1.png", "height": 48, "width": 64}]
     anns = [
         square_ann(1, 1, 3, 4, 4, 10),
-        {**square_ann(2, 1, 3, 20, 4, 10), "segmentation": []},
+        {**square_ann(2, 1, 3, 20, 4, 10), "segmentation": []},  # box-only (Roboflow's detection export): usable
         {**square_ann(3, 1, 7, 20, 20, 10), "segmentation": [[20, 20]]},  # 1 point
         {**square_ann(4, 1, 7, 40, 20, 10), "segmentation": [[40, 20, 50, 30]]},  # 2 points (pycocotools: a box!)
         {**square_ann(5, 1, 90, 40, 4, 8), "segmentation": [[40, 4, 48, 4, float("nan"), 12]]},
@@ -39,24 +39,24 @@ def test_degenerate_polygons_are_named_and_skipped(tmp_path, caplog):
     ]
     img_dir, ann_file = write_coco_dataset(tmp_path, CATS, images, anns)
     problems = {p["annotation_id"]: p for p in find_invalid_annotations(load_coco(ann_file))}
-    assert set(problems) == {2, 3, 4, 5, 7}
-    assert problems[2]["problem"] == "empty segmentation []"
+    assert set(problems) == {3, 4, 5, 7}
     assert "polygon with 1 point" in problems[3]["problem"] and "polygon with 2 points" in problems[4]["problem"]
     assert "NaN" in problems[5]["problem"] and "IoU 0.00" in problems[7]["problem"]
     assert all(p["image_id"] == 1 and p["file"] == "1.png" for p in problems.values())
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         ds = build_coco_dataset(img_dir, ann_file, train=True, augment=NO_AUG, drop_empty=True)
-    assert "5 invalid annotations in instances_train.json are skipped" in caplog.text
-    assert "ann 2 (image 1 (1.png)): empty segmentation []" in caplog.text
+    assert "4 invalid annotations in instances_train.json are skipped" in caplog.text
     assert "1 annotations in instances_train.json had polygon parts with fewer than 3 points" in caplog.text
+    assert ("1 annotation of 3 in instances_train.json has no segmentation (box-only): they train the box branches, "
+            "the mask loss skips them") in caplog.text
     _, target = ds[0]
-    assert target["labels"].tolist() == [1, 3]  # annotations 1 and 6
-    assert target["masks"].shape == (2, 48, 64)
-    assert [int(m.sum()) for m in target["masks"]] == [100, 100]
-    assert torch.allclose(target["boxes"], torch.tensor([[4.0, 4, 14, 14], [30, 30, 40, 40]]))
+    assert target["labels"].tolist() == [1, 1, 3]  # annotations 1, 2 (box-only) and 6
+    assert target["masks"].shape == (3, 48, 64)
+    assert [int(m.sum()) for m in target["masks"]] == [100, 0, 100]  # the box-only one: an empty mask
+    assert torch.allclose(target["boxes"], torch.tensor([[4.0, 4, 14, 14], [20, 4, 30, 14], [30, 30, 40, 40]]))
     # The skipped ones are gone from the dataset's ground truth too; the probe still finds them.
-    assert sorted(ds.coco.anns) == [1, 6]
-    assert {p["annotation_id"] for p in find_invalid_annotations(ds.coco, [1])} == {2, 3, 4, 5, 7}
+    assert sorted(ds.coco.anns) == [1, 2, 6]
+    assert {p["annotation_id"] for p in find_invalid_annotations(ds.coco, [1])} == {3, 4, 5, 7}
 
 
 def test_rle_size_must_match_the_image(tmp_path):
@@ -101,7 +101,14 @@ def test_missing_image_beyond_the_first_fifty_is_reported_at_build(tmp_path, cap
 def test_real_size_must_match_the_annotation_file(tmp_path, caplog):
     img_dir, ann_file = simple_dataset(tmp_path, n=3)
     Image.new("RGB", (48, 64)).save(img_dir / "2.png")  # transposed: 48 wide, 64 high
+    # Sizes come from the headers at build (read for the EXIF frame anyway): the error comes before training.
+    with pytest.raises(DataError, match=re.escape("1 images listed in instances_train.json cannot be used (image size "
+                                                  "mismatch: 1), e.g. image 2 (2.png): is 48x64 pixels but the annotation file says 64x48")):
+        build_coco_dataset(img_dir, ann_file, train=True, augment=NO_AUG, drop_empty=True)
+    # A file replaced after the build: named when loaded.
+    Image.new("RGB", (64, 48)).save(img_dir / "2.png")
     ds = build_coco_dataset(img_dir, ann_file, train=True, augment=NO_AUG, drop_empty=True)
+    Image.new("RGB", (48, 64)).save(img_dir / "2.png")
     with pytest.raises(DataError, match=re.escape(f"Image {img_dir / '2.png'} (image id 2) is 48x64 pixels but "
                                                   "instances_train.json says 64x48")):
         ds[1]

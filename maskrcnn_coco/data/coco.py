@@ -42,13 +42,23 @@ from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 
 from maskrcnn_coco.config import AugmentConfig, DataConfig
+from maskrcnn_coco.data.exif import Frame, load_oriented
+from maskrcnn_coco.data.exports import (
+    apply_crowd_policy,
+    box_only_line,
+    drop_categories,
+    has_mask,
+    negatives_line,
+    placeholder_categories,
+    placeholder_line,
+    relocated_line,
+)
 from maskrcnn_coco.data.samplers import SeededSamples, ShardSampler, TrainSampler, aspect_ratio_groups
 from maskrcnn_coco.data.shapes import ShapesParams, ensure_shapes_dataset
 from maskrcnn_coco.data.validate import (
     ON_INVALID,
     check_split,
     describe_error,
-    load_rgb,
     summarize,
     validate_annotations,
 )
@@ -139,13 +149,14 @@ class CocoInstances(CocoDetection):
         self.ids = sorted(coco.imgs)
         self.usable_ann_ids = usable_ann_ids
         self.source = source
+        self.frames: dict[int, Frame] = {}  # EXIF frames of the images not stored as displayed (exif.FramePlan)
 
     def _load_image(self, id: int) -> Image.Image:
         info = self.coco.imgs[id]
         path = os.path.join(self.root, info["file_name"])
         hint = "fix or remove it, or set data.on_invalid=drop to skip such images (python scripts/check_dataset.py lists them all)"
         try:
-            image = load_rgb(path)
+            image = load_oriented(path, self.frames.get(id))
         except FileNotFoundError:
             raise DataError(f"Image file not found: {path} (image id {id} in {self.source}); {hint}") from None
         except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, zlib errors...
@@ -158,7 +169,14 @@ class CocoInstances(CocoDetection):
         return image
 
     def _load_target(self, id: int) -> list[Any]:
-        return [a for a in self.coco.imgToAnns.get(id, []) if a["id"] in self.usable_ann_ids]
+        anns = [a for a in self.coco.imgToAnns.get(id, []) if a["id"] in self.usable_ann_ids]
+        if all(has_mask(a) for a in anns):
+            return anns
+        # Box-only annotations: an all-zero mask, which the mask loss skips (modeling.mask_loss).
+        info = self.coco.imgs[id]
+        h, w = int(info["height"]), int(info["width"])
+        empty = {"size": [h, w], "counts": [h * w]}
+        return [a if has_mask(a) else {**a, "segmentation": empty} for a in anns]
 
 
 def category_counts(coco: COCO, image_ids: Iterable[int], usable_ann_ids: Iterable[int] | None = None) -> dict[str, int]:
@@ -252,6 +270,8 @@ def build_coco_dataset(
     key: str = "data",
     on_invalid: str = "error",
     progress: bool = False,
+    exif: str = "apply",
+    crowd: str = "ignore",
 ) -> Dataset:
     """A ``CocoDetection`` over ``images`` and ``annotations`` yielding Mask R-CNN samples.
 
@@ -271,12 +291,24 @@ def build_coco_dataset(
         coco = load_coco(annotations)
     except Exception as err:
         raise DataError(f"Could not read COCO annotations {annotations}: {err}") from err
+    said = [apply_crowd_policy(coco, crowd, annotations.name)]
+    placeholders = placeholder_categories(coco)
+    if placeholders:
+        drop_categories(coco, [cid for cid, _, _ in placeholders])
+        said.append(placeholder_line(placeholders, annotations.name))
     mapping = mapping or CategoryMapping(list(coco.cats.values()))
 
     check = check_split(
         coco, images, train=train, drop_empty=drop_empty, max_images=max_images, on_invalid=on_invalid,
-        decode=on_invalid == "drop", progress=progress, desc=f"Checking {annotations.name} images",
+        decode=on_invalid == "drop", progress=progress, desc=f"Checking {annotations.name} images", exif=exif,
     )
+    if check.relocated:
+        said.append(relocated_line(check.relocated, annotations.name, images))
+    said += check.frames.summary_lines(annotations.name)
+    said.append(negatives_line(check.negatives, len(coco.imgs), annotations.name, train=train, dropped=drop_empty))
+    said.append(box_only_line([a for a in coco.dataset["annotations"] if a["id"] in check.usable_ann_ids], annotations.name))
+    for line in filter(None, said):
+        log.info("%s", line)
     report = check.annotations
     if report.invalid:
         log.warning("%d invalid annotations in %s are skipped %s", len(report.invalid), annotations.name, summarize(report.invalid))
@@ -299,6 +331,7 @@ def build_coco_dataset(
 
     base = CocoInstances(str(images), coco, check.usable_ann_ids, transforms=build_transforms(train, augment, mapping), source=annotations.name)
     base.ids = check.ids
+    base.frames = check.frames.frames
     dataset = wrap_dataset_for_transforms_v2(base, target_keys={"image_id", "boxes", "masks", "labels"})
     dataset.mapping = mapping
     return dataset
@@ -355,6 +388,8 @@ def build_datasets(cfg: DataConfig, splits: Sequence[str] = ("train", "val"), pr
             key=f"data.{split}_images / data.{split}_annotations",
             on_invalid=getattr(cfg, "on_invalid", "error"),
             progress=progress,
+            exif=getattr(cfg, "exif", "apply"),
+            crowd=getattr(cfg, "crowd", "ignore"),
         )
         if mapping is not None and sorted(ds.coco.cats) != mapping.coco_ids:
             raise DataError(f"The {split} annotations define other categories than the train annotations")

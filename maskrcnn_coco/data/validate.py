@@ -190,9 +190,9 @@ def check_annotation(
         return BAD_BBOX, f"bbox {list(bbox)} has non-positive width/height", None
     if x >= image["width"] or y >= image["height"] or x + w <= 0 or y + h <= 0:
         return BAD_BBOX, f"bbox {list(bbox)} lies outside the {image['width']}x{image['height']} image", None
-    if "segmentation" not in ann:
-        return BAD_SEGMENTATION, "no segmentation", None
-    seg = ann["segmentation"]
+    seg = ann.get("segmentation")
+    if seg is None or (isinstance(seg, list) and not seg):
+        return None, None, None  # box-only: trains the box branches (no mask target), scored as bbox
     repaired = None
     if isinstance(seg, list):
         problem, kept, extent, removed = _polygons(seg)
@@ -421,14 +421,18 @@ def check_images(
     workers: int | None = None,
     progress: bool = False,
     desc: str = "Decoding images",
+    exif: str = "apply",
 ) -> list[dict[str, Any]]:
-    """Decode every image record of ``images`` (threads: PIL releases the GIL while decoding);
-    one record (``image_id``, ``file``, ``kind``, ``problem``) per image that cannot be used."""
+    """Decode every image record of ``images`` (threads: PIL releases the GIL while decoding), in the
+    frame the ``exif`` policy gives it; one record (``image_id``, ``file``, ``kind``, ``problem``)
+    per image that cannot be used."""
+    from maskrcnn_coco.data.exif import decode_problem  # it builds on this module
+
     root = Path(root)
     workers = workers or min(8, os.cpu_count() or 1)
 
     def one(img: Mapping[str, Any]) -> dict[str, Any] | None:
-        found = image_problem(root / img["file_name"], img["width"], img["height"])
+        found = decode_problem(root / img["file_name"], img["width"], img["height"], exif)
         if found is None:
             return None
         return {"image_id": img["id"], "file": img["file_name"], "kind": found[0], "problem": found[1]}
@@ -756,6 +760,9 @@ class SplitCheck:
     ``ids`` are the images the split uses (after ``drop_empty``, ``max_images`` and, with
     ``on_invalid=drop``, without the bad images); ``bad_images`` are the unusable images among
     those selected; ``decoded`` says whether images were decoded (else only existence is known).
+    ``negatives``: images (of the file, before ``max_images``) without a usable annotation;
+    ``relocated``: images whose ``file_name`` was found by its basename (``exports``); ``frames``:
+    the EXIF frame of each image (``exif.FramePlan``).
     """
 
     annotations: AnnotationReport
@@ -765,6 +772,9 @@ class SplitCheck:
     usable_ann_ids: set[int]
     decoded: bool
     empty_categories: list[tuple[int, str]] = field(default_factory=list)
+    negatives: int = 0
+    relocated: list[dict[str, Any]] = field(default_factory=list)
+    frames: Any = None
 
 
 def check_split(
@@ -780,12 +790,19 @@ def check_split(
     progress: bool = False,
     apply: bool = True,
     desc: str = "Decoding images",
+    exif: str = "apply",
 ) -> SplitCheck:
-    """Validate a split: annotations, image records, files (and decoding when ``decode``).
+    """Validate a split: annotations, image records (duplicate ids included), files (found by their
+    basename when the path as written does not exist), each image's EXIF frame (``exif``: the
+    ``data.exif`` policy; sizes checked from the headers), and decoding when ``decode``.
 
     With ``apply``, the invalid annotations are removed from ``coco`` and the repairs applied (see
     ``apply_annotation_report``), so its ground truth is what training uses.
     """
+    # Imported here: both modules build on this one (load_rgb, the record kinds).
+    from maskrcnn_coco.data.exif import plan_frames
+    from maskrcnn_coco.data.exports import duplicate_image_records, relocate_by_basename
+
     report = validate_annotations(coco)
     if apply:
         apply_annotation_report(coco, report)
@@ -798,25 +815,32 @@ def check_split(
         for i, img in sorted(coco.imgs.items())
         if (problem := image_record_problem(img))
     ]
+    bad_images += duplicate_image_records(coco.dataset)
     ids = sorted(coco.imgs)
+    annotated = {i for i in ids if any(a["id"] in usable for a in coco.imgToAnns.get(i, []))}
+    negatives = len(ids) - len(annotated)
     if train and drop_empty:
-        ids = [i for i in ids if any(a["id"] in usable for a in coco.imgToAnns.get(i, []))]
+        ids = [i for i in ids if i in annotated]
     if max_images is not None:
         ids = ids[:max_images]
     selected = set(ids)
     bad_images = [p for p in bad_images if p["image_id"] in selected]
     bad_ids = {p["image_id"] for p in bad_images}
     candidates = [(i, coco.imgs[i]["file_name"]) for i in ids if i not in bad_ids]
-    missing = find_missing_files(images_dir, candidates)
+    relocated, missing = relocate_by_basename(images_dir, find_missing_files(images_dir, candidates), coco)
     bad_images += [{"image_id": i, "file": n, "kind": MISSING_FILE, "problem": f"not found in {images_dir}"} for i, n in missing]
     bad_ids |= {i for i, _ in missing}
+    frames = plan_frames(images_dir, [coco.imgs[i] for i in ids if i not in bad_ids], exif, workers=workers,
+                         progress=progress, desc="Reading image headers")
+    bad_images += frames.problems
+    bad_ids |= {p["image_id"] for p in frames.problems}
     if decode:
         todo = [coco.imgs[i] for i in ids if i not in bad_ids]
-        bad_images += check_images(images_dir, todo, workers=workers, progress=progress, desc=desc)
+        bad_images += check_images(images_dir, todo, workers=workers, progress=progress, desc=desc, exif=exif)
         bad_ids = {p["image_id"] for p in bad_images}
     if on_invalid == "drop":
         ids = [i for i in ids if i not in bad_ids]
-    check = SplitCheck(report, bad_images, ids, len(selected), usable, decode)
+    check = SplitCheck(report, bad_images, ids, len(selected), usable, decode, negatives=negatives, relocated=relocated, frames=frames)
     if train:
         check.empty_categories = categories_without_instances(coco, ids, usable)
     return check

@@ -31,6 +31,7 @@ from pycocotools.cocoeval import COCOeval
 from maskrcnn_coco.config import EVAL_BACKENDS
 from maskrcnn_coco.data.coco import CategoryMapping
 from maskrcnn_coco.data.validate import usable_ground_truth
+from maskrcnn_coco.evaluation.ground_truth import scoring_ground_truth
 from maskrcnn_coco.evaluation.per_class import class_metric_names, classes_with_ground_truth, per_class_ap
 from maskrcnn_coco.tracking.scalars import METRIC_NAMES
 
@@ -124,23 +125,30 @@ def coco_metrics(
 
     Values COCO leaves undefined (-1, e.g. APl when no object is large, or a class with no ground
     truth in ``image_ids``) are returned as NaN. The ground truth is ``coco_gt`` without the
-    annotations training skips (``usable_ground_truth``).
+    annotations training skips (``usable_ground_truth``), normalised for COCOeval
+    (``evaluation.ground_truth``: ids 1..N, ``area``, ``iscrowd``, box-only objects); without any
+    mask in it, ``segm`` is left out.
     """
     coco_gt = usable_ground_truth(coco_gt)
+    scoring = scoring_ground_truth(coco_gt)
     backend = resolve_backend(backend)
     metrics: dict[str, dict[str, float]] = {}
     sink = io.StringIO()  # COCOeval's prints, kept off the console
-    gt = None  # the backend's ground truth, indexed once for every IoU type
+    indexed: dict[int, Any] = {}  # the backend's ground truth per scoring COCO, indexed once
     for iou_type in iou_types:
-        usable = results_for_loadres(coco_gt, results, iou_type)
+        truth = scoring.get(iou_type, scoring["bbox"])
+        if truth is None:  # no annotation has a mask: nothing to score masks against (bbox only)
+            continue
+        usable = results_for_loadres(truth, results, iou_type)
         if not usable:
-            present = classes_with_ground_truth(coco_gt, image_ids)
-            per_class = {name: 0.0 if cat in present else float("nan") for cat, name in class_metric_names(coco_gt).items()}
+            present = classes_with_ground_truth(truth, image_ids)
+            per_class = {name: 0.0 if cat in present else float("nan") for cat, name in class_metric_names(truth).items()}
             metrics[iou_type] = {**dict.fromkeys(METRIC_NAMES, 0.0), **per_class}
             continue
         with contextlib.redirect_stdout(sink):
-            gt = gt if gt is not None else _ground_truth(coco_gt, backend, sink)
-            ev = _cocoeval(gt, usable, iou_type, backend, sink)
+            if id(truth) not in indexed:
+                indexed[id(truth)] = _ground_truth(truth, backend, sink)
+            ev = _cocoeval(indexed[id(truth)], usable, iou_type, backend, sink)
             ev.params.imgIds = sorted({int(i) for i in image_ids})
             ev.evaluate()
             ev.accumulate()
@@ -152,7 +160,7 @@ def coco_metrics(
         metrics[iou_type] = {
             name: (float(v) if v >= 0 else float("nan")) for name, v in zip(METRIC_NAMES, ev.stats[:6])
         }
-        metrics[iou_type].update(per_class_ap(ev, coco_gt))
+        metrics[iou_type].update(per_class_ap(ev, truth))
     return metrics
 
 
