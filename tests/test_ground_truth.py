@@ -12,8 +12,9 @@ import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from maskrcnn_coco.data.exports import has_mask
 from maskrcnn_coco.evaluation.coco_eval import coco_metrics
-from maskrcnn_coco.evaluation.ground_truth import has_mask, scoring_ground_truth
+from maskrcnn_coco.evaluation.ground_truth import scoring_ground_truth
 
 BACKENDS = ("pycocotools", "faster_coco_eval")
 CATS = [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}, {"id": 3, "name": "crowd_only"}]

@@ -32,17 +32,12 @@ from typing import Any
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from maskrcnn_coco.data.exports import has_mask
 from maskrcnn_coco.data.validate import usable_ground_truth
 
 log = logging.getLogger(__name__)
 
 IOU_TYPES = ("bbox", "segm")
-
-
-def has_mask(ann: dict[str, Any]) -> bool:
-    """Whether the annotation carries a segmentation (polygons or RLE)."""
-    seg = ann.get("segmentation")
-    return bool(seg) and (not isinstance(seg, dict) or "counts" in seg)
 
 
 def _area(ann: dict[str, Any], image: dict[str, Any]) -> float:
@@ -56,8 +51,7 @@ def _area(ann: dict[str, Any], image: dict[str, Any]) -> float:
         else:
             rle = seg
         return float(mask_utils.area(rle))
-    x, y, bw, bh = ann["bbox"]
-    return float(bw) * float(bh)
+    return float(ann["bbox"][2]) * float(ann["bbox"][3])
 
 
 def _number(value: Any) -> bool:
