@@ -1,7 +1,8 @@
 """Mask R-CNN builders: torchvision's ResNet-50 FPN models and a small CPU-sized preset.
 
 Weights come from a torchvision weights name (``DEFAULT``, ``COCO_V1``, ...) or a local file
-(``maskrcnn_coco.modeling.weights``).
+(``maskrcnn_coco.modeling.weights``). Every model's RoI heads leave box-only instances (all-zero
+masks) out of the mask loss (``maskrcnn_coco.modeling.mask_loss``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from maskrcnn_coco.config import ModelConfig, SmallModelConfig
+from maskrcnn_coco.modeling.mask_loss import use_masked_mask_loss
 from maskrcnn_coco.modeling.roi_align import use_roi_align
 from maskrcnn_coco.modeling.weights import (
     backbone_state_dict,
@@ -69,6 +71,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> MaskRCNN:
     if cfg.weights is not None and is_local_path(cfg.weights):
         load_model_weights(model, cfg.weights, num_classes)
     use_roi_align(model, cfg.roi_align)
+    use_masked_mask_loss(model)  # box-only instances (all-zero masks) do not train the mask head
     return model
 
 
