@@ -96,7 +96,7 @@ def test_masks_off_their_boxes_and_a_darker_validation_split_warn(tmp_path, caps
     shapes = ensure_shapes_dataset(params, tmp_path / "cache", progress=False)
     assert main(["--no-progress", *fault_bank.data_overrides(shapes)]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"  no problems found\n  masks on their boxes \(in-box share of the mask and box/mask-box IoU, \d+ "
+    assert re.search(r"  no problems found\n  EXIF: 0 of 40 images carry a rotation \(data.exif=apply\)\n  masks on their boxes \(in-box share of the mask and box/mask-box IoU, \d+ "
                      r"annotations\): 0 below 0.8, 0 below 0.7 \(warns above 3% below 0.7\)\n  statistics: 40 images \(median "
                      r"64x64 px\), .*\(40 images decoded in", out)
     assert "validation against training: no difference beyond the thresholds\n" in out and "Warnings" not in out

@@ -140,6 +140,8 @@ BAD_VALUES = [
     ("data.val_batch_size=0", "data.val_batch_size=0: must be at least 1 (or null: same as data.batch_size)"),
     ("data.num_workers=-1", "data.num_workers=-1: must be 0 or more, or auto"),
     ("data.num_workers=many", "data.num_workers=many: must be 0 or more, or auto"),
+    ("data.exif=rotate", "data.exif=rotate: must be apply or ignore"),
+    ("data.crowd=drop", "data.crowd=drop: must be ignore or train"),
     ("data.augment.hflip_prob=1.5", "data.augment.hflip_prob=1.5: must be a probability in [0, 1]"),
     ("data.augment.vflip_prob=-0.1", "data.augment.vflip_prob=-0.1: must be a probability in [0, 1]"),
     ("data.augment.scale_range=[1.2,0.8]",

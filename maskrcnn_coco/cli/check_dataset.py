@@ -12,7 +12,10 @@ the splits (``analysis.split_stats``); these warn, they do not change the exit s
 
 Exit status: 0 when training can start (problems it skips are reported), 1 when training would
 fail on this data (a missing or undecodable image with ``data.on_invalid=error``, no usable image,
-an unreadable annotation file, ...), 2 on bad input (config errors, unknown arguments).
+an unreadable annotation file, ...) or, with ``--strict``, when training would skip or change
+anything (``STRICT``: invalid or repaired annotations, dropped images, files found by their
+basename, photos loaded in their raw frame, placeholder categories left out), 2 on bad input
+(config errors, unknown arguments).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from omegaconf.errors import OmegaConfBaseException
 from maskrcnn_coco.analysis.split_stats import MIN_IMAGES, SAMPLE_IMAGES, SplitStats, compare_splits, split_stats
 from maskrcnn_coco.cli.args import parse_with_overrides
 from maskrcnn_coco.cli.probe import compose_config
-from maskrcnn_coco.data.coco import CategoryMapping, load_coco, resolve_paths
+from maskrcnn_coco.data.coco import CategoryMapping, export_lines, load_coco, prepare_export, resolve_paths
 from maskrcnn_coco.data.validate import (
     MASK_BOX_LEVELS,
     ON_INVALID,
@@ -54,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="threads decoding images (default: min(8, CPU count))")
     p.add_argument("--no-decode", action="store_true", help="skip decoding the images (only the cheap checks training runs at build)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 when training would skip or change anything (for CI pipelines that gate a dataset)")
     return p
 
 
@@ -92,6 +97,7 @@ class SplitReport:
     warnings: list[str] = field(default_factory=list)
     mapping: CategoryMapping | None = None
     stats: SplitStats | None = None
+    changed: list[str] = field(default_factory=list)  # what training would skip or change (--strict)
 
 
 def check_one_split(split: str, paths: dict[str, Path], cfg: DictConfig, args: argparse.Namespace, mapping_ids: list[int] | None) -> SplitReport:
@@ -107,6 +113,8 @@ def check_one_split(split: str, paths: dict[str, Path], cfg: DictConfig, args: a
         coco = load_coco(annotations)
     except Exception as err:  # noqa: BLE001 - json and pycocotools errors alike: the file is unusable
         return SplitReport(lines, [f"{split}: could not read {annotations}: {type(err).__name__}: {err}"])
+    n_crowd = sum(1 for a in coco.dataset["annotations"] if a.get("iscrowd", 0))
+    said = prepare_export(coco, annotations.name, data.crowd)
     try:
         mapping = CategoryMapping(list(coco.cats.values()))
     except UserError as err:
@@ -119,8 +127,8 @@ def check_one_split(split: str, paths: dict[str, Path], cfg: DictConfig, args: a
         coco, images, train=train, drop_empty=train and data.drop_empty_train_images,
         max_images=data.max_train_images if train else data.max_val_images, on_invalid=data.on_invalid,
         decode=not args.no_decode, workers=args.workers, progress=not args.no_progress, desc=f"Decoding {split} images",
+        exif=data.exif,
     )
-    n_crowd = sum(1 for a in coco.dataset["annotations"] if a.get("iscrowd", 0))
     used = f"{len(check.ids)} used" + (" for training" if train else "")
     lines.append(f"  images: {len(coco.imgs)} listed, {check.selected} selected, {used}; "
                  f"annotations: {len(coco.dataset['annotations']) + len(check.annotations.invalid)} ({n_crowd} crowd)")
@@ -132,6 +140,18 @@ def check_one_split(split: str, paths: dict[str, Path], cfg: DictConfig, args: a
     if check.empty_categories:
         names = ", ".join(f"{name!r} (id {cid})" for cid, name in check.empty_categories)
         lines.append(f"  categories without a training instance ({len(check.empty_categories)}): {names}")
+    frames = check.frames
+    conventions = [f"  EXIF: {frames.rotated} of {frames.read} images carry a rotation (data.exif={data.exif})"]
+    conventions += [f"  {line}" for line in said + export_lines(check, coco, annotations.name, images, train=train,
+                                                               drop_empty=train and data.drop_empty_train_images)]
+    changed = [f"{split}: {n} {what}" for n, what in (
+        (len(check.annotations.invalid), "invalid annotations skipped"),
+        (len(check.annotations.repaired), "annotations repaired"),
+        (len(check.bad_images), "unusable images"),
+        (len(check.relocated), "file_names found by their basename"),
+        (len(frames.raw_only), "photos loaded in their raw frame (EXIF)"),
+        (sum(1 for line in said if "left out of the classes" in line), "placeholder categories left out"),
+    ) if n]
     if check.bad_images and data.on_invalid == "error":
         fatal.append(f"{split}: {len(check.bad_images)} unusable images with data.on_invalid=error, e.g. "
                      f"{format_record(check.bad_images[0])} (fix them, or set data.on_invalid=drop to skip them)")
@@ -142,10 +162,11 @@ def check_one_split(split: str, paths: dict[str, Path], cfg: DictConfig, args: a
     stats = split_stats(coco, check.ids, check.usable_ann_ids, images, split=split, sample=0 if args.no_decode else SAMPLE_IMAGES)
     if not any(line.startswith("    ") for line in lines) and not check.empty_categories and not agreement.below[MASK_BOX_LEVELS[0]]:
         lines.append("  no problems found")
+    lines += conventions  # what the export's conventions do (data.exif, data.crowd, ...): said, not problems
     lines += agreement.format(examples=args.examples)
     lines.append(f"  statistics: {stats.summary(label=False)}")
     warning = agreement.warning()
-    return SplitReport(lines, fatal, [f"{split}: {warning}"] if warning else [], mapping, stats)
+    return SplitReport(lines, fatal, [f"{split}: {warning}"] if warning else [], mapping, stats, changed)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -165,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"Dataset check: data={cfg.data.name}, data.on_invalid={cfg.data.on_invalid}, images: {how}\n")
     fatal: list[str] = []
     warnings: list[str] = []
+    changed: list[str] = []
     mapping_ids = None
     reports = {}
     for split in ("train", "val"):
@@ -174,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(report.lines) + "\n")
         fatal += report.fatal
         warnings += report.warnings
+        changed += report.changed
     train, val = reports["train"].stats, reports["val"].stats
     if train is not None and val is not None:
         findings = compare_splits(train, val)
@@ -190,6 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               + "\n".join(f"  - {w}" for w in warnings) + "\n")
     if fatal:
         print("Training would fail:\n" + "\n".join(f"  - {f}" for f in fatal))
+        return 1
+    if args.strict and changed:
+        print("--strict: training would skip or change:\n" + "\n".join(f"  - {c}" for c in changed))
         return 1
     print("OK: training can start with this data.")
     return 0

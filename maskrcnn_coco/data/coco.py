@@ -258,6 +258,27 @@ def load_coco(annotations: str | Path) -> COCO:
         return COCO(str(annotations))
 
 
+def prepare_export(coco: COCO, source: str, crowd: str) -> list[str]:
+    """What an export's conventions change before its split is checked (``data.exports``), in place:
+    the ``data.crowd`` policy and the placeholder categories left out. The lines that say so."""
+    said = [apply_crowd_policy(coco, crowd, source)]
+    placeholders = placeholder_categories(coco)
+    if placeholders:
+        drop_categories(coco, [cid for cid, _, _ in placeholders])
+        said.append(placeholder_line(placeholders, source))
+    return [line for line in said if line]
+
+
+def export_lines(check: Any, coco: COCO, source: str, images: str | Path, *, train: bool, drop_empty: bool) -> list[str]:
+    """The lines a checked split prints at start: files found by their basename, EXIF frames,
+    negatives, box-only annotations (``data.exports``, ``data.exif``)."""
+    said = [relocated_line(check.relocated, source, images) if check.relocated else None]
+    said += check.frames.summary_lines(source)
+    said.append(negatives_line(check.negatives, len(coco.imgs), source, train=train, dropped=drop_empty))
+    said.append(box_only_line([a for a in coco.dataset["annotations"] if a["id"] in check.usable_ann_ids], source))
+    return [line for line in said if line]
+
+
 def build_coco_dataset(
     images: str | Path,
     annotations: str | Path,
@@ -291,23 +312,14 @@ def build_coco_dataset(
         coco = load_coco(annotations)
     except Exception as err:
         raise DataError(f"Could not read COCO annotations {annotations}: {err}") from err
-    said = [apply_crowd_policy(coco, crowd, annotations.name)]
-    placeholders = placeholder_categories(coco)
-    if placeholders:
-        drop_categories(coco, [cid for cid, _, _ in placeholders])
-        said.append(placeholder_line(placeholders, annotations.name))
+    said = prepare_export(coco, annotations.name, crowd)
     mapping = mapping or CategoryMapping(list(coco.cats.values()))
 
     check = check_split(
         coco, images, train=train, drop_empty=drop_empty, max_images=max_images, on_invalid=on_invalid,
         decode=on_invalid == "drop", progress=progress, desc=f"Checking {annotations.name} images", exif=exif,
     )
-    if check.relocated:
-        said.append(relocated_line(check.relocated, annotations.name, images))
-    said += check.frames.summary_lines(annotations.name)
-    said.append(negatives_line(check.negatives, len(coco.imgs), annotations.name, train=train, dropped=drop_empty))
-    said.append(box_only_line([a for a in coco.dataset["annotations"] if a["id"] in check.usable_ann_ids], annotations.name))
-    for line in filter(None, said):
+    for line in said + export_lines(check, coco, annotations.name, images, train=train, drop_empty=drop_empty):
         log.info("%s", line)
     report = check.annotations
     if report.invalid:
