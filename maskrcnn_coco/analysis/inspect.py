@@ -6,8 +6,9 @@ module is its logic, plain functions over plain data:
 * ``find_runs(path)``: the run folders under ``path`` (itself, a multirun's job folders, a whole
   ``runs/maskrcnn``): folders holding an event file or ``metrics.jsonl``;
 * ``load_run(path, name)``: a ``Run`` with its scalars (``read_scalars``, the event files as
-  TensorBoard reads them; ``metrics.jsonl`` only for runs without an event file) and its
-  ``diagnostics.jsonl`` findings;
+  TensorBoard reads them; ``metrics.jsonl`` only for runs without an event file), its
+  ``diagnostics.jsonl`` findings and its class names (``classes.json``: a per-class AP row shows
+  its class's name as written beside the tag's ASCII key);
 * ``summarise(points, tag)``: first, best (with its epoch), last, the trend over the run and the
   change in the last epoch; ``format_run(run)``: one aligned text table per run;
 * ``write_csv(runs, path)`` (long format ``run,tag,epoch,value``) and ``plot_runs(runs, path)``.
@@ -21,8 +22,9 @@ import csv
 import json
 import math
 import os
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from maskrcnn_coco.analysis.history import HISTORY_FILE, read_history
 from maskrcnn_coco.analysis.runs import read_scalars
 from maskrcnn_coco.config import DiagnosticsConfig
 from maskrcnn_coco.tracking.scalars import (
+    CLASS_AP_PREFIX,
     IOU_TYPES,
     LOSS_COMPONENTS,
     METRIC_NAMES,
@@ -39,6 +42,7 @@ from maskrcnn_coco.tracking.scalars import (
     VAL_TOTAL,
     loss_tag,
     map_tag,
+    read_class_names,
 )
 from maskrcnn_coco.utils.errors import UserError
 
@@ -117,8 +121,9 @@ def run_names(paths: Sequence[Path]) -> list[str]:
 # ----------------------------------------------------------------------------- reading a run
 @dataclass
 class Run:
-    """A run read back: ``scalars`` ``{tag: [(epoch, value), ...]}``, where they came from, and the
-    findings of ``diagnostics.jsonl`` (None when the run has no such file)."""
+    """A run read back: ``scalars`` ``{tag: [(epoch, value), ...]}``, where they came from, the
+    findings of ``diagnostics.jsonl`` (None when the run has no such file) and ``class_names``
+    ``{key: name as written}`` (``classes.json``; empty without it)."""
 
     name: str
     path: Path
@@ -127,6 +132,7 @@ class Run:
     diagnostics: list[dict[str, Any]] | None = None
     skipped_diagnostics: int = 0
     epochs: tuple[int, int] | None = None
+    class_names: dict[str, str] = field(default_factory=dict)
 
 
 def history_scalars(history: Iterable[Mapping[str, Any]]) -> dict[str, Points]:
@@ -175,7 +181,7 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
     diagnostics, skipped = read_diagnostics(path)
     steps = [step for points in scalars.values() for step, _ in points]
     epochs = (min(steps), max(steps)) if steps else None
-    return Run(name or path.name, path, scalars, source, diagnostics, skipped, epochs)
+    return Run(name or path.name, path, scalars, source, diagnostics, skipped, epochs, read_class_names(path))
 
 
 def load_runs(paths: Sequence[str | Path]) -> list[Run]:
@@ -297,10 +303,18 @@ TABLE_HEADER = ("tag", "first", "best", "@ep", "last", "trend (first→last)", "
 RIGHT_ALIGNED = {"first", "best", "@ep", "last"}
 
 
-def summary_row(s: Summary) -> list[str]:
+def tag_label(tag: str, class_names: Mapping[str, str]) -> str:
+    """``tag``, a per-class AP tag followed by its class's name as written where that is not its key
+    (``mAP/segm_AP_class_u81ea_u8ee2_u8eca (自転車)``)."""
+    _, sep, key = tag.partition("_" + CLASS_AP_PREFIX)
+    name = class_names.get(key) if sep and tag.startswith("mAP/") else None
+    return f"{tag} ({name})" if name is not None and name != key else tag
+
+
+def summary_row(s: Summary, class_names: Mapping[str, str] | None = None) -> list[str]:
     best_value, best_epoch = (fmt_value(s.best[1]), str(s.best[0])) if s.best else ("-", "-")
     return [
-        s.tag, fmt_value(s.first[1]), best_value, best_epoch, fmt_value(s.last[1]),
+        tag_label(s.tag, class_names or {}), fmt_value(s.first[1]), best_value, best_epoch, fmt_value(s.last[1]),
         _trend_cell(s.trend, s.change, s.worse), _trend_cell(s.last_step, s.last_step_change, past=True),
     ]
 
@@ -311,12 +325,18 @@ def legend(tol: float = DEFAULT_FLAT_TOL) -> str:
             f"previous value; 'flat' within {tol:.0%} of the larger. !: a loss that rose or a metric that fell.")
 
 
+def text_width(text: str) -> int:
+    """Terminal columns of ``text``: two for a wide character (CJK), none for a combining mark."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
 def align(rows: Sequence[Sequence[str]], header: Sequence[str], indent: str = "  ") -> list[str]:
-    """Columns padded to their widest cell; numeric columns right-aligned."""
-    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    """Columns padded to their widest cell (``text_width``); numeric columns right-aligned."""
+    widths = [max(text_width(r[i]) for r in (header, *rows)) for i in range(len(header))]
     lines = []
     for row in (header, *rows):
-        cells = [c.rjust(w) if h in RIGHT_ALIGNED else c.ljust(w) for c, w, h in zip(row, widths, header)]
+        pads = [" " * (w - text_width(c)) for c, w in zip(row, widths)]
+        cells = [p + c if h in RIGHT_ALIGNED else c + p for c, p, h in zip(row, pads, header)]
         lines.append((indent + "  ".join(cells)).rstrip())
     return lines
 
@@ -379,7 +399,7 @@ def format_run(run: Run, tol: float = DEFAULT_FLAT_TOL, all_tags: bool = False) 
     lines = [f"== {run.name} ==  {run.path}", f"  {epochs}, {len(run.scalars)} tags, read from {run.source}"]
     summaries = [s for tag in table_tags(run.scalars, all_tags) if (s := summarise(run.scalars[tag], tag, tol))]
     if summaries:
-        lines += align([summary_row(s) for s in summaries], TABLE_HEADER)
+        lines += align([summary_row(s, run.class_names) for s in summaries], TABLE_HEADER)
     else:
         lines.append("  no loss or mAP values")
     lines += format_diagnostics(run)

@@ -2,20 +2,23 @@
 
 * ``per_class_ap(ev, coco_gt)``: COCOeval's ``eval["precision"]`` (T x R x K x A x M) averaged over
   IoU thresholds and recall for area ``all`` and ``maxDets`` 100, per category, under the metric name
-  ``AP_class_<name>`` (so ``epoch_scalars`` makes the tag ``mAP/<bbox|segm>_AP_class_<name>``). A class
-  with no ground truth in the evaluated images is NaN (undefined, not logged).
+  ``AP_class_<key>`` (so ``epoch_scalars`` makes the tag ``mAP/<bbox|segm>_AP_class_<key>``; the key is
+  ``tracking.scalars.class_keys``'s ASCII form of the name). A class with no ground truth in the
+  evaluated images is NaN (undefined, not logged).
 * ``confusion_matrix(coco_gt, results, image_ids)``: per image, detections (score >=
   ``score_threshold``) taken by decreasing score, each matched to the unmatched ground-truth box of
   any class with the highest IoU >= ``iou_threshold`` (one-to-one, greedy). Rows are ground-truth
   classes plus ``background`` (a detection that matched nothing: a false positive); columns are
   predicted classes plus ``missed`` (a ground-truth object no detection matched). Detections on crowd
-  regions are ignored, as COCOeval does. Plain JSON-able data.
+  regions are ignored, as COCOeval does. Plain JSON-able data, the classes by their names as written
+  (``metric_names`` has their keys).
+* ``save_confusion``: the matrix as JSON and PNG; the PNG shows each name as written where an
+  installed font has its glyphs, else its key (``utils.fonts``).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,30 +27,25 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from maskrcnn_coco.data.validate import usable_ground_truth
+from maskrcnn_coco.tracking.scalars import CLASS_AP_PREFIX, class_key, class_keys
+from maskrcnn_coco.utils.fonts import plot_fonts, plot_labels
 
-CLASS_AP_PREFIX = "AP_class_"
 # The key under which ``evaluate`` returns the confusion matrix next to ``bbox``/``segm``.
 CONFUSION_KEY = "confusion"
 BACKGROUND = "background"
 MISSED = "missed"
 
 
-def sanitize(name: str) -> str:
-    """A category name as a tag fragment: runs of characters other than letters, digits, ``_``, ``-``
-    and ``.`` become ``_`` (``traffic light`` -> ``traffic_light``)."""
-    return re.sub(r"[^0-9A-Za-z_.-]+", "_", str(name)).strip("_") or "unnamed"
+# One name's key (``tracking.scalars.class_key``) under its old name, which engine/writers.py,
+# engine/visualize.py and scripts/fault_bank.py still import.
+sanitize = class_key
 
 
 def class_metric_names(coco_gt: Any) -> dict[int, str]:
-    """``{category id: "AP_class_<sanitized name>"}``; a name shared after sanitizing gets its id appended."""
-    names: dict[int, str] = {}
-    taken: set[str] = set()
-    for cat_id in sorted(coco_gt.cats):
-        base = sanitize(coco_gt.cats[cat_id].get("name", cat_id))
-        name = base if base not in taken else f"{base}_{cat_id}"
-        taken.add(name)
-        names[cat_id] = CLASS_AP_PREFIX + name
-    return names
+    """``{category id: "AP_class_<key>"}``, keys unique in category id order (``class_keys``)."""
+    cat_ids = sorted(coco_gt.cats)
+    keys = class_keys([coco_gt.cats[c].get("name", c) for c in cat_ids], cat_ids)
+    return {cat_id: CLASS_AP_PREFIX + key for cat_id, key in zip(cat_ids, keys)}
 
 
 def per_class_ap(ev: Any, coco_gt: Any) -> dict[str, float]:
@@ -119,7 +117,7 @@ def confusion_matrix(
         "ground_truth": [*names, BACKGROUND],
         "predicted": [*names, MISSED],
         "category_ids": cat_ids,
-        # Each class's AP metric name (``AP_class_<name>``), so readers find its ``mAP/..._AP_class_`` tag.
+        # Each class's AP metric name (``AP_class_<key>``), so readers find its ``mAP/..._AP_class_`` tag.
         "metric_names": [metric_names[c] for c in cat_ids],
         "matrix": matrix.tolist(),
         # No bare number at this level: ``epoch_scalars`` turns numbers under ``metrics`` into tags.
@@ -142,25 +140,38 @@ def save_confusion(confusion: Mapping[str, Any], stem: str | Path, title: str | 
     rows = matrix.sum(axis=1, keepdims=True)
     shares = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
     n = len(matrix)
+    predicted, ground_truth = _axis_labels(confusion)
     size = max(4.0, 0.5 * n + 2.0)
-    fig, ax = plt.subplots(figsize=(size, size * 0.9))
-    ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
-    if n <= 30:
-        for (i, j), value in np.ndenumerate(matrix):
-            if value:
-                ax.text(j, i, f"{int(value)}", ha="center", va="center", fontsize=8,
-                        color="white" if shares[i, j] > 0.5 else "black")
-    ax.set_xticks(range(n), confusion["predicted"], rotation=90 if n > 8 else 45, ha="right" if n <= 8 else "center")
-    ax.set_yticks(range(n), confusion["ground_truth"])
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("ground truth")
-    params = confusion.get("params") or {}
-    iou, score = params.get("iou_threshold"), params.get("score_threshold")
-    sub = f"IoU >= {iou:g}, score >= {score:g}" if iou is not None and score is not None else ""
-    ax.set_title(f"{title}\n{sub}" if title else sub, fontsize=10)
-    fig.tight_layout()
-    png_path = stem.with_suffix(".png")
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+    with plot_fonts([*predicted, *ground_truth]):  # the fonts must be set while the figure's texts are made
+        fig, ax = plt.subplots(figsize=(size, size * 0.9))
+        ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+        if n <= 30:
+            for (i, j), value in np.ndenumerate(matrix):
+                if value:
+                    ax.text(j, i, f"{int(value)}", ha="center", va="center", fontsize=8,
+                            color="white" if shares[i, j] > 0.5 else "black")
+        ax.set_xticks(range(n), predicted, rotation=90 if n > 8 else 45, ha="right" if n <= 8 else "center")
+        ax.set_yticks(range(n), ground_truth)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("ground truth")
+        params = confusion.get("params") or {}
+        iou, score = params.get("iou_threshold"), params.get("score_threshold")
+        sub = f"IoU >= {iou:g}, score >= {score:g}" if iou is not None and score is not None else ""
+        ax.set_title(f"{title}\n{sub}" if title else sub, fontsize=10)
+        fig.tight_layout()
+        png_path = stem.with_suffix(".png")
+        fig.savefig(png_path, dpi=100)
+        plt.close(fig)
     return [json_path, png_path]
 
+
+def _axis_labels(confusion: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """The predicted and ground-truth tick labels: each class's name, or its key where no installed
+    font has the name's glyphs (keys from ``metric_names``; ``class_key`` for a matrix without them)."""
+    predicted, ground_truth = list(confusion["predicted"]), list(confusion["ground_truth"])
+    k = len(ground_truth) - 1  # the classes, then background / missed
+    metric_names = list(confusion.get("metric_names") or [])
+    keys = ([m.removeprefix(CLASS_AP_PREFIX) for m in metric_names] if len(metric_names) == k
+            else [class_key(n) for n in ground_truth[:k]])
+    classes = plot_labels(ground_truth[:k], keys)
+    return [*classes, *plot_labels(predicted[k:], predicted[k:])], [*classes, *plot_labels(ground_truth[k:], ground_truth[k:])]

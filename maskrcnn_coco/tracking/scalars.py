@@ -7,6 +7,7 @@ objective, anything that reads a run back) uses these tags:
   ``loss/train`` when only a float total is known
 * ``loss/val`` (weighted total) and ``loss/val_<component>``
 * ``mAP/<bbox|segm>_<AP|AP50|AP75|APs|APm|APl>`` (finite values only: COCO's undefined ones are left out)
+* ``mAP/<bbox|segm>_AP_class_<key>``: one class's AP, ``<key>`` from ``class_keys`` (below)
 * ``lr`` (the backbone group's, else the first group's) and ``lr/<group>``
 * ``grad_norm/<group>``, ``time/<name>``
 * ``spike/loss``, ``spike/grad_norm``: the epoch's largest iteration-level ratio (a window's peak over
@@ -22,16 +23,37 @@ the window since the previous read-back (the epoch tags above are untouched):
 * ``iter/time_data``, ``iter/time_iter`` (seconds per iteration), ``iter/images_per_s`` (all ranks)
 * ``iter/memory/<name>`` in MiB: ``main_rss_mb``, ``workers_uss_mb``, ``workers_pss_mb`` (with loader
   workers), ``cuda_max_allocated_mb`` (the window's peak), ``cuda_reserved_mb``
+
+Class keys and display names. A class appears in tags, metric names and CSV columns by its *key*,
+an ASCII form of its name made here and nowhere else (``class_keys``); people read the name as
+written (its *display name*), which a run keeps in ``classes.json`` (``write_class_names``) so that
+readers can turn keys back into names (``read_class_names``). The key of a name:
+
+* the name is NFKC-normalised (full-width forms, ligatures: ``ﬁ`` -> ``fi``); a character whose NFKD
+  form is ASCII once its combining marks are dropped is written so (``café`` -> ``cafe``), and a few
+  Latin letters are spelt out (``ß`` -> ``ss``, ``æ`` -> ``ae``, ``ø`` -> ``o``, ...);
+* any other character becomes its code point, ``u`` and at least four lowercase hex digits, joined
+  to its neighbours by one ``_`` (``自転車`` -> ``u81ea_u8ee2_u8eca``, ``hello 世界`` ->
+  ``hello_u4e16_u754c``, ``ガ`` -> ``u30ac``), so such names keep apart instead of vanishing;
+* in the ASCII rest, a run of characters other than letters, digits, ``_``, ``-`` and ``.`` becomes
+  one ``_``, and ``_`` is stripped at the ends (``traffic light`` -> ``traffic_light``; an empty name
+  -> ``unnamed``): a name already safe is its own key, as before keys existed;
+* among a dataset's classes, in category id order, a key already taken gets ``_<category id>``
+  appended (``a b`` (id 1), ``a_b`` (id 2) -> ``a_b``, ``a_b_2``).
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Mapping
+import re
+import unicodedata
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from maskrcnn_coco.config import DEFAULT_OBJECTIVE, LOSS_COMPONENTS
-from maskrcnn_coco.utils.errors import ConfigError
+from maskrcnn_coco.utils.errors import ConfigError, UserError
 
 T = TypeVar("T")
 
@@ -43,19 +65,28 @@ VAL_TOTAL = "loss/val"
 ITER_PREFIX = "iter/"
 ITER_TOTAL = "iter/loss_total"
 OBJECTIVE_MODES = ("final", "best")
+CLASS_AP_PREFIX = "AP_class_"  # a class's AP metric: AP_class_<key>, tag mAP/<iou_type>_AP_class_<key>
+CLASSES_FILE = "classes.json"  # in a run folder: [{"id": coco id, "name": display name, "key": key}, ...]
 
 __all__ = [
+    "CLASSES_FILE",
+    "CLASS_AP_PREFIX",
     "DEFAULT_OBJECTIVE",
     "ITER_PREFIX",
     "LOSS_COMPONENTS",
     "METRIC_NAMES",
     "check_objective",
+    "class_key",
+    "class_keys",
+    "class_names_by_key",
     "epoch_scalars",
     "iteration_scalars",
     "loss_tag",
     "loss_weights_from_config",
     "map_tag",
+    "read_class_names",
     "weighted_total",
+    "write_class_names",
 ]
 
 
@@ -67,8 +98,79 @@ def loss_tag(split: str, component: str | None = None) -> str:
 
 
 def map_tag(iou_type: str, metric: str) -> str:
-    """``mAP/<bbox|segm>_<metric>`` (``metric``: one of ``METRIC_NAMES``, or ``AP_class_<name>``)."""
+    """``mAP/<bbox|segm>_<metric>`` (``metric``: one of ``METRIC_NAMES``, or ``AP_class_<key>``)."""
     return f"mAP/{iou_type}_{metric}"
+
+
+# ------------------------------------------------------------------------- class keys and names
+# Latin letters NFKD leaves whole, spelt as ASCII readers expect (the rest become code points).
+_SPELT = {"ß": "ss", "æ": "ae", "Æ": "AE", "œ": "oe", "Œ": "OE", "ø": "o", "Ø": "O", "đ": "d", "Đ": "D",
+          "ð": "d", "Ð": "D", "þ": "th", "Þ": "Th", "ł": "l", "Ł": "L", "\u0131": "i"}  # \u0131: dotless i
+_UNSAFE = re.compile(r"[^0-9A-Za-z_.-]+")
+
+
+def class_key(name: Any) -> str:
+    """One name as an ASCII tag fragment (module docstring), without the dataset-wide uniqueness that
+    ``class_keys`` adds: ``café`` -> ``cafe``, ``自転車`` -> ``u81ea_u8ee2_u8eca``."""
+    parts = [""]  # ASCII runs at even positions, code points at odd ones
+    for ch in unicodedata.normalize("NFKC", str(name)):
+        if unicodedata.combining(ch) and parts[-1]:
+            continue  # an accent NFKC could not compose with the ASCII letter before it
+        latin = _SPELT.get(ch) or "".join(c for c in unicodedata.normalize("NFKD", ch) if not unicodedata.combining(c))
+        if latin and latin.isascii():
+            parts[-1] += latin
+        else:  # no ASCII spelling (ガ keeps its mark: it is no accent on カ)
+            parts += [f"u{ord(ch):04x}", ""]
+    # Each ASCII run is sanitised alone, so a code point is joined to its neighbours by exactly one "_".
+    pieces = [p if i % 2 else _UNSAFE.sub("_", p).strip("_") for i, p in enumerate(parts)]
+    return "_".join(p for p in pieces if p) or "unnamed"
+
+
+def class_keys(names: Sequence[Any], ids: Sequence[int] | None = None) -> list[str]:
+    """Each class's key, unique among ``names``: in ``ids`` order (COCO category ids; 1..N when None),
+    a key already taken gets ``_<id>`` appended (again, until it is free)."""
+    ids = list(range(1, len(names) + 1)) if ids is None else [int(i) for i in ids]
+    if len(ids) != len(names):
+        raise ValueError(f"class_keys: {len(names)} names but {len(ids)} ids")
+    keys: dict[int, str] = {}
+    taken: set[str] = set()
+    for position in sorted(range(len(names)), key=lambda i: ids[i]):
+        key = class_key(names[position])
+        while key in taken:
+            key = f"{key}_{ids[position]}"
+        taken.add(key)
+        keys[position] = key
+    return [keys[i] for i in range(len(names))]
+
+
+def class_names_by_key(names: Sequence[Any], ids: Sequence[int] | None = None) -> dict[str, str]:
+    """``{key: display name}`` (the name as written) for the classes ``names`` (ids as ``class_keys``)."""
+    return dict(zip(class_keys(names, ids), map(str, names)))
+
+
+def write_class_names(run_dir: str | Path, coco_ids: Sequence[int], names: Sequence[Any]) -> Path:
+    """``<run_dir>/classes.json``: ``[{"id": coco id, "name": display name, "key": key}, ...]`` in id
+    order, UTF-8 with the names as written; returns its path."""
+    keys = class_keys(names, coco_ids)
+    rows = sorted(({"id": int(i), "name": str(n), "key": k} for i, n, k in zip(coco_ids, names, keys)),
+                  key=lambda row: row["id"])
+    path = Path(run_dir) / CLASSES_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def read_class_names(run_dir: str | Path) -> dict[str, str]:
+    """``{key: display name}`` from ``<run_dir>/classes.json``; ``{}`` for a run without one (runs
+    written before it existed). A file that is not such a list raises ``UserError`` naming it."""
+    path = Path(run_dir) / CLASSES_FILE
+    if not path.is_file():
+        return {}
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        return {str(row["key"]): str(row["name"]) for row in rows}
+    except (ValueError, TypeError, KeyError) as err:
+        raise UserError(f"{path}: not a list of {{\"id\", \"name\", \"key\"}} objects ({err})") from None
 
 
 def loss_weights_from_config(weights: Any) -> dict[str, float]:

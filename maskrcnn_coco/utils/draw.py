@@ -2,8 +2,10 @@
 ground truth beside predictions, and contact sheets, as uint8 ``(3, H, W)`` tensors.
 
 Drawn with torchvision's ``draw_segmentation_masks`` / ``draw_bounding_boxes`` and ``make_grid``;
-captions with PIL. Used by the diagnosis contact sheets ("annotations to check"), the tracker's
-prediction images and the predict/browse commands.
+captions with PIL. Text that is not ASCII (a class name as written: ``自転車``) is drawn in an
+installed font that has its glyphs; a character no installed font has is written as its escape
+(``\\u81ea``; ``utils.fonts.pil_labels``). Used by the diagnosis contact sheets ("annotations to
+check"), the tracker's prediction images and the predict/browse commands.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
+
+from maskrcnn_coco.utils.fonts import PIL_FONT_SIZE, pil_labels
 
 # Colour-blind-friendly palette (Okabe-Ito, then Tableau), picked per class name.
 PALETTE = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7",
@@ -76,19 +80,24 @@ def draw_instances(
             if ids is not None and i < len(ids):
                 caption += f" #{ids[i]}"
             captions.append(caption)
+        captions, font = pil_labels(captions)
+        fonts = {"font": font, "font_size": PIL_FONT_SIZE} if font else {}  # None: PIL's default font, as before
         extra = ({"fill_labels": True, "label_colors": "black", "label_background_colors": colours}
                  if _LABEL_BACKGROUNDS else {})  # readable captions on busy images (torchvision >= 0.23)
-        out = draw_bounding_boxes(out, boxes.detach().cpu().float(), labels=captions, colors=colours, width=width, **extra)
+        out = draw_bounding_boxes(out, boxes.detach().cpu().float(), labels=captions, colors=colours, width=width,
+                                  **fonts, **extra)
     return out
 
 
 def _caption(tile: torch.Tensor, text: str) -> torch.Tensor:
     """``tile`` with ``text`` on a dark band above it."""
+    (text,), path = pil_labels([text])
+    font = ImageFont.truetype(path, PIL_FONT_SIZE) if path else None
     pil = Image.fromarray(tile.permute(1, 2, 0).numpy())
     band = 12 * (text.count("\n") + 1) + 2
     canvas = Image.new("RGB", (pil.width, pil.height + band), (30, 30, 30))
     canvas.paste(pil, (0, band))
-    ImageDraw.Draw(canvas).multiline_text((2, 1), text, fill=(255, 255, 255), spacing=1)
+    ImageDraw.Draw(canvas).multiline_text((2, 1), text, fill=(255, 255, 255), font=font, spacing=1)
     return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).contiguous()
 
 
