@@ -78,14 +78,14 @@ def rediagnose(run_dir: Path, export: Path | None = None) -> list:
     from maskrcnn_coco.data.coco import class_instance_counts
     from maskrcnn_coco.engine.label_check import saved_checks
     from maskrcnn_coco.engine.writers import run_context
-    from maskrcnn_coco.evaluation.per_class import sanitize
     from maskrcnn_coco.solver.param_groups import build_optimizer
+    from maskrcnn_coco.tracking.scalars import class_key
 
     register_configs()
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     parts = build_components(cfg, progress=False)
     optimizer = build_optimizer(scaled_optimizer_config(cfg), parts.model)
-    counts = {sanitize(k): v for k, v in class_instance_counts(parts.data.train_loader.dataset).items()}
+    counts = {class_key(k): v for k, v in class_instance_counts(parts.data.train_loader.dataset).items()}
     lines = (run_dir / "diagnostics.jsonl").read_text().splitlines()
     start = [f for f in map(json.loads, filter(str.strip, lines)) if f["epoch"] == 0]
     context = run_context(parts.model, optimizer, parts.loss_weights, class_counts=counts, start=start,

@@ -88,7 +88,9 @@ def test_bad_input_exits_two(tmp_path, capsys):
     assert main(["data=coco", f"data.root={tmp_path}", "data.on_invalid=skip"]) == 2
     assert "Error: data.on_invalid='skip': use one of error, drop" in capsys.readouterr().err
     assert main(["data=coco", f"data.root={tmp_path}", "--no-progress"]) == 1  # no annotation file: the data's fault
-    assert f"  - train: annotation file not found: {tmp_path}/annotations/instances_train2017.json (data.train_annotations)" in capsys.readouterr().out
+    assert (f"Training would fail:\n  - Annotation file not found: {tmp_path}/annotations/instances_train2017.json (COCO 2017), "
+            f"{tmp_path}/train/_annotations.coco.json (Roboflow) or {tmp_path}/annotations/instances_default.json (CVAT COCO 1.0)"
+            in capsys.readouterr().out)
 
 
 def test_masks_off_their_boxes_and_a_darker_validation_split_warn(tmp_path, capsys):

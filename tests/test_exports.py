@@ -384,3 +384,52 @@ def test_exif_ignore_loads_raw_pixels_and_says_why_displayed_sizes_fail(tmp_path
     images, path = phone_photos(tmp_path)
     with pytest.raises(DataError, match=r"data.exif=ignore loads the stored pixels, data.exif=apply loads it as displayed"):
         build_coco_dataset(images, path, train=True, augment=NO_AUG, drop_empty=True, exif="ignore")
+
+
+# ------------------------------------------------------------------------------- a real run, end to end
+def roboflow_unsplit(root: Path, n: int = 9) -> None:
+    """A Roboflow export with only ``train/`` (no ``valid/``), classes named as a user wrote them."""
+    folder = root / "train"
+    folder.mkdir(parents=True)
+    names = ["café", "自転車"]
+    cats = [{"id": 0, "name": "objects", "supercategory": "none"}] + [{"id": i + 1, "name": n_, "supercategory": "objects"} for i, n_ in enumerate(names)]
+    images, anns = [], []
+    for i in range(n):
+        objects = LAYOUT[i % len(LAYOUT)]
+        canvas([(x, y, s) for x, y, s, _ in objects]).save(folder / f"{i}.jpg", quality=95)
+        images.append({"id": i, "file_name": f"{i}.jpg", "width": W, "height": H})
+        for x, y, s, c in objects:
+            anns.append({"id": len(anns), "image_id": i, "category_id": c + 1, "bbox": [x, y, s, s], "area": float(s * s),
+                         "segmentation": square(x, y, s), "iscrowd": 0})
+    (folder / "_annotations.coco.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}), encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_a_roboflow_export_without_a_split_trains_from_data_root_alone(tmp_path, monkeypatch):
+    """``data=coco data.root=<export> data.val_fraction=...``: the layout recognised, the split cut and
+    recorded, the placeholder left out, unicode class names as keys in tags and as written on the console."""
+    from conftest import TINY_MODEL_OVERRIDES, run_entry
+
+    roboflow_unsplit(tmp_path / "export")
+    cache = tmp_path / "cache"
+    args = ["data=coco", f"data.root={tmp_path / 'export'}", "data.val_fraction=0.34", "data.batch_size=2", "data.num_workers=0",
+            "model.min_size=64", "model.max_size=64", "epochs=1", f"runs_dir={tmp_path / 'runs'}", *TINY_MODEL_OVERRIDES]
+    monkeypatch.setenv("MASKRCNN_COCO_CACHE", str(cache))  # the split files go there
+    proc = run_entry(args, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = (tmp_path / "runs" / "maskrcnn").iterdir()
+    log = (run / "train.log").read_text(encoding="utf-8")
+    root = tmp_path / "export"
+    assert f"Data layout: roboflow (recognised from data.root={root}): train {root}/train/_annotations.coco.json + {root}/train, " \
+           "val cut from it by data.val_fraction=0.34 (same images folder)" in log
+    assert "Split _annotations.coco.json (9 images) into 6 train / 3 val images (data.val_fraction=0.34, data.split_seed=0)" in log
+    assert "'objects' (id 0: Roboflow's id-0 category, the supercategory of all the others)" in log
+    split = json.loads((run / "split.json").read_text())
+    assert len(split["train_image_ids"]) == 6 and sorted(split["train_image_ids"] + split["val_image_ids"]) == list(range(9))
+    classes = json.loads((run / "classes.json").read_text(encoding="utf-8"))
+    assert classes == [{"id": 1, "name": "café", "key": "cafe"}, {"id": 2, "name": "自転車", "key": "u81ea_u8ee2_u8eca"}]
+    record = json.loads((run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[-1])
+    assert {"mAP/segm_AP_class_cafe", "mAP/bbox_AP_class_u81ea_u8ee2_u8eca"} <= set(record)
+    assert "AP per class (segm): café " in log and " | 自転車 " in log
+    assert "Glyph" not in proc.stderr
+    assert sorted(p.name for p in next((cache / "splits").iterdir()).iterdir()) == ["split.json", "train_split.json", "val_split.json"]

@@ -17,7 +17,6 @@ from maskrcnn_coco.evaluation.per_class import (
     CONFUSION_KEY,
     class_metric_names,
     confusion_matrix,
-    sanitize,
     save_confusion,
 )
 from maskrcnn_coco.tracking.scalars import epoch_scalars
@@ -33,7 +32,9 @@ def truth_results(coco, relabel=None, score=1.0):
 
 
 def test_tag_names_are_sanitized_and_unique():
-    assert sanitize("traffic light") == "traffic_light" and sanitize("a/b c") == "a_b_c" and sanitize("  ") == "unnamed"
+    from maskrcnn_coco.tracking.scalars import class_key
+
+    assert class_key("traffic light") == "traffic_light" and class_key("a/b c") == "a_b_c" and class_key("  ") == "unnamed"
     coco = COCO()
     coco.dataset = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "a b"}, {"id": 2, "name": "a_b"}]}
     coco.createIndex()

@@ -33,7 +33,14 @@ from omegaconf.errors import OmegaConfBaseException
 from maskrcnn_coco.analysis.split_stats import MIN_IMAGES, SAMPLE_IMAGES, SplitStats, compare_splits, split_stats
 from maskrcnn_coco.cli.args import parse_with_overrides
 from maskrcnn_coco.cli.probe import compose_config
-from maskrcnn_coco.data.coco import CategoryMapping, export_lines, load_coco, prepare_export, resolve_paths
+from maskrcnn_coco.data.coco import (
+    CategoryMapping,
+    DataError,
+    export_lines,
+    load_coco,
+    prepare_export,
+    resolve_data_paths,
+)
 from maskrcnn_coco.data.validate import (
     MASK_BOX_LEVELS,
     ON_INVALID,
@@ -177,13 +184,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("--examples must be >= 0")
         cfg = compose_config(args.config, list(extra))
         check_data_config(cfg)
-        paths = resolve_paths(cfg.data, progress=not args.no_progress)
+        resolved = resolve_data_paths(cfg.data, progress=not args.no_progress)
+    except DataError as err:  # the data's fault (no annotation file where the layout says), not the input's
+        print(f"Training would fail:\n  - {err}")
+        return 1
     except (UserError, OmegaConfBaseException) as err:
         print(f"Error: {err}", file=sys.stderr)
         return 2
 
     how = "existence only (--no-decode)" if args.no_decode else "every used image decoded"
     print(f"Dataset check: data={cfg.data.name}, data.on_invalid={cfg.data.on_invalid}, images: {how}\n")
+    if resolved.lines:
+        print("\n".join(resolved.lines) + "\n")
+    paths = resolved.as_dict()
     fatal: list[str] = []
     warnings: list[str] = []
     changed: list[str] = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from maskrcnn_coco.analysis.split_stats import audit_data
 from maskrcnn_coco.analysis.sweep import task_swept_keys
 from maskrcnn_coco.config import validate_config
 from maskrcnn_coco.data.coco import CategoryMapping, DataBundle, build_data
+from maskrcnn_coco.data.split import RECORD_FILE
 from maskrcnn_coco.engine.checkpoint import (
     CHECKPOINT_DIR,
     Checkpointer,
@@ -46,7 +48,7 @@ from maskrcnn_coco.solver.param_groups import build_optimizer, check_head_multip
 from maskrcnn_coco.solver.schedule import build_lr_scheduler, check_schedule
 from maskrcnn_coco.tracking.backends import CompositeTracker, ExperimentTracker, GuardedTracker, NullTracker, log_text
 from maskrcnn_coco.tracking.hparams import Hyperparams, task_overrides
-from maskrcnn_coco.tracking.scalars import check_objective, loss_weights_from_config
+from maskrcnn_coco.tracking.scalars import check_objective, loss_weights_from_config, write_class_names
 from maskrcnn_coco.utils import dist
 from maskrcnn_coco.utils.dist import is_main_process
 from maskrcnn_coco.utils.errors import ConfigError
@@ -263,6 +265,15 @@ def cpu_has_bf16() -> bool:
     return any(check is not None and check() for check in checks)
 
 
+def record_data(run_dir: Path, data: DataBundle) -> None:
+    """What the run trained on, beside its metrics: ``classes.json`` (each class's COCO id, name as
+    written and tag key) and, when ``data.val_fraction`` split one export, ``split.json`` (the image
+    ids of each side; the split files themselves stay in the cache)."""
+    write_class_names(run_dir, data.mapping.coco_ids, data.mapping.names)
+    if data.split is not None:
+        shutil.copyfile(data.split.out_dir / RECORD_FILE, run_dir / RECORD_FILE)
+
+
 def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
     """Train as configured, writing into ``run_dir``; return the objective for sweepers."""
     run_dir = Path(run_dir)
@@ -304,6 +315,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> float:
     try:
         tracker.log_hyperparams(Hyperparams(resolved, overrides=task_overrides(), swept=task_swept_keys()))
         record_provenance(run_dir, device, dist.world_size(), lambda tag, text, step: log_text(tracker, tag, text, step))
+        if dist.is_main_process():
+            record_data(run_dir, data)
         history = fit(wrap_distributed(model, device), optimizer, data.train_loader, data.val_loader, settings, hooks,
                       mapping=data.mapping, lr_scheduler=scheduler, state=state)
     finally:

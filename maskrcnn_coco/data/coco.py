@@ -27,7 +27,6 @@ import contextlib
 import io
 import logging
 import os
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,8 +52,10 @@ from maskrcnn_coco.data.exports import (
     placeholder_line,
     relocated_line,
 )
+from maskrcnn_coco.data.layouts import ResolvedPaths, resolve_layout
 from maskrcnn_coco.data.samplers import SeededSamples, ShardSampler, TrainSampler, aspect_ratio_groups
 from maskrcnn_coco.data.shapes import ShapesParams, ensure_shapes_dataset
+from maskrcnn_coco.data.split import SplitInfo
 from maskrcnn_coco.data.validate import (
     ON_INVALID,
     check_split,
@@ -63,29 +64,9 @@ from maskrcnn_coco.data.validate import (
     validate_annotations,
 )
 from maskrcnn_coco.utils import dist
-from maskrcnn_coco.utils.errors import ConfigError, UserError
+from maskrcnn_coco.utils.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
-
-
-# A DataLoader worker's exception comes back as ``type(err)("Caught DataError in DataLoader worker
-# process 0.\nOriginal Traceback (most recent call last): ...\n<module>.DataError: <message>\n")``.
-_WORKER_WRAPPED = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback", re.S)
-
-
-class DataError(UserError, ValueError):
-    """A dataset that cannot be used as configured (missing files, no usable images, ...).
-
-    Raised in a DataLoader worker, it reaches the main process with the worker's traceback as its
-    message; that is cut back to the original one-line message, so the entry points still print
-    one line.
-    """
-
-    def __init__(self, message: Any = "", *args: Any):
-        if isinstance(message, str) and _WORKER_WRAPPED.match(message):
-            last = message.rstrip().splitlines()[-1]
-            message = last.split(": ", 1)[1] if ": " in last else last
-        super().__init__(message, *args)
 
 
 class CategoryMapping:
@@ -360,10 +341,22 @@ class DataBundle:
     train_loader: DataLoader
     val_loader: DataLoader
     mapping: CategoryMapping
+    split: SplitInfo | None = None  # data.val_fraction's split of one export (written to the run folder)
 
 
-def resolve_paths(cfg: DataConfig, progress: bool = True) -> dict[str, Path]:
-    """Image folders and annotation files for ``cfg``; generates the shapes set if needed.
+def split_cache_dir(cfg: Any) -> Path:
+    """Where ``data.val_fraction`` writes its two split files: the cache folder (beside the shapes
+    sets), one subfolder per annotation file, so datasets and concurrent runs never share one."""
+    import hashlib
+
+    cache = Path(os.path.expanduser(os.environ.get("MASKRCNN_COCO_CACHE", "~/.cache/maskrcnn_coco")))
+    key = "|".join(os.path.abspath(os.path.expanduser(str(v))) for v in (cfg.root, cfg.train_annotations)) + f"|{cfg.layout}"
+    return cache / "splits" / hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def resolve_data_paths(cfg: DataConfig, progress: bool = True) -> ResolvedPaths:
+    """Image folders and annotation files for ``cfg`` (the layout and split lines said once, by the
+    main process); generates the shapes set if needed.
 
     Dispatches on ``cfg.name`` (``shapes`` or ``coco``): a DictConfig is never an instance of its schema.
     """
@@ -377,15 +370,26 @@ def resolve_paths(cfg: DataConfig, progress: bool = True) -> dict[str, Path]:
             max_objects=cfg.max_objects,
         )
         paths = asdict(ensure_shapes_dataset(params, cfg.cache_dir, progress=progress))
-        return {k: v for k, v in paths.items() if k != "root"}
+        return ResolvedPaths(**{k: paths[k] for k in ("train_images", "val_images", "train_annotations", "val_annotations")},
+                             layout="shapes")
     if cfg.name != "coco":
         raise ConfigError(f"data.name={cfg.name!r}: use data=shapes (built-in synthetic set) or data=coco (COCO-format files)")
-    return {k: Path(os.path.expanduser(str(getattr(cfg, k)))) for k in ("train_images", "val_images", "train_annotations", "val_annotations")}
+    resolved = resolve_layout(cfg, split_cache_dir(cfg))
+    if dist.is_main_process():
+        for line in resolved.lines:
+            log.info("%s", line)
+    return resolved
 
 
-def build_datasets(cfg: DataConfig, splits: Sequence[str] = ("train", "val"), progress: bool = True) -> dict[str, Dataset]:
-    """The requested splits as datasets, sharing one category mapping."""
-    paths = resolve_paths(cfg, progress)
+def resolve_paths(cfg: DataConfig, progress: bool = True) -> dict[str, Path]:
+    """``resolve_data_paths`` as ``{train_images, val_images, train_annotations, val_annotations}``."""
+    return resolve_data_paths(cfg, progress).as_dict()
+
+
+def build_datasets(cfg: DataConfig, splits: Sequence[str] = ("train", "val"), progress: bool = True,
+                   paths: dict[str, Path] | None = None) -> dict[str, Dataset]:
+    """The requested splits as datasets, sharing one category mapping (``paths``: from ``resolve_paths``)."""
+    paths = paths or resolve_paths(cfg, progress)
     out: dict[str, Dataset] = {}
     mapping: CategoryMapping | None = None
     for split in splits:
@@ -473,7 +477,8 @@ def image_aspect_groups(dataset: Dataset, factor: int) -> list[int] | None:
 
 def build_data(cfg: DataConfig, seed: int = 0, progress: bool = True, pin_memory: bool = False) -> DataBundle:
     """Train and val loaders for ``cfg`` (``data=shapes`` or ``data=coco``); pin memory for CUDA."""
-    datasets = build_datasets(cfg, progress=progress)
+    resolved = resolve_data_paths(cfg, progress)
+    datasets = build_datasets(cfg, progress=progress, paths=resolved.as_dict())
     val_bs = cfg.val_batch_size or cfg.batch_size
     loader = {"num_workers": cfg.num_workers, "seed": seed, "pin_memory": pin_memory}
     groups = cfg.aspect_ratio_group_factor
@@ -481,4 +486,5 @@ def build_data(cfg: DataConfig, seed: int = 0, progress: bool = True, pin_memory
         train_loader=make_loader(datasets["train"], cfg.batch_size, shuffle=True, aspect_ratio_group_factor=groups, **loader),
         val_loader=make_loader(datasets["val"], val_bs, shuffle=False, **loader),
         mapping=datasets["train"].mapping,
+        split=resolved.split,
     )

@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from maskrcnn_coco.data.split import SplitInfo, format_split, split_annotations
-from maskrcnn_coco.utils.errors import ConfigError, UserError
+from maskrcnn_coco.utils.errors import ConfigError, DataError, UserError
 
 PATH_KEYS = ("train_images", "val_images", "train_annotations", "val_annotations")
 # The config's defaults (CocoDataConfig, conf/data/coco.yaml), relative to data.root.
@@ -158,19 +158,12 @@ def detect_layout(root: Path) -> str | None:
     return None
 
 
-def _data_error(message: str) -> UserError:
-    # coco.DataError, imported here: coco.py imports this module.
-    from maskrcnn_coco.data.coco import DataError
-
-    return DataError(message)
-
-
 def _not_recognised(root: Path) -> UserError:
     # Starts as coco.py's missing-file error did before layouts, naming COCO 2017's file first.
     looked = [f"{PRESETS[n](root).paths['train_annotations']} ({what})"
               for n, what in (("coco2017", "COCO 2017"), ("roboflow", "Roboflow"), ("cvat", "CVAT COCO 1.0"))]
     where = "" if root.is_dir() else f"; data.root={root} does not exist"
-    return _data_error(f"Annotation file not found: {looked[0]}, {looked[1]} or {looked[2]}{where}; set data.root to the "
+    return DataError(f"Annotation file not found: {looked[0]}, {looked[1]} or {looked[2]}{where}; set data.root to the "
                      "dataset's folder, or data.train_annotations and data.train_images to its files")
 
 
@@ -212,12 +205,12 @@ def _check_files(preset: Preset, paths: dict[str, Path | None], subject: str, sp
     train_keys = ("train_annotations", "train_images")
     missing = _missing(paths, train_keys if split else (*train_keys, "val_annotations", "val_images"))
     if set(missing) & {str(paths[k]) for k in train_keys}:
-        raise _data_error(f"{subject}: not found: {', '.join(missing)}; check data.root, or set data.layout=auto")
+        raise DataError(f"{subject}: not found: {', '.join(missing)}; check data.root, or set data.layout=auto")
     cut = f"set {SPLIT_HINT} to cut a val split from {paths['train_annotations']}, or data.val_annotations and data.val_images"
     if not split and (paths["val_annotations"] is None or paths["val_images"] is None):
         raise ConfigError(f"{preset.no_val}; {cut}")
     if missing:
-        raise _data_error(f"{subject}: not found: {', '.join(missing)}; {cut}")
+        raise DataError(f"{subject}: not found: {', '.join(missing)}; {cut}")
 
 
 def resolve_layout(cfg: Any, split_dir: Path) -> ResolvedPaths:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from maskrcnn_coco.utils.errors import ConfigError, UserError
+from maskrcnn_coco.utils.errors import ConfigError, DataError
 
 TRAIN_FILE = "train_split.json"
 VAL_FILE = "val_split.json"
@@ -38,13 +38,6 @@ class SplitInfo:
     @property
     def num_images(self) -> int:
         return len(self.train_image_ids) + len(self.val_image_ids)
-
-
-def _data_error(message: str) -> UserError:
-    # coco.DataError, imported here: coco.py imports the layout module, which imports this one.
-    from maskrcnn_coco.data.coco import DataError
-
-    return DataError(message)
 
 
 def split_rank(seed: int, image_id: Any) -> int:
@@ -109,11 +102,11 @@ def _load_images(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise _data_error(f"Could not read COCO annotations {path}: {err}") from err
+        raise DataError(f"Could not read COCO annotations {path}: {err}") from err
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise _data_error(f"{path} is not a COCO annotation file (no 'images' list)")
+        raise DataError(f"{path} is not a COCO annotation file (no 'images' list)")
     if any(not isinstance(im, dict) or "id" not in im for im in data["images"]):
-        raise _data_error(f"{path}: an entry of 'images' has no 'id'")
+        raise DataError(f"{path}: an entry of 'images' has no 'id'")
     return data
 
 
@@ -136,7 +129,7 @@ def split_annotations(annotation_file: str | Path, val_fraction: float, seed: in
     if not 0 < val_fraction < 1:
         raise ConfigError(f"data.val_fraction={val_fraction}: must be between 0 and 1, e.g. 0.1")
     if not source.is_file():
-        raise _data_error(f"Annotation file not found: {source} (the file data.val_fraction splits)")
+        raise DataError(f"Annotation file not found: {source} (the file data.val_fraction splits)")
     stamp = _source_stamp(source)
 
     record = _reusable(out_dir, stamp, val_fraction, seed)
@@ -148,7 +141,7 @@ def split_annotations(annotation_file: str | Path, val_fraction: float, seed: in
     # Records sharing an id (merged exports) share its side; the dataset checks then name them.
     ids = list(dict.fromkeys(im["id"] for im in data["images"]))
     if len(ids) < 2:
-        raise _data_error(f"{source} lists {len(ids)} image(s); data.val_fraction needs at least 2 to split "
+        raise DataError(f"{source} lists {len(ids)} image(s); data.val_fraction needs at least 2 to split "
                           "(or set data.val_annotations and data.val_images)")
     val_ids = choose_val_ids(ids, val_fraction, seed)
     # One pass, a set lookup per annotation (linear for COCO's 860k); the source order is kept.

@@ -36,8 +36,9 @@ from maskrcnn_coco.engine.eval_step import restored_modes
 from maskrcnn_coco.engine.hooks import OUTPUT, EpochResult, Hook
 from maskrcnn_coco.engine.per_image import _image_id, choose_subset
 from maskrcnn_coco.engine.state import TrainingState
-from maskrcnn_coco.evaluation.per_class import CONFUSION_KEY, sanitize, save_confusion
+from maskrcnn_coco.evaluation.per_class import CONFUSION_KEY, save_confusion
 from maskrcnn_coco.tracking.backends import ExperimentTracker, NullTracker, log_image
+from maskrcnn_coco.tracking.scalars import class_key
 from maskrcnn_coco.utils.draw import contact_sheet, draw_instances, enlarged, read_png, save_png, side_by_side
 
 log = logging.getLogger(__name__)
@@ -158,8 +159,8 @@ class PredictionImages(Hook):
             best = kept(out, self.score_threshold, self.max_detections)
             picture = draw_prediction(image, target, best, class_names, score_threshold=self.score_threshold,
                                       min_side=self.min_side)
-            save_png(picture, self.run_dir / IMAGE_PATTERN.format(epoch, sanitize(str(image_id))))
-            log_image(self.tracker, f"{PREDICTIONS_TAG}/{sanitize(str(image_id))}", picture, epoch)
+            save_png(picture, self.run_dir / IMAGE_PATTERN.format(epoch, class_key(str(image_id))))
+            log_image(self.tracker, f"{PREDICTIONS_TAG}/{class_key(str(image_id))}", picture, epoch)
             drawn.append(picture)
             ids.append(image_id)
             shown[str(image_id)] = [

@@ -49,9 +49,18 @@ from maskrcnn_coco.engine.progress import Progress
 from maskrcnn_coco.engine.settings import FitSettings
 from maskrcnn_coco.engine.state import TrainingState
 from maskrcnn_coco.engine.visualize import PredictionImages
-from maskrcnn_coco.evaluation.per_class import CONFUSION_KEY, sanitize, save_confusion
+from maskrcnn_coco.evaluation.per_class import CONFUSION_KEY, save_confusion
 from maskrcnn_coco.tracking.backends import ExperimentTracker, NullTracker, log_scalars, log_text, resume_tracker
-from maskrcnn_coco.tracking.scalars import IOU_TYPES, LOSS_COMPONENTS, TRAIN_TOTAL, VAL_TOTAL, loss_tag, map_tag
+from maskrcnn_coco.tracking.scalars import (
+    IOU_TYPES,
+    LOSS_COMPONENTS,
+    TRAIN_TOTAL,
+    VAL_TOTAL,
+    class_key,
+    class_names_by_key,
+    loss_tag,
+    map_tag,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +86,16 @@ def format_epoch_summary(epoch: int, epochs: int, scalars: Mapping[str, float], 
     return "\n".join(lines)
 
 
-def format_class_aps(scalars: Mapping[str, float], most: int = 12) -> str | None:
-    """One line of per-class AP (``mAP/segm_AP_class_<name>``, else bbox), lowest first beyond ``most`` classes."""
+def format_class_aps(scalars: Mapping[str, float], most: int = 12, names: Mapping[str, str] | None = None) -> str | None:
+    """One line of per-class AP (``mAP/segm_AP_class_<key>``, else bbox), lowest first beyond ``most``
+    classes; each class shown by its name as written (``names``: key -> name, ``class_names_by_key``)."""
+    names = names or {}
     iou_type, aps = class_aps(scalars)
     if not aps:
         return None
     shown = list(aps.items()) if len(aps) <= most else sorted(aps.items(), key=lambda kv: kv[1])[:5]
     head = f"🏷️ AP per class ({iou_type})" + ("" if len(aps) <= most else f", lowest 5 of {len(aps)}")
-    return f"{head}: " + " | ".join(f"{name} {v:.3f}" for name, v in shown)
+    return f"{head}: " + " | ".join(f"{names.get(key, key)} {v:.3f}" for key, v in shown)
 
 
 class ConsoleSummary(Hook):
@@ -94,7 +105,9 @@ class ConsoleSummary(Hook):
     def after_epoch(self, state: TrainingState, result: EpochResult) -> None:
         saved = display_path(result.checkpoint) if result.checkpoint is not None else None
         log.info("%s", format_epoch_summary(result.epoch, state.epochs, result.scalars, saved))
-        per_class = format_class_aps(result.scalars)
+        mapping = state.mapping
+        names = class_names_by_key(mapping.names, mapping.coco_ids) if mapping is not None else None
+        per_class = format_class_aps(result.scalars, names=names)
         if per_class:
             log.info("%s", per_class)
 
@@ -165,7 +178,7 @@ class DiagnosticsWriter(Hook):
         self.tracker = tracker
         self.config = config if config is not None else DiagnosticsConfig()
         # Keyed as the per-class AP tags name the classes.
-        self.class_counts = {sanitize(name): n for name, n in (class_counts or {}).items()}
+        self.class_counts = {class_key(name): n for name, n in (class_counts or {}).items()}
         self.train_images = train_images
         self.start = [d for d in start if not muted(d, self.config.ignore)]
         self.reported: set[tuple[Any, ...]] = set()

@@ -38,7 +38,6 @@ MISSED = "missed"
 
 # One name's key (``tracking.scalars.class_key``) under its old name, which engine/writers.py,
 # engine/visualize.py and scripts/fault_bank.py still import.
-sanitize = class_key
 
 
 def class_metric_names(coco_gt: Any) -> dict[int, str]:
