@@ -433,3 +433,24 @@ def test_a_roboflow_export_without_a_split_trains_from_data_root_alone(tmp_path,
     assert "AP per class (segm): café " in log and " | 自転車 " in log
     assert "Glyph" not in proc.stderr
     assert sorted(p.name for p in next((cache / "splits").iterdir()).iterdir()) == ["split.json", "train_split.json", "val_split.json"]
+
+
+@pytest.mark.slow
+def test_a_box_only_export_trains_and_reports_bbox_only_end_to_end(tmp_path, monkeypatch):
+    """Detection-only data through the real entry: the box branches train, loss_mask is 0, the epoch
+    block and metrics carry bbox AP only, and nothing crashes on the missing segm metrics."""
+    from conftest import TINY_MODEL_OVERRIDES, run_entry
+
+    images, path = roboflow(tmp_path / "export", boxes_only=True)
+    monkeypatch.setenv("MASKRCNN_COCO_CACHE", str(tmp_path / "cache"))
+    args = ["data=coco", f"data.root={tmp_path / 'export'}", "data.val_annotations=" + str(path), f"data.val_images={images}",
+            "data.batch_size=2", "data.num_workers=0", "model.min_size=64", "model.max_size=64", "epochs=2",
+            f"runs_dir={tmp_path / 'runs'}", *TINY_MODEL_OVERRIDES]
+    proc = run_entry(args, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = (tmp_path / "runs" / "maskrcnn").iterdir()
+    log = (run / "train.log").read_text(encoding="utf-8")
+    assert "No annotation in _annotations.coco.json has a segmentation (6 box-only annotations)" in log
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss/train_loss_mask"] == 0.0 and r["loss/train_loss_box_reg"] > 0 for r in records)
+    assert "mAP/bbox_AP" in records[-1] and not any(k.startswith("mAP/segm") for k in records[-1])

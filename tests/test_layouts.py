@@ -204,12 +204,20 @@ def test_paths_set_explicitly_are_used_as_given(tmp_path):
     export(other / "val.json", other / "imgs", range(5))
     cfg = data_cfg(root, val_annotations=other / "val.json", val_images=other / "imgs")
     paths = resolve_layout(cfg, tmp_path / "s")
-    assert paths.layout == "custom"  # auto does not look for a layout once a path key is set
-    assert paths.as_dict() == {"train_images": root / "train2017", "val_images": other / "imgs",
-                               "train_annotations": root / "annotations/instances_train2017.json",
+    # auto still recognises the export for the keys left unset: a Roboflow train/ with a val set elsewhere.
+    assert (paths.layout, paths.train_images, paths.val_images) == ("roboflow", root / "train", other / "imgs")
+    assert paths.lines[0].startswith(f"Data layout: roboflow (recognised from data.root={root}; data.val_images, "
+                                     "data.val_annotations as set): train ")
+    # Nothing recognised under data.root: the keys as set, the others as the config gives them.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    paths = resolve_layout(data_cfg(bare, val_annotations=other / "val.json", val_images=other / "imgs"), tmp_path / "s")
+    assert paths.layout == "custom"
+    assert paths.as_dict() == {"train_images": bare / "train2017", "val_images": other / "imgs",
+                               "train_annotations": bare / "annotations/instances_train2017.json",
                                "val_annotations": other / "val.json"}
     assert paths.lines == [f"Data layout: custom (data.val_images, data.val_annotations set explicitly): train "
-                           f"{root}/annotations/instances_train2017.json + {root}/train2017, val {other}/val.json + "
+                           f"{bare}/annotations/instances_train2017.json + {bare}/train2017, val {other}/val.json + "
                            f"{other}/imgs"]
     # An explicit layout takes the keys set, the rest from its preset (here: a val split for a Roboflow export).
     paths = resolve_layout(data_cfg(root, layout="roboflow", val_annotations=other / "val.json",

@@ -58,6 +58,68 @@ def test_per_level_contributions_sum_to_each_component(tiny_model, tiny_data):
         assert record["normalization_factors"]["loss_mask"] == record["sampling"]["roi_positive_proposals"]
 
 
+def box_only_batch(loader, box_only):
+    """The loader's first batch with the masks of ``box_only(image, instance)`` all zero, as the data
+    side gives an annotation without a segmentation."""
+    images, targets = first_batch(loader)
+    targets = [{**t, "masks": t["masks"].clone()} for t in targets]
+    for i, t in enumerate(targets):
+        for j in range(len(t["masks"])):
+            if box_only(i, j):
+                t["masks"][j] = 0
+    return images, targets
+
+
+def assert_mask_parts_sum_to_the_models_loss(model, images, targets):
+    """Probe one batch through ``run_probe``: loss_mask is the model's own, its per-level parts sum to
+    it and no per-level mismatch is reported; returns the record."""
+    (record,) = run_probe(model, [(images, targets)], "cpu", num_batches=1, progress=False)
+    torch.manual_seed(0)  # run_probe's seed for batch 0
+    model.train()
+    with torch.no_grad():
+        expected = model(images, [dict(t) for t in targets])
+    assert record["loss_components"]["loss_mask"] == float(expected["loss_mask"])
+    levels = record["per_level_losses"]["loss_mask"]
+    assert sum(levels.values()) == pytest.approx(record["loss_components"]["loss_mask"], abs=1e-5, rel=1e-5)
+    assert check_per_level_sums(record) == []
+    assert not [w for w in record["warnings"] if w["kind"] == "per_level_mismatch"]
+    return record
+
+
+def test_mask_parts_sum_to_loss_mask_with_half_the_instances_box_only(tiny_model, tiny_data):
+    images, targets = box_only_batch(tiny_data.train_loader, lambda i, j: j % 2 == 1)
+    record = assert_mask_parts_sum_to_the_models_loss(tiny_model, images, targets)
+    sampling = record["sampling"]
+    # The ground-truth boxes are proposals too, so both kinds of instance have positives.
+    masked, box_only = sampling["mask_positive_proposals"], sampling["mask_box_only_proposals"]
+    assert masked > 0 and box_only > 0 and masked + box_only == sampling["roi_positive_proposals"]
+    assert record["normalization_factors"]["loss_mask"] == masked
+    assert f"{masked} positive proposals (x mask pixels); {box_only} box-only positives skipped" in format_batch(record)
+
+
+def test_mask_parts_are_zero_when_no_instance_has_a_mask(tiny_model, tiny_data):
+    images, targets = box_only_batch(tiny_data.train_loader, lambda i, j: True)
+    record = assert_mask_parts_sum_to_the_models_loss(tiny_model, images, targets)
+    assert record["loss_components"]["loss_mask"] == 0.0
+    assert set(record["per_level_losses"]["loss_mask"].values()) == {0.0}
+    sampling = record["sampling"]
+    assert sampling["mask_positive_proposals"] == 0 == record["normalization_factors"]["loss_mask"]
+    assert sampling["mask_box_only_proposals"] == sampling["roi_positive_proposals"] > 0
+    # A zero by construction, not a value outside loss_mask's usual range.
+    assert not [w for w in record["warnings"] if "loss_mask" in w["components"]]
+
+
+def test_torchvisions_roi_heads_keep_torchvisions_mask_parts_on_box_only_data(tiny_model, tiny_data):
+    """Plain RoIHeads train a box-only instance's empty mask as background: every positive counts."""
+    from torchvision.models.detection.roi_heads import RoIHeads
+
+    tiny_model.roi_heads.__class__ = RoIHeads
+    images, targets = box_only_batch(tiny_data.train_loader, lambda i, j: j % 2 == 1)
+    record = assert_mask_parts_sum_to_the_models_loss(tiny_model, images, targets)
+    assert record["sampling"]["mask_box_only_proposals"] == 0
+    assert record["sampling"]["mask_positive_proposals"] == record["sampling"]["roi_positive_proposals"]
+
+
 @pytest.mark.slow
 def test_model_is_bit_identical_after_a_probe(tiny_model, tiny_data):
     tiny_model.eval()

@@ -17,8 +17,9 @@ Layouts (paths under ``data.root``):
   ``merge_images=False`` in cvat/apps/dataset_manager/formats/coco.py; before it every subset's
   images went into one ``images/``); cvat-ui/src/consts.ts ``DEFAULT_PROJECT_SUBSETS = ['Train',
   'Test', 'Validation']``.
-- ``auto``: the four path keys as set when any differs from its default; else the first layout whose
-  train annotation file exists, in the order above.
+- ``auto``: the first layout whose train annotation file exists under ``data.root``, in the order
+  above, with any path key set explicitly winning for that key; when none is recognised, the four
+  path keys as set (``custom``).
 
 A path key set explicitly (``data.val_annotations=...``) wins over an explicit layout's preset for
 that key; the files of an explicit or recognised layout must exist.
@@ -231,12 +232,15 @@ def resolve_layout(cfg: Any, split_dir: Path) -> ResolvedPaths:
     set_keys = ", ".join(f"data.{k}" for k in overridden)
 
     preset: Preset | None = None
-    if layout == "auto" and (overridden or root is None):
+    # auto with some keys set: a recognised export still gives the keys left unset (a Roboflow
+    # export without valid/ plus data.val_annotations=...); nothing recognised: the keys as set.
+    detected = detect_layout(root) if layout == "auto" and root is not None and len(overridden) < len(PATH_KEYS) else None
+    if layout == "auto" and (root is None or (overridden and detected is None) or len(overridden) == len(PATH_KEYS)):
         name, why, paths = "custom", f"{set_keys} set explicitly", dict(given)
     else:
         if root is None:
             raise ConfigError(f"data.layout={layout}: set data.root to the dataset's folder")
-        name = layout if layout != "auto" else detect_layout(root)
+        name = layout if layout != "auto" else detected
         if name is None:
             raise _not_recognised(root)
         preset = PRESETS[name](root)

@@ -7,7 +7,8 @@ statistics, as the run's evaluation does, for the validation split: ``statistics
 wrappers observe what torchvision's loss code receives: the RPN's sampled anchors and its loss
 inputs, the RoI heads' sampled proposals and the inputs of ``fastrcnn_loss`` and ``maskrcnn_loss``.
 Per-level contributions are then computed from those same tensors with the same functions and
-normalisers, so they sum to each component. BatchNorm buffers are restored after every batch, so the
+normalisers, so they sum to each component (the mask loss's too on box-only instances, whose all-zero
+masks ``modeling.mask_loss`` leaves out: ``_mask_terms`` weights them alike). BatchNorm buffers are restored after every batch, so the
 model leaves the probe bit-identical. With ``per_image``, each image's components on its own come
 beside the batch's (``engine.per_image``).
 
@@ -54,6 +55,7 @@ from maskrcnn_coco.engine.per_image import (
     per_image_losses,
     restore_buffers,
 )
+from maskrcnn_coco.modeling.mask_loss import MaskedRoIHeads, positive_has_mask
 from maskrcnn_coco.tracking.scalars import LOSS_COMPONENTS, weighted_total
 
 # The thresholds of the findings are DiagnosticsConfig's (``diagnostics.*``): dominance_factor and
@@ -285,9 +287,13 @@ def _box_terms(model: nn.Module, rec: _Recorded, names: list[str]) -> dict[str, 
 
 
 def _mask_terms(model: nn.Module, rec: _Recorded, names: list[str]) -> dict[str, Any]:
+    """Per-level parts of ``loss_mask``, weighted and normalised as the model's own mask loss: with
+    ``MaskedRoIHeads`` (every built model) only positives matched to an instance with a mask count,
+    over their pixels (``mask_loss.masked_maskrcnn_loss``); plain ``RoIHeads`` count every positive.
+    ``positive``: the positives the loss averages over; ``box_only``: those it skips (no mask)."""
     zero = dict.fromkeys(names, 0.0)
     if rec.maskrcnn_inputs is None:
-        return {"loss_mask": zero, "positive": 0, "resolution": 0}
+        return {"loss_mask": zero, "positive": 0, "box_only": 0, "resolution": 0}
     mask_logits, proposals, gt_masks, gt_labels, matched = rec.maskrcnn_inputs
     m = mask_logits.shape[-1]
     labels = torch.cat([gl[idx] for gl, idx in zip(gt_labels, matched)])
@@ -295,14 +301,22 @@ def _mask_terms(model: nn.Module, rec: _Recorded, names: list[str]) -> dict[str,
     targets = torch.cat(targets) if targets else mask_logits.new_zeros((0, m, m))
     n_pos = labels.numel()
     if targets.numel() == 0:
-        return {"loss_mask": zero, "positive": 0, "resolution": m}
+        return {"loss_mask": zero, "positive": 0, "box_only": 0, "resolution": m}
     picked = mask_logits[torch.arange(n_pos, device=labels.device), labels]
     per_roi = F.binary_cross_entropy_with_logits(picked, targets, reduction="none").sum(dim=(1, 2))
+    if isinstance(model.roi_heads, MaskedRoIHeads):
+        has_mask = positive_has_mask(gt_masks, matched)
+    else:  # torchvision's loss: a box-only instance's empty mask is trained as background
+        has_mask = torch.ones(n_pos, dtype=torch.bool, device=per_roi.device)
+    n_masked = int(has_mask.sum())
+    # Multiplied like the model's BCE weight (a 1.0 leaves an all-masked batch's terms unchanged).
+    per_roi = per_roi * has_mask.to(per_roi.dtype)
     levels = _pooler_levels(model.roi_heads.mask_roi_pool, proposals, names)
-    denom = n_pos * m * m
+    denom = max(n_masked * m * m, 1)
     return {
         "loss_mask": _sum_by_level(per_roi, levels, names, denom),
-        "positive": n_pos,
+        "positive": n_masked,
+        "box_only": n_pos - n_masked,
         "resolution": m,
     }
 
@@ -449,6 +463,7 @@ def probe_batch(
             "roi_sampled_proposals": box["sampled"],
             "roi_positive_proposals": box["positive"],
             "mask_positive_proposals": mask["positive"],
+            "mask_box_only_proposals": mask["box_only"],
             "mask_resolution": mask["resolution"],
         },
         "per_level_losses": per_level,
@@ -590,8 +605,14 @@ def probe_findings(
             subject=module, evidence={"rpn_objectness_std": rpn_std, "class_logits_std": cls_std},
         ))
 
+    # Every mask positive box-only: loss_mask is 0 by construction, not a value out of range (the
+    # console's loss_mask line names the skipped positives).
+    sampling = record.get("sampling", {})
+    no_mask_target = not sampling.get("mask_positive_proposals") and sampling.get("mask_box_only_proposals")
     for name, (lo, hi) in TYPICAL_RANGES.items():
         value = raw[name]
+        if name == "loss_mask" and no_mask_target:
+            continue
         if math.isfinite(value) and not lo <= value <= hi:
             out.append(_finding(
                 record, "out_of_range",

@@ -25,7 +25,7 @@ UNITS = {
     "loss_rpn_box_reg": "sampled anchors",
     "loss_classifier": "sampled proposals",
     "loss_box_reg": "sampled proposals",
-    "loss_mask": "positive proposals (x mask pixels)",
+    "loss_mask": "positive proposals (x mask pixels)",  # those matched to an instance with a mask
 }
 
 
@@ -39,7 +39,7 @@ LEVEL_LEGEND = (
 )
 SAMPLING_KEYS = (
     "rpn_sampled_anchors", "rpn_positive_anchors", "roi_sampled_proposals", "roi_positive_proposals",
-    "mask_positive_proposals",
+    "mask_positive_proposals", "mask_box_only_proposals",
 )
 # What each component's value depends on besides the predictions: (positives, sampled, label,
 # proportional). A proportional component sums over the positives and divides by all sampled, so
@@ -192,11 +192,14 @@ def format_batch(record: Mapping[str, Any], verbose: bool = False) -> str:
         ),
         f"  {'component':<18} {'raw':>9} {'weight':>7} {'weighted':>9} {'share':>7}  normalised by",
     ]
+    box_only = record.get("sampling", {}).get("mask_box_only_proposals", 0)
     for k in LOSS_COMPONENTS:
         share = wc[k] / total * 100 if total and math.isfinite(total) else math.nan
+        # Said only when there are some, so an all-masked batch reads as it always did.
+        skipped = f"; {box_only} box-only positives skipped (no mask)" if k == "loss_mask" and box_only else ""
         lines.append(
             f"  {k:<18} {raw[k]:>9.4f} {w[k]:>7.2f} {wc[k]:>9.4f} {share:>6.1f}%  "
-            f"{record['normalization_factors'][k]} {UNITS[k]}"
+            f"{record['normalization_factors'][k]} {UNITS[k]}{skipped}"
         )
     lines.append(f"  {'total':<18} {raw['total']:>9.4f} {'':>7} {total:>9.4f}")
     if verbose:
