@@ -8,9 +8,9 @@ wrappers observe what torchvision's loss code receives: the RPN's sampled anchor
 inputs, the RoI heads' sampled proposals and the inputs of ``fastrcnn_loss`` and ``maskrcnn_loss``.
 Per-level contributions are then computed from those same tensors with the same functions and
 normalisers, so they sum to each component (the mask loss's too on box-only instances, whose all-zero
-masks ``modeling.mask_loss`` leaves out: ``_mask_terms`` weights them alike). BatchNorm buffers are restored after every batch, so the
-model leaves the probe bit-identical. With ``per_image``, each image's components on its own come
-beside the batch's (``engine.per_image``).
+masks ``modeling.mask_loss`` leaves out: ``_mask_terms`` weights them alike). BatchNorm buffers are
+restored after every batch, so the model leaves the probe bit-identical. With ``per_image``, each
+image's components on its own come beside the batch's (``engine.per_image``).
 
 Findings are ``analysis.diagnostics.Diagnosis`` objects (``probe_findings``), stored in each record's
 ``warnings`` as their JSON form; their thresholds are ``DiagnosticsConfig``'s, and dominance and the
