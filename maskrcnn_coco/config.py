@@ -151,7 +151,8 @@ class DataConfig:
     name: str = MISSING
     batch_size: int = field(default=4, metadata=at_least(1))
     val_batch_size: Optional[int] = field(default=None, metadata=at_least(1, null="same as data.batch_size"))
-    # Loader worker processes, or auto: from the CPU count (resolve_num_workers). Workers persist across epochs.
+    # Loader worker processes, or auto: from the CPU count (resolve_num_workers). Training workers
+    # persist across epochs, validation workers live through one evaluation.
     num_workers: Any = field(default=0, metadata=rule(
         lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0), "0 or more, or auto"))
     # Training batches of one aspect-ratio group (portrait/landscape and finer, from the annotation file's

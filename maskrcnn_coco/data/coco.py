@@ -1,7 +1,9 @@
 """COCO-format datasets and loaders, for real COCO data and the built-in shapes set alike.
 
-Built on ``torchvision.datasets.CocoDetection`` wrapped for ``transforms.v2``, so boxes and masks
-follow every geometric augmentation. Choices made here:
+Samples are what ``torchvision.datasets.CocoDetection`` wrapped for ``transforms.v2`` yields (boxes
+and masks follow every geometric augmentation), read from a compact serialised index
+(``data.index``) rather than from pycocotools' objects, so loader workers' memory stays flat.
+Choices made here:
 
 * COCO's category ids (non-contiguous in COCO itself) map to labels ``1..K`` in id order, 0 being
   background; ``CategoryMapping`` maps predictions back for evaluation.
@@ -24,6 +26,7 @@ follow every geometric augmentation. Choices made here:
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import logging
 import os
@@ -34,10 +37,10 @@ from typing import Any
 
 import torch
 from PIL import Image
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import tv_tensors
-from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 
 from maskrcnn_coco.config import AugmentConfig, DataConfig
@@ -52,6 +55,7 @@ from maskrcnn_coco.data.exports import (
     placeholder_line,
     relocated_line,
 )
+from maskrcnn_coco.data.index import SerializedRecords
 from maskrcnn_coco.data.layouts import ResolvedPaths, resolve_layout
 from maskrcnn_coco.data.samplers import SeededSamples, ShardSampler, TrainSampler, aspect_ratio_groups
 from maskrcnn_coco.data.shapes import ShapesParams, ensure_shapes_dataset
@@ -119,45 +123,86 @@ def find_invalid_annotations(coco: COCO, image_ids: Iterable[int] | None = None)
     return [p for p in problems if p["image_id"] in wanted]
 
 
-class CocoInstances(CocoDetection):
-    """``CocoDetection`` that yields only usable targets (no crowd, no invalid annotations) and RGB
-    images of the size the annotation file gives, or a ``DataError`` naming the file and image id."""
+def _hint() -> str:
+    return "fix or remove it, or set data.on_invalid=drop to skip such images (python scripts/check_dataset.py lists them all)"
 
-    def __init__(self, root: str, coco: COCO, usable_ann_ids: set[int], transforms: Any = None, source: str = "the annotation file"):
-        # CocoDetection's own __init__ would load the annotation file a second time.
-        super(CocoDetection, self).__init__(root, transforms=transforms)
+
+def _mask(segmentation: Any, height: int, width: int) -> torch.Tensor:
+    """An annotation's mask as ``H x W`` uint8 (as torchvision's COCO wrapper decodes it); box-only
+    (None): all zero, which the mask loss skips (``modeling.mask_loss``)."""
+    if segmentation is None:
+        return torch.zeros((height, width), dtype=torch.uint8)
+    if isinstance(segmentation, dict):
+        rle = segmentation if isinstance(segmentation["counts"], str) else mask_utils.frPyObjects(segmentation, height, width)
+    else:
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    return torch.from_numpy(mask_utils.decode(rle))
+
+
+class CocoInstances(Dataset):
+    """The usable targets of a COCO-format split (no crowd, no invalid annotation) with RGB images of
+    the size the annotation file gives (in their EXIF frame), or a ``DataError`` naming the file and
+    image id; samples are ``(image, {"image_id", "boxes" (XYXY), "masks", "labels"})`` through
+    ``transforms``, as torchvision's ``CocoDetection`` wrapped for ``transforms.v2`` gives them.
+
+    What a sample needs lives in a ``SerializedRecords`` index (``data.index``), one record per
+    image, so loader workers never touch the ``COCO`` object and its lists (whose pages they would
+    otherwise copy, image after image). ``coco``, ``ids``, ``usable_ann_ids`` and ``frames`` stay
+    for the main process's analyses (label check, per-image losses, split statistics).
+    """
+
+    def __init__(self, root: str, coco: COCO, ids: Sequence[int], usable_ann_ids: set[int], frames: dict[int, Frame],
+                 transforms: Any = None, source: str = "the annotation file", records: SerializedRecords | None = None):
+        self.root = root
         self.coco = coco
-        self.ids = sorted(coco.imgs)
+        self.ids = list(ids)
         self.usable_ann_ids = usable_ann_ids
+        self.frames = frames
+        self.transforms = transforms
         self.source = source
-        self.frames: dict[int, Frame] = {}  # EXIF frames of the images not stored as displayed (exif.FramePlan)
+        self.records = records if records is not None else SerializedRecords(self._record(i) for i in self.ids)
 
-    def _load_image(self, id: int) -> Image.Image:
-        info = self.coco.imgs[id]
-        path = os.path.join(self.root, info["file_name"])
-        hint = "fix or remove it, or set data.on_invalid=drop to skip such images (python scripts/check_dataset.py lists them all)"
+    def _record(self, image_id: int) -> tuple:
+        info = self.coco.imgs[image_id]
+        anns = [(a["category_id"], list(a["bbox"]), a.get("segmentation") if has_mask(a) else None)
+                for a in self.coco.imgToAnns.get(image_id, []) if a["id"] in self.usable_ann_ids]
+        return image_id, info["file_name"], int(info["width"]), int(info["height"]), self.frames.get(image_id), anns
+
+    def with_transforms(self, transforms: Any) -> CocoInstances:
+        """The same images and targets (the same index) through other ``transforms``."""
+        return CocoInstances(self.root, self.coco, self.ids, self.usable_ann_ids, self.frames, transforms, self.source, self.records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _load_image(self, image_id: int, file_name: str, width: int, height: int, frame: Frame | None) -> Image.Image:
+        path = os.path.join(self.root, file_name)
         try:
-            image = load_oriented(path, self.frames.get(id))
+            image = load_oriented(path, frame)
         except FileNotFoundError:
-            raise DataError(f"Image file not found: {path} (image id {id} in {self.source}); {hint}") from None
+            raise DataError(f"Image file not found: {path} (image id {image_id} in {self.source}); {_hint()}") from None
         except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, zlib errors...
-            raise DataError(f"Cannot decode image {path} (image id {id} in {self.source}): {describe_error(err)}; {hint}") from None
-        if image.size != (int(info["width"]), int(info["height"])):
+            raise DataError(f"Cannot decode image {path} (image id {image_id} in {self.source}): {describe_error(err)}; {_hint()}") from None
+        if image.size != (width, height):
             raise DataError(
-                f"Image {path} (image id {id}) is {image.size[0]}x{image.size[1]} pixels but {self.source} says "
-                f"{info['width']}x{info['height']}, so its boxes and masks would not fit; {hint}"
+                f"Image {path} (image id {image_id}) is {image.size[0]}x{image.size[1]} pixels but {self.source} says "
+                f"{width}x{height}, so its boxes and masks would not fit; {_hint()}"
             )
         return image
 
-    def _load_target(self, id: int) -> list[Any]:
-        anns = [a for a in self.coco.imgToAnns.get(id, []) if a["id"] in self.usable_ann_ids]
-        if all(has_mask(a) for a in anns):
-            return anns
-        # Box-only annotations: an all-zero mask, which the mask loss skips (modeling.mask_loss).
-        info = self.coco.imgs[id]
-        h, w = int(info["height"]), int(info["width"])
-        empty = {"size": [h, w], "counts": [h * w]}
-        return [a if has_mask(a) else {**a, "segmentation": empty} for a in anns]
+    def __getitem__(self, index: int) -> tuple[Any, dict[str, Any]]:
+        image_id, file_name, width, height, frame, anns = self.records[index]
+        image = self._load_image(image_id, file_name, width, height, frame)
+        target: dict[str, Any] = {"image_id": image_id}
+        if anns:  # an image without annotations: image_id alone (PrepareTargets adds the empty fields)
+            categories, boxes, segmentations = zip(*anns)
+            target["boxes"] = v2.functional.convert_bounding_box_format(
+                tv_tensors.BoundingBoxes(list(boxes), format=tv_tensors.BoundingBoxFormat.XYWH, canvas_size=(height, width)),
+                new_format=tv_tensors.BoundingBoxFormat.XYXY,
+            )
+            target["masks"] = tv_tensors.Mask(torch.stack([_mask(seg, height, width) for seg in segmentations]))
+            target["labels"] = torch.tensor(categories)
+        return self.transforms(image, target) if self.transforms is not None else (image, target)
 
 
 def category_counts(coco: COCO, image_ids: Iterable[int], usable_ann_ids: Iterable[int] | None = None) -> dict[str, int]:
@@ -322,10 +367,8 @@ def build_coco_dataset(
         log.warning("No training instance of %d categories in %s: %s; the model cannot learn them",
                     len(check.empty_categories), annotations.name, names)
 
-    base = CocoInstances(str(images), coco, check.usable_ann_ids, transforms=build_transforms(train, augment, mapping), source=annotations.name)
-    base.ids = check.ids
-    base.frames = check.frames.frames
-    dataset = wrap_dataset_for_transforms_v2(base, target_keys={"image_id", "boxes", "masks", "labels"})
+    dataset = CocoInstances(str(images), coco, check.ids, check.usable_ann_ids, check.frames.frames,
+                            transforms=build_transforms(train, augment, mapping), source=annotations.name)
     dataset.mapping = mapping
     return dataset
 
@@ -428,7 +471,8 @@ def make_loader(
     seeded per sample), in batches of one aspect-ratio group when ``aspect_ratio_group_factor >= 0``
     (from the annotation file's image sizes); validation: the dataset in order. Both sharded over
     the ranks of a distributed run (``maskrcnn_coco.utils.dist``). ``num_workers``: a count or
-    ``auto`` (``resolve_num_workers``); workers persist across epochs."""
+    ``auto`` (``resolve_num_workers``); training workers persist across epochs, validation workers
+    live through one evaluation (``ForkingLoader``)."""
     rank, size = dist.rank(), dist.world_size()
     num_workers = resolve_num_workers(num_workers)
     if shuffle:
@@ -438,7 +482,7 @@ def make_loader(
         dataset = SeededSamples(dataset)
     else:
         sampler = ShardSampler(len(dataset), rank=rank, world_size=size)
-    return DataLoader(
+    return ForkingLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
@@ -446,10 +490,26 @@ def make_loader(
         collate_fn=collate,
         # Worker base seeds come from here, not from the global RNG (which the model's samplers use).
         generator=torch.Generator().manual_seed(seed),
-        persistent_workers=num_workers > 0,
+        # Training workers live through the run; validation workers only through an evaluation, so
+        # they hold no memory between evaluations (a node's 8 ranks x W workers would otherwise).
+        persistent_workers=num_workers > 0 and shuffle,
         pin_memory=pin_memory,
         drop_last=False,
     )
+
+
+class ForkingLoader(DataLoader):
+    """A ``DataLoader`` that freezes the garbage collector's view of the main process before its
+    workers fork: the GC's passes in a worker would otherwise write to (and so copy) every page of
+    the objects it inherited, the ``COCO`` index included (Python's ``gc.freeze`` documentation
+    recommends it for this). Objects alive at that moment are not collected afterwards, as they
+    would not be anyway (the datasets, the model)."""
+
+    def __iter__(self):
+        if self.num_workers > 0 and not getattr(self, "_frozen", False):
+            gc.freeze()
+            self._frozen = True
+        return super().__iter__()
 
 
 def resolve_num_workers(value: int | str) -> int:

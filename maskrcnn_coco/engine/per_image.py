@@ -34,11 +34,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.datasets import wrap_dataset_for_transforms_v2
 
 from maskrcnn_coco.analysis.diagnostics import json_safe
 from maskrcnn_coco.config import AugmentConfig
-from maskrcnn_coco.data.coco import CocoInstances, build_transforms
+from maskrcnn_coco.data.coco import build_transforms
 from maskrcnn_coco.data.samplers import SeededSamples
 from maskrcnn_coco.engine.eval_step import loss_mode, restored_modes
 from maskrcnn_coco.engine.hooks import MONITOR, EpochResult, Hook
@@ -405,16 +404,11 @@ def unaugmented(dataset: Any) -> Any:
     another kind is returned as it is (its own transforms apply)."""
     while isinstance(dataset, SeededSamples):
         dataset = dataset.dataset
-    needed = ("coco", "root", "ids", "mapping", "usable_ann_ids")
-    if not all(hasattr(dataset, name) for name in needed):
+    if not (hasattr(dataset, "with_transforms") and hasattr(dataset, "mapping")):
         log.info("Per-image losses: %s is not a COCO dataset of ours; its own transforms apply", type(dataset).__name__)
         return dataset
     # train=False: the validation pipeline (target preparation, dtype, sanitising; no augmentation).
-    base = CocoInstances(dataset.root, dataset.coco, dataset.usable_ann_ids,
-                         transforms=build_transforms(False, AugmentConfig(), dataset.mapping),
-                         source=getattr(dataset, "source", "the annotation file"))
-    base.ids = list(dataset.ids)
-    view = wrap_dataset_for_transforms_v2(base, target_keys={"image_id", "boxes", "masks", "labels"})
+    view = dataset.with_transforms(build_transforms(False, AugmentConfig(), dataset.mapping))
     view.mapping = dataset.mapping
     return view
 

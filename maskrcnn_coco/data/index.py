@@ -1,0 +1,67 @@
+"""A compact, serialised dataset index: what a loader worker reads per sample, in two numpy arrays.
+
+Forked loader workers inherit the main process's Python objects. Reading them (reference counts)
+and the garbage collector's passes over them write to their pages, so each worker gradually copies
+pycocotools' ``COCO`` index and the per-image lists (copy-on-write): a worker's private memory grew
+by ~25 KB for every image it loaded on a COCO-sized set, 2.4-3.0 GB per worker on train2017. As
+detectron2 does (``DatasetFromList(serialize=True)``), each image's record (file name, size, EXIF
+frame, its usable annotations) is pickled into one ``uint8`` buffer with an ``int64`` array of end
+offsets: a sample reads two numpy arrays (no Python object of the index is touched) and unpickles
+one small record. The buffer can be saved and memory-mapped (``save``/``load``), so processes that
+read the same file share its pages.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class SerializedRecords:
+    """Records (any picklable objects) in one byte buffer; ``records[i]`` unpickles the i-th."""
+
+    def __init__(self, records: Iterable[Any] = (), *, data: np.ndarray | None = None, ends: np.ndarray | None = None):
+        if data is None or ends is None:
+            blobs = [pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL) for r in records]
+            ends = np.cumsum(np.fromiter((len(b) for b in blobs), dtype=np.int64, count=len(blobs)), dtype=np.int64)
+            data = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+        self._data = data
+        self._ends = ends
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, index: int) -> Any:
+        if index < 0:
+            index += len(self._ends)
+        start = int(self._ends[index - 1]) if index > 0 else 0
+        return pickle.loads(self._data[start:int(self._ends[index])])
+
+    @property
+    def nbytes(self) -> int:
+        """The index's size in memory (both arrays)."""
+        return int(self._data.nbytes + self._ends.nbytes)
+
+    def save(self, path: str | Path) -> None:
+        """Write both arrays to ``path`` (``.npz``-like pair ``<path>.data.npy`` / ``<path>.ends.npy``),
+        each written to a temporary name first and renamed: a reader never sees half a file."""
+        path = Path(path)
+        for suffix, array in ((".data.npy", self._data), (".ends.npy", self._ends)):
+            final = path.with_name(path.name + suffix)
+            tmp = final.with_name(final.name + ".tmp")
+            with open(tmp, "wb") as f:
+                np.save(f, array)
+            tmp.replace(final)
+
+    @classmethod
+    def load(cls, path: str | Path, mmap: bool = True) -> SerializedRecords:
+        """The arrays ``save`` wrote; memory-mapped by default, so every process reading them shares one copy."""
+        path = Path(path)
+        mode = "r" if mmap else None
+        data = np.load(path.with_name(path.name + ".data.npy"), mmap_mode=mode)
+        ends = np.load(path.with_name(path.name + ".ends.npy"), mmap_mode=mode)
+        return cls(data=data, ends=ends)
