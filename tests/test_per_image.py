@@ -111,6 +111,9 @@ def test_the_outlier_rule_on_known_numbers():
     empty = [{**row, "num_objects": 0, "loss_mask": 0.0} for row in rows_of([0.0] * 6, objects=0)]
     assert outlier_images(rows + empty, "loss_mask")[0]["median"] == 0.21
     assert rank_outliers(rows + empty).keys() == {"loss_mask"}
+    # So do images whose objects are all box-only (no mask: the mask loss skips them).
+    box_only = [{**row, "num_masked": 0, "loss_mask": 0.0} for row in rows_of([0.0] * 6)]
+    assert outlier_images(rows + box_only, "loss_mask")[0]["median"] == 0.21
 
     # A non-finite loss is listed first; the others are ranked among the finite ones.
     broken = [*rows, {**rows[0], "image_id": 99, "loss_mask": math.nan}]

@@ -182,7 +182,7 @@ def per_image_losses(
     seed: int = 0,
     statistics: str = "running",
 ) -> list[dict[str, Any]]:
-    """One row per image: ``image_id``, ``num_objects``, the five raw components as floats, each from a
+    """One row per image: ``image_id``, ``num_objects``, ``num_masked`` (objects with a mask), the five raw components as floats, each from a
     training forward of that image alone (``model([image], [target])``, normalisation layers in eval
     mode with the ``statistics`` of the module doc), and what its samplers drew (``rpn_positive``,
     ``rpn_sampled`` anchors, ``roi_positive``, ``roi_sampled`` proposals). Image ``i`` runs with
@@ -214,9 +214,13 @@ def per_image_losses(
                     errors[i] = f"{type(err).__name__}: {err}"
                     values.append(nan)
     table = torch.stack(values).tolist() if values else []  # one read-back for all images
+    # Objects with a mask (box-only ones have an empty mask target, which the mask loss skips).
+    masked = torch.stack([t["masks"].flatten(1).any(1).sum() if len(t["masks"]) else torch.zeros((), dtype=torch.int64, device=device)
+                          for t in targets]).tolist() if targets else []
     rows = []
     for i, (target, row) in enumerate(zip(targets, table)):
-        out: dict[str, Any] = {"image_id": _image_id(target.get("image_id")), "num_objects": len(target["boxes"])}
+        out: dict[str, Any] = {"image_id": _image_id(target.get("image_id")), "num_objects": len(target["boxes"]),
+                               "num_masked": int(masked[i])}
         out.update(zip(LOSS_COMPONENTS, row))
         out.update((k, int(v) if math.isfinite(v) else None) for k, v in zip(COUNTS, row[len(LOSS_COMPONENTS):]))
         if i in errors:
@@ -260,6 +264,8 @@ def _ranked_rows(rows: Sequence[Mapping[str, Any]], component: str) -> list[Mapp
     if component not in POSITIVE_ONLY:
         return list(rows)
     with_objects = [r for r in rows if r.get("num_objects", 1) > 0]
+    if component == "loss_mask":  # box-only objects give no mask loss: their images rank on nothing
+        with_objects = [r for r in with_objects if r.get("num_masked", 1) > 0]
     keys = PER_POSITIVE.get(component)
     if keys and ranked_per_positive(with_objects, component):
         with_objects = [r for r in with_objects if r[keys[0]] != 0]  # no positive: nothing regressed
