@@ -270,8 +270,9 @@ def test_tensorboard_server_serves_the_values_read_scalars_returns(runs, tmp_pat
             assert proc.poll() is None, f"tensorboard exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}"
             try:
                 tags = get_json(opener, f"{base}/data/plugin/scalars/tags")
-                # The run itself, beside its train/ and val/ sub-runs (the compare/ cards only).
-                own = [(name, run_tags) for name, run_tags in tags.items() if name not in ("train", "val")]
+                # The run itself, not its comparison sub-runs (train/, val/, groups/<group>/: compare/ cards only).
+                own = [(name, run_tags) for name, run_tags in tags.items()
+                       if name not in ("train", "val") and not name.startswith("groups/")]
                 if len(own) == 1:
                     (run_name, run_tags), = own
                     if set(run_tags) == set(expected):
@@ -287,7 +288,9 @@ def test_tensorboard_server_serves_the_values_read_scalars_returns(runs, tmp_pat
             time.sleep(0.5)
         assert served is not None, f"no scalars served within 180 s ({last_error}):\n{log_path.read_text()[-3000:]}"
         assert served == expected
-        assert sorted(get_json(opener, f"{base}/data/runs")) == sorted([run_name, "train", "val"])
+        runs = get_json(opener, f"{base}/data/runs")
+        assert sorted(r for r in runs if not r.startswith("groups/")) == sorted([run_name, "train", "val"])
+        assert {"groups/backbone", "groups/heads"} <= set(runs)
         for tag in COMPONENT_TAGS:
             assert served[tag] == expected[tag] and len(served[tag]) == 2
     finally:
