@@ -41,6 +41,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from maskrcnn_coco.data.shapes import ShapesPaths
+
 log = logging.getLogger(__name__)
 
 # Bump when the generated content changes, so cached sets are regenerated.
@@ -91,15 +93,8 @@ class SynthParams:
         return hashlib.sha1(payload.encode()).hexdigest()[:12]
 
 
-@dataclass(frozen=True)
-class SynthPaths:
-    """A generated set's files (COCO 2017's layout under ``root``)."""
-
-    root: Path
-    train_images: Path
-    val_images: Path
-    train_annotations: Path
-    val_annotations: Path
+# A generated set's files (COCO 2017's layout under ``root``): the same five paths as the shapes set's.
+SynthPaths = ShapesPaths
 
 
 def synth_paths(root: str | Path) -> SynthPaths:
