@@ -1,5 +1,7 @@
 """``evaluation/coco_eval.py``: COCO results and metrics, cleaned ground truth, mask-area size ranges, backends."""
 
+import contextlib
+import io
 import math
 
 import numpy as np
@@ -161,3 +163,116 @@ def test_cocoeval_backends_give_identical_metrics(tiny_data):
         for k, v in a[iou_type].items():
             assert (math.isnan(v) and math.isnan(b[iou_type][k])) or v == b[iou_type][k], (iou_type, k)
     assert 0 < a["segm"]["AP"] < 1
+
+
+# ------------------------------------------------- masks over their boxes (evaluate's results path)
+def random_box_outputs(sizes, counts, seed=0):
+    """Detections as the RoI heads give them (28x28 probabilities, boxes inside the image), with the
+    awkward boxes among them: the whole image, whole-height columns, slivers at an edge, sub-pixel."""
+    g = torch.Generator().manual_seed(seed)
+    outs = []
+    for (h, w), n in zip(sizes, counts):
+        a, b = torch.rand(n, 2, generator=g) * torch.tensor([w, h]), torch.rand(n, 2, generator=g) * torch.tensor([w, h])
+        boxes = torch.cat([torch.minimum(a, b), torch.maximum(a, b) + 0.02], dim=1).clamp(max=torch.tensor([w, h, w, h]))
+        special = [[0.0, 0.0, w, h], [0.0, 0.0, w / 2, h], [w - 0.3, h / 5, w, h * 0.9], [1.2, 1.4, 1.6, 1.9], [0.0, h - 2.5, w, h]]
+        if n:
+            boxes[: min(n, len(special))] = torch.tensor(special[:n])
+        masks = torch.rand(n, 1, 28, 28, generator=g)
+        masks[::2] = (masks[::2] > 0.3).float()  # solid blobs: runs across whole columns
+        outs.append({"boxes": boxes, "scores": torch.rand(n, generator=g), "labels": torch.randint(1, 4, (n,), generator=g),
+                     "box_masks": masks, "image_size": (h, w)})
+    return outs
+
+
+def pasted(outputs):
+    """The same detections as ``model(images)`` gives them: masks pasted at image size by torchvision."""
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    return [{**{k: v for k, v in out.items() if k not in ("box_masks", "image_size")},
+             "masks": paste_masks_in_image(out["box_masks"], out["boxes"], out["image_size"])} for out in outputs]
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.0, 0.93])
+@pytest.mark.parametrize("crop_pixels", [1, 1 << 24])  # every crop its own host copy, or all in one
+def test_masks_over_boxes_give_the_rles_of_the_pasted_masks(tiny_data, monkeypatch, threshold, crop_pixels):
+    from maskrcnn_coco.evaluation import coco_eval
+
+    monkeypatch.setattr(coco_eval, "CROP_PIXELS_PER_COPY", crop_pixels)
+    sizes = [(37, 53), (1, 9), (64, 1), (48, 48), (20, 31), (90, 17)]
+    outputs = random_box_outputs(sizes, [9, 3, 4, 0, 7, 12], seed=int(threshold * 100) + crop_pixels)
+    ids = list(range(10, 10 + len(sizes)))
+    got = predictions_to_coco(outputs, ids, tiny_data.mapping, threshold)
+    assert got == per_image_reference(pasted(outputs), ids, tiny_data.mapping, threshold)
+    assert len(got) == 35 and sum(mask_utils.area(r["segmentation"]) > 0 for r in got) > 20
+    # One image at a time, as evaluate produces them, or mixed with full-size masks: the same.
+    assert [r for i, out in zip(ids, outputs) for r in predictions_to_coco([out], [i], tiny_data.mapping, threshold)] == got
+    mixed = [out if k % 2 else full for k, (out, full) in enumerate(zip(outputs, pasted(outputs)))]
+    assert predictions_to_coco(mixed, ids, tiny_data.mapping, threshold) == got
+
+
+def test_masks_over_boxes_need_a_threshold_of_at_least_zero(tiny_data):
+    (out,) = random_box_outputs([(8, 8)], [1])
+    with pytest.raises(ValueError, match=r"eval\.mask_threshold"):
+        predictions_to_coco([out], [1], tiny_data.mapping, -0.1)
+
+
+# ------------------------------------------------------------------ COCOeval: one copy, one index
+def test_one_copy_of_the_results_serves_every_iou_type_in_any_order(tiny_data):
+    """coco_metrics equals COCOeval on fresh copies per IoU type (what it did before), whatever the
+    order of the IoU types, with results with and without masks; the caller's results are untouched."""
+    from pycocotools.cocoeval import COCOeval
+
+    coco = tiny_data.val_loader.dataset.coco
+    g = torch.Generator().manual_seed(3)
+    results = []
+    for k, ann in enumerate(coco.anns.values()):
+        x, y, w, h = ann["bbox"]
+        j = (torch.rand(4, generator=g) - 0.5).tolist()
+        r = {"image_id": ann["image_id"], "category_id": ann["category_id"], "score": float(torch.rand(1, generator=g)),
+             "bbox": [x + 3 * j[0], y + 3 * j[1], w + 4 * j[2], h + 4 * j[3]]}
+        if k % 3:
+            r["segmentation"] = ann["segmentation"]  # polygons: encoded for loadRes
+        results.append(r)
+    before = [dict(r) for r in results]
+    ids = sorted(coco.imgs)
+    fresh = {}
+    for iou_type in ("bbox", "segm"):
+        ev = COCOeval(coco, coco.loadRes(results_for_loadres(coco, results, iou_type)), iouType=iou_type)
+        ev.params.imgIds = ids
+        with contextlib.redirect_stdout(io.StringIO()):
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        fresh[iou_type] = [float(v) if v >= 0 else float("nan") for v in ev.stats[:6]]
+    backends = ["pycocotools"] + (["faster_coco_eval"] if resolve_backend("auto") == "faster_coco_eval" else [])
+    for backend in backends:
+        for order in [("bbox", "segm"), ("segm", "bbox")]:
+            metrics = coco_metrics(coco, results, ids, iou_types=order, backend=backend)
+            for iou_type in order:
+                got = [metrics[iou_type][k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
+                assert np.array_equal(got, fresh[iou_type], equal_nan=True), (backend, order, iou_type)
+    assert results == before
+
+
+def test_the_backends_ground_truth_is_indexed_once_across_calls(tiny_data, monkeypatch):
+    if resolve_backend("auto") != "faster_coco_eval":
+        pytest.skip("faster-coco-eval is not installed")
+    import faster_coco_eval
+
+    built = []
+
+    class Counting(faster_coco_eval.COCO):
+        def __init__(self, *args, **kwargs):
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(faster_coco_eval, "COCO", Counting)
+    coco = tiny_data.val_loader.dataset.coco
+    results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0,
+                "segmentation": a["segmentation"]} for a in coco.anns.values()]
+    first = coco_metrics(coco, results, list(coco.imgs), backend="faster_coco_eval")
+    assert len(built) == 1  # bbox and segm share the scoring ground truth here
+    again = coco_metrics(coco, results, list(coco.imgs), backend="faster_coco_eval")
+    assert len(built) == 1 and first["segm"]["AP"] == pytest.approx(1.0)
+    for iou_type in ("bbox", "segm"):
+        assert np.array_equal(list(again[iou_type].values()), list(first[iou_type].values()), equal_nan=True)

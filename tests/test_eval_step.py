@@ -79,3 +79,30 @@ def test_torchvision_rpn_heads_are_shared(tiny_model):
         head = builder(weights=None, weights_backbone=None, num_classes=3).rpn.head
         assert all(isinstance(m, MODE_FREE_LAYERS) for m in head.modules()), builder.__name__
     assert all(isinstance(m, MODE_FREE_LAYERS) for m in tiny_model.rpn.head.modules())
+
+
+@pytest.mark.parametrize("losses", [True, False])  # the shared pass, or detections alone
+def test_unpasted_detections_are_the_models_with_each_mask_over_its_box(tiny_model, tiny_data, losses):
+    """paste_masks=False: the boxes, scores and labels of model(images) bit for bit, each mask over
+    its box; torchvision's paste of those is model(images)'s masks, and the COCO results are equal."""
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    from maskrcnn_coco.evaluation.coco_eval import predictions_to_coco
+
+    model = tiny_model
+    found = 0
+    for images, targets in batches_of(tiny_data.val_loader, 1):
+        with torch.random.fork_rng(devices=[]):
+            _, boxed = evaluate_batch(model, images, targets, losses=losses, paste_masks=False)
+        model.eval()
+        with torch.inference_mode():
+            expected = model(images)
+        for got, want, image in zip(boxed, expected, images):
+            assert got.keys() == {"boxes", "scores", "labels", "box_masks", "image_size"}
+            assert all(torch.equal(got[k], want[k]) for k in ("boxes", "scores", "labels"))
+            assert got["box_masks"].shape[1:] == (1, 28, 28) and got["image_size"] == tuple(image.shape[-2:])
+            assert torch.equal(paste_masks_in_image(got["box_masks"], got["boxes"], got["image_size"]), want["masks"])
+            found += len(got["boxes"])
+        ids = [int(t["image_id"]) for t in targets]
+        assert predictions_to_coco(boxed, ids, tiny_data.mapping) == predictions_to_coco(expected, ids, tiny_data.mapping)
+    assert found > 0

@@ -18,6 +18,13 @@ The features can be shared only when the transform resizes alike in both modes: 
 (a training-mode transform picks one of several at random) and no ``_skip_resize``. Otherwise, and
 for any model that is not a ``GeneralizedRCNN`` (a wrapper, a test double), ``evaluate_batch``
 runs the two passes.
+
+``paste_masks=False`` leaves out the last step of torchvision's postprocess, ``paste_masks_in_image``
+(every detection's 28x28 mask resized into an image-sized zero array: N x H x W floats per image,
+gigabytes for a large image with many detections). The detections then carry each mask over its
+box (``box_masks``) and the image's size (``image_size``), which ``coco_eval.box_mask_rles`` turns into
+the same RLEs as the pasted masks. Only a ``GeneralizedRCNN`` can do this; any other model's
+``model(images)`` is returned as it is.
 """
 
 from __future__ import annotations
@@ -80,11 +87,14 @@ def evaluate_batch(
     *,
     losses: bool = True,
     detections: bool = True,
+    paste_masks: bool = True,
     mark: Callable[[str], None] | None = None,
-) -> tuple[dict[str, torch.Tensor] | None, list[dict[str, torch.Tensor]] | None]:
+) -> tuple[dict[str, torch.Tensor] | None, list[dict[str, Any]] | None]:
     """``(loss_dict, detections)`` of one batch, without gradients; either is None when not asked
     for. The losses are ``model(images, targets)`` under ``loss_mode``, the detections
-    ``model(images)`` in eval mode. The model's modes are restored afterwards.
+    ``model(images)`` in eval mode; with ``paste_masks=False`` their masks are not pasted into the
+    image (module doc: ``box_masks`` and ``image_size`` instead of ``masks``). The model's modes are
+    restored afterwards.
 
     ``mark(stage)``, when given, is called as each stage of the shared pass ends (``STAGES``;
     ``"rpn head"`` only when it is shared), so a benchmark can time them; the separate passes (one
@@ -92,7 +102,7 @@ def evaluate_batch(
     mark = mark or _no_mark
     with torch.inference_mode(), restored_modes(model):
         if losses and detections and shares_features(model):
-            return _shared_pass(model, images, targets, mark=mark)  # type: ignore[arg-type]
+            return _shared_pass(model, images, targets, paste_masks=paste_masks, mark=mark)  # type: ignore[arg-type]
         loss_dict = out = None
         if losses:
             with loss_mode(model):
@@ -100,7 +110,7 @@ def evaluate_batch(
             mark("losses")
         if detections:
             model.eval()
-            out = model(images)
+            out = model(images) if paste_masks or not isinstance(model, GeneralizedRCNN) else _detect(model, images)
             mark("detections")
         return loss_dict, out
 
@@ -110,8 +120,9 @@ def _shared_pass(
     images: Sequence[torch.Tensor],
     targets: Sequence[Mapping[str, Any]],
     *,
+    paste_masks: bool = True,
     mark: Callable[[str], None],
-) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """GeneralizedRCNN.forward in the loss setting, then in the inference setting on the same
     features; the RPN head's output is shared too when it can be."""
     original_sizes = [(img.shape[-2], img.shape[-1]) for img in images]
@@ -135,9 +146,35 @@ def _shared_pass(
         mark("rpn inference")
         dets, _ = model.roi_heads(features, proposals, batch.image_sizes)
         mark("roi_heads inference")
-        out = model.transform.postprocess(dets, batch.image_sizes, original_sizes)
+        out = _postprocess(model, dets, batch.image_sizes, original_sizes, paste_masks)
         mark("postprocess")
     return {**roi_losses, **rpn_losses}, out
+
+
+def _detect(model: GeneralizedRCNN, images: Sequence[torch.Tensor]) -> list[dict[str, Any]]:
+    """``GeneralizedRCNN.forward`` in eval mode without pasting the masks (``paste_masks=False``)."""
+    original_sizes = [(img.shape[-2], img.shape[-1]) for img in images]
+    batch, _ = model.transform(list(images))
+    features = _features(model, batch.tensors)
+    proposals, _ = model.rpn(batch, features)
+    dets, _ = model.roi_heads(features, proposals, batch.image_sizes)
+    return _postprocess(model, dets, batch.image_sizes, original_sizes, paste_masks=False)
+
+
+def _postprocess(
+    model: GeneralizedRCNN, dets: list[dict[str, torch.Tensor]], image_sizes: list[tuple[int, int]],
+    original_sizes: list[tuple[int, int]], paste_masks: bool,
+) -> list[dict[str, Any]]:
+    """torchvision's ``transform.postprocess``; without ``paste_masks``, the boxes scaled to the
+    original image as it scales them, the masks left over their boxes (``box_masks``)."""
+    if paste_masks:
+        return model.transform.postprocess(dets, image_sizes, original_sizes)
+    box_masks = [det.pop("masks", None) for det in dets]
+    out = model.transform.postprocess(dets, image_sizes, original_sizes)
+    for det, masks, size in zip(out, box_masks, original_sizes):
+        if masks is not None:
+            det["box_masks"], det["image_size"] = masks, (int(size[0]), int(size[1]))
+    return out
 
 
 STAGES = ("transform+backbone", "rpn head", "rpn loss", "roi_heads loss", "rpn inference", "roi_heads inference", "postprocess")

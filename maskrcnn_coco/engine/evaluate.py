@@ -17,7 +17,13 @@ from maskrcnn_coco.engine.progress import Progress
 from maskrcnn_coco.evaluation.coco_eval import coco_metrics, predictions_to_coco
 from maskrcnn_coco.evaluation.per_class import CONFUSION_KEY, confusion_matrix
 from maskrcnn_coco.tracking.scalars import LOSS_COMPONENTS
-from maskrcnn_coco.utils.dist import all_gather_objects, all_reduce_sum, broadcast_object, is_main_process, world_size
+from maskrcnn_coco.utils.dist import (
+    all_reduce_sum,
+    broadcast_object,
+    gather_objects_to_main,
+    is_main_process,
+    world_size,
+)
 
 
 def evaluate(
@@ -41,10 +47,13 @@ def evaluate(
     mode; the RPN and RoI samplers draw from a forked RNG seeded with ``seed``, so the value is
     reproducible and the caller's RNG stream is untouched. A torchvision ``GeneralizedRCNN`` runs the
     transform and the backbone once per batch for both losses and detections (``eval_step``). The
-    model's parameters, buffers and train/eval modes are the same afterwards. The components are raw
-    (unweighted). ``backend``: COCOeval's implementation (``coco_eval.BACKENDS``). ``mark(stage)``,
-    when given, is called as each stage ends (``evaluate_batch``'s, then ``"to COCO"`` per batch and
-    ``"COCOeval"``), so a benchmark can time them.
+    model's parameters, buffers and train/eval modes are the same afterwards; its masks are encoded
+    within their boxes, never pasted at image size (``paste_masks=False``), one image at a time. In
+    distributed evaluation rank 0 alone gathers the detections and runs COCOeval; every rank gets
+    the metrics. The components are raw (unweighted). ``backend``: COCOeval's implementation
+    (``coco_eval.BACKENDS``). ``mark(stage)``, when given, is called as each stage ends
+    (``evaluate_batch``'s, then ``"to COCO"`` per batch and ``"COCOeval"``), so a benchmark can time
+    them.
     """
     device = torch.device(device)
     coco_gt = coco_gt if coco_gt is not None else getattr(data_loader.dataset, "coco", None)
@@ -58,7 +67,9 @@ def evaluate(
         bar = Progress(data_loader, "Evaluating", enabled=progress and is_main_process())
         for images, targets in bar:
             images, targets = move_to_device(images, targets, device)
-            loss_dict, outputs = evaluate_batch(model, images, targets, losses=compute_losses, detections=compute_metrics, mark=mark)
+            # Masks left over their boxes: encoded per image without image-sized arrays (coco_eval.box_mask_rles).
+            loss_dict, outputs = evaluate_batch(model, images, targets, losses=compute_losses, detections=compute_metrics,
+                                                paste_masks=False, mark=mark)
             if loss_dict is not None:
                 # Weighted by images, so the mean does not depend on how batches (or ranks) split the set.
                 sums += stack_losses(loss_dict) * len(images)
@@ -73,11 +84,14 @@ def evaluate(
         # Each rank evaluated its own shard: sum the losses by image, gather the detections.
         totals = all_reduce_sum(torch.cat([sums, torch.full((1,), float(n_images), device=device)]))
         sums, n_images = totals[:-1], int(totals[-1])
-        shards = all_gather_objects((results, image_ids))
-        # In image-id order, as one process would have produced them: COCOeval breaks score ties
-        # by the order of the results, so the metrics then equal a single-process evaluation.
-        results = sorted((r for shard, _ in shards for r in shard), key=lambda r: r["image_id"])
-        image_ids = sorted(i for _, ids in shards for i in ids)
+        # Rank 0 alone receives the detections (it alone runs COCOeval); the others drop theirs.
+        shards = gather_objects_to_main((results, image_ids))
+        results, image_ids = [], []
+        if shards is not None:
+            # In image-id order, as one process would have produced them: COCOeval breaks score ties
+            # by the order of the results, so the metrics then equal a single-process evaluation.
+            results = sorted((r for shard, _ in shards for r in shard), key=lambda r: r["image_id"])
+            image_ids = sorted(i for _, ids in shards for i in ids)
     val_losses = dict(zip(LOSS_COMPONENTS, (sums / max(n_images, 1)).tolist())) if compute_losses else {}
     metrics: dict[str, dict[str, float]] = {}
     if compute_metrics:

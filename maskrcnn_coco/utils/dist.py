@@ -125,6 +125,18 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def gather_objects_to_main(obj: Any, dst: int = 0) -> list[Any] | None:
+    """Every rank's ``obj`` in rank order on rank ``dst``, None on the others (``[obj]`` in a single
+    process). Unlike ``all_gather_objects``, only ``dst`` receives and unpickles the shards: what
+    every rank would otherwise hold is the whole set's results."""
+    if not (_initialized() and torch_dist.get_world_size() > 1):
+        return [obj]
+    main = torch_dist.get_rank() == dst
+    out: list[Any] | None = [None] * torch_dist.get_world_size() if main else None
+    torch_dist.gather_object(obj, out, dst=dst)
+    return out
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s ``obj`` on every rank."""
     if not (_initialized() and torch_dist.get_world_size() > 1):
