@@ -336,7 +336,9 @@ class LossConfig:
 class EvalConfig:
     every_n_epochs: int = field(default=1, metadata=at_least(1))
     val_loss: bool = True
-    mask_threshold: float = 0.5
+    # A pixel is in a predicted mask above this probability (0 <= t < 1: below 0 every pixel outside
+    # a detection's box would be foreground).
+    mask_threshold: float = field(default=0.5, metadata=rule(lambda v: 0 <= v < 1, "between 0 (included) and 1, e.g. 0.5"))
     # COCOeval implementation: auto (faster_coco_eval when installed) | pycocotools | faster_coco_eval.
     backend: str = field(default="auto", metadata=one_of(EVAL_BACKENDS))
 

@@ -142,6 +142,7 @@ BAD_VALUES = [
     ("data.num_workers=many", "data.num_workers=many: must be 0 or more, or auto"),
     ("data.exif=rotate", "data.exif=rotate: must be apply or ignore"),
     ("data.crowd=drop", "data.crowd=drop: must be ignore or train"),
+    ("eval.mask_threshold=-0.1", "eval.mask_threshold=-0.1: must be between 0 (included) and 1, e.g. 0.5"),
     ("data.augment.hflip_prob=1.5", "data.augment.hflip_prob=1.5: must be a probability in [0, 1]"),
     ("data.augment.vflip_prob=-0.1", "data.augment.vflip_prob=-0.1: must be a probability in [0, 1]"),
     ("data.augment.scale_range=[1.2,0.8]",
