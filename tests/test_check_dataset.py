@@ -127,3 +127,19 @@ def test_masks_off_their_boxes_and_a_darker_validation_split_warn(tmp_path, caps
     assert "  - validation images are much darker than training: mean pixel 0.1" in warnings
     assert "validation against training: 1 difference (below)" in out
     assert out.rstrip().endswith("OK: training can start with this data.")
+
+
+def test_strict_fails_when_training_would_change_the_data(tmp_path, capsys):
+    """labelme's export: the '_background_' placeholder is left out and its paths are fine: training can
+    start (0), but --strict says what training would change (1)."""
+    from test_exports import labelme
+
+    images, path = labelme(tmp_path)
+    overrides = ["data=coco", f"data.root={tmp_path}", f"data.train_images={images}", f"data.val_images={images}",
+                 f"data.train_annotations={path}", f"data.val_annotations={path}"]
+    assert main(["--no-progress", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "'_background_' (id 0: a background placeholder)" in out and "EXIF: 0 of 3 images carry a rotation" in out
+    assert main(["--no-progress", "--strict", *overrides]) == 1
+    out = capsys.readouterr().out
+    assert "--strict: training would skip or change:\n  - train: 1 placeholder categories left out\n" in out

@@ -16,7 +16,7 @@ from maskrcnn_coco.data.exif import (
     load_oriented,
     plan_frames,
 )
-from maskrcnn_coco.data.validate import MISSING_FILE, SIZE_MISMATCH, UNDECODABLE, image_problem
+from maskrcnn_coco.data.validate import MISSING_FILE, SIZE_MISMATCH, UNDECODABLE
 
 W, H = 64, 40  # stored (raw) size: not square, so 90-degree cases swap it
 RED, GREEN, BLUE, YELLOW = (220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 220, 30)
@@ -108,7 +108,7 @@ def test_a_size_matching_neither_frame_names_the_orientation(tmp_path, k):
 def test_orientation_1_mismatch_reads_as_validate_does(tmp_path):
     path = write(tmp_path / "plain.jpg")
     problem = frame_for(path, 30, 20).problem
-    assert problem == f"is {W}x{H} pixels but the annotation file says 30x20" == image_problem(path, 30, 20)[1]
+    assert problem == f"is {W}x{H} pixels but the annotation file says 30x20"
     assert "EXIF" not in problem
     assert decode_problem(path, 30, 20) == (SIZE_MISMATCH, problem)
 

@@ -121,7 +121,7 @@ def check_one_split(split: str, paths: dict[str, Path], cfg: DictConfig, args: a
     except Exception as err:  # noqa: BLE001 - json and pycocotools errors alike: the file is unusable
         return SplitReport(lines, [f"{split}: could not read {annotations}: {type(err).__name__}: {err}"])
     n_crowd = sum(1 for a in coco.dataset["annotations"] if a.get("iscrowd", 0))
-    said = prepare_export(coco, annotations.name, data.crowd)
+    said, placeholders = prepare_export(coco, annotations.name, data.crowd)
     try:
         mapping = CategoryMapping(list(coco.cats.values()))
     except UserError as err:
@@ -157,7 +157,7 @@ def check_one_split(split: str, paths: dict[str, Path], cfg: DictConfig, args: a
         (len(check.bad_images), "unusable images"),
         (len(check.relocated), "file_names found by their basename"),
         (len(frames.raw_only), "photos loaded in their raw frame (EXIF)"),
-        (sum(1 for line in said if "left out of the classes" in line), "placeholder categories left out"),
+        (len(placeholders), "placeholder categories left out"),
     ) if n]
     if check.bad_images and data.on_invalid == "error":
         fatal.append(f"{split}: {len(check.bad_images)} unusable images with data.on_invalid=error, e.g. "

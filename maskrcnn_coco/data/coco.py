@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import io
 import logging
 import os
@@ -64,6 +65,7 @@ from maskrcnn_coco.data.validate import (
     ON_INVALID,
     check_split,
     describe_error,
+    segmentation_rle,
     summarize,
     validate_annotations,
 )
@@ -132,11 +134,7 @@ def _mask(segmentation: Any, height: int, width: int) -> torch.Tensor:
     (None): all zero, which the mask loss skips (``modeling.mask_loss``)."""
     if segmentation is None:
         return torch.zeros((height, width), dtype=torch.uint8)
-    if isinstance(segmentation, dict):
-        rle = segmentation if isinstance(segmentation["counts"], str) else mask_utils.frPyObjects(segmentation, height, width)
-    else:
-        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-    return torch.from_numpy(mask_utils.decode(rle))
+    return torch.from_numpy(mask_utils.decode(segmentation_rle(segmentation, height, width)))
 
 
 class CocoInstances(Dataset):
@@ -284,15 +282,16 @@ def load_coco(annotations: str | Path) -> COCO:
         return COCO(str(annotations))
 
 
-def prepare_export(coco: COCO, source: str, crowd: str) -> list[str]:
+def prepare_export(coco: COCO, source: str, crowd: str) -> tuple[list[str], list[tuple[int, str, str]]]:
     """What an export's conventions change before its split is checked (``data.exports``), in place:
-    the ``data.crowd`` policy and the placeholder categories left out. The lines that say so."""
+    the ``data.crowd`` policy and the placeholder categories left out. The lines that say so, and
+    the categories left out (``(id, name, why)``)."""
     said = [apply_crowd_policy(coco, crowd, source)]
     placeholders = placeholder_categories(coco)
     if placeholders:
         drop_categories(coco, [cid for cid, _, _ in placeholders])
         said.append(placeholder_line(placeholders, source))
-    return [line for line in said if line]
+    return [line for line in said if line], placeholders
 
 
 def export_lines(check: Any, coco: COCO, source: str, images: str | Path, *, train: bool, drop_empty: bool) -> list[str]:
@@ -338,7 +337,7 @@ def build_coco_dataset(
         coco = load_coco(annotations)
     except Exception as err:
         raise DataError(f"Could not read COCO annotations {annotations}: {err}") from err
-    said = prepare_export(coco, annotations.name, crowd)
+    said, _ = prepare_export(coco, annotations.name, crowd)
     mapping = mapping or CategoryMapping(list(coco.cats.values()))
 
     check = check_split(
@@ -390,8 +389,6 @@ class DataBundle:
 def split_cache_dir(cfg: Any) -> Path:
     """Where ``data.val_fraction`` writes its two split files: the cache folder (beside the shapes
     sets), one subfolder per annotation file, so datasets and concurrent runs never share one."""
-    import hashlib
-
     cache = Path(os.path.expanduser(os.environ.get("MASKRCNN_COCO_CACHE", "~/.cache/maskrcnn_coco")))
     key = "|".join(os.path.abspath(os.path.expanduser(str(v))) for v in (cfg.root, cfg.train_annotations)) + f"|{cfg.layout}"
     return cache / "splits" / hashlib.sha1(key.encode()).hexdigest()[:16]

@@ -270,7 +270,7 @@ def load_oriented(path: str | Path, frame: Frame | None) -> Image.Image:
 
 def decode_problem(path: str | Path, width: int, height: int, policy: str = "apply") -> tuple[str, str] | None:
     """``(kind, problem)`` when the image at ``path`` cannot be used as a ``width`` x ``height`` RGB
-    image in the frame ``policy`` gives it, else None: ``validate.image_problem`` made frame-aware.
+    image in the frame ``policy`` gives it, else None: the decode check of ``validate.check_images``, frame-aware.
     Decodes the whole image (the slow, complete check)."""
     try:
         frame = frame_for(path, width, height, policy)

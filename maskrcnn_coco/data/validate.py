@@ -17,7 +17,8 @@ What is checked, and when:
   (detectron2 does the same); an annotation left without any is invalid.
 * **Image records and files** (when the dataset is built): width/height are positive integers and
   every file the split uses exists (one directory listing per folder, so cheap even for COCO).
-* **Image decoding and size** (``image_problem``): the slow, complete check (about 2 ms per
+* **Image decoding and size** (``check_images`` with ``exif.decode_problem``, in each image's EXIF
+  frame; sizes are read from the headers at every build): the slow, complete check (about 2 ms per
   640x480 JPEG per core, page cache warm: COCO train2017 is ~4 core-minutes), done by the dataset
   checker, and at build time only with ``data.on_invalid=drop`` (threads); with ``error`` the same
   check happens when an image is loaded.
@@ -400,20 +401,6 @@ def describe_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-def image_problem(path: str | Path, width: int, height: int) -> tuple[str, str] | None:
-    """``(kind, problem)`` when the image at ``path`` cannot be used as a ``width`` x ``height`` RGB
-    image, else None. Decodes the whole image (the slow, complete check)."""
-    try:
-        image = load_rgb(path)
-    except FileNotFoundError:
-        return MISSING_FILE, "file not found"
-    except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, zlib/struct errors...
-        return UNDECODABLE, f"cannot be decoded ({describe_error(err)})"
-    if image.size != (int(width), int(height)):
-        return SIZE_MISMATCH, f"is {image.size[0]}x{image.size[1]} pixels but the annotation file says {int(width)}x{int(height)}"
-    return None
-
-
 def check_images(
     root: str | Path,
     images: Sequence[Mapping[str, Any]],
@@ -568,15 +555,20 @@ class MaskBoxAgreement:
         return lines
 
 
+def segmentation_rle(segmentation: Any, height: int, width: int) -> dict[str, Any]:
+    """An annotation's segmentation (polygons, an uncompressed or a compressed RLE) as one compressed
+    RLE of the ``height`` x ``width`` image, what ``pycocotools.mask`` decodes and measures."""
+    if isinstance(segmentation, list):
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    counts = segmentation["counts"]
+    if isinstance(counts, (list, tuple)):
+        return mask_utils.frPyObjects({"size": [height, width], "counts": list(counts)}, height, width)
+    return {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+
+
 def _share_inside(segmentation: Any, box: Sequence[float], height: int, width: int) -> float | None:
     """Share of the mask's pixels inside ``box`` (x0, y0, x1, y1); None for a mask without pixels."""
-    if isinstance(segmentation, list):
-        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-    elif isinstance(segmentation.get("counts"), (list, tuple)):
-        rle = mask_utils.frPyObjects(dict(segmentation), height, width)
-    else:
-        counts = segmentation["counts"]
-        rle = {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    rle = segmentation_rle(segmentation, height, width)
     area = float(mask_utils.area(rle))
     if area <= 0:
         return None

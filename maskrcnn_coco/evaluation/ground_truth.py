@@ -33,7 +33,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from maskrcnn_coco.data.exports import has_mask
-from maskrcnn_coco.data.validate import usable_ground_truth
+from maskrcnn_coco.data.validate import segmentation_rle, usable_ground_truth
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +42,7 @@ IOU_TYPES = ("bbox", "segm")
 
 def _area(ann: dict[str, Any], image: dict[str, Any]) -> float:
     if has_mask(ann):
-        seg = ann["segmentation"]
-        h, w = int(image["height"]), int(image["width"])
-        if isinstance(seg, list):
-            rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-        elif isinstance(seg.get("counts"), list):
-            rle = mask_utils.frPyObjects(seg, h, w)
-        else:
-            rle = seg
-        return float(mask_utils.area(rle))
+        return float(mask_utils.area(segmentation_rle(ann["segmentation"], int(image["height"]), int(image["width"]))))
     return float(ann["bbox"][2]) * float(ann["bbox"][3])
 
 
