@@ -32,6 +32,7 @@ from PIL import ExifTags, Image
 from tqdm import tqdm
 
 from maskrcnn_coco.config import EXIF_POLICIES
+from maskrcnn_coco.data.exports import examples_text, plural
 from maskrcnn_coco.data.validate import (
     MISSING_FILE,
     SIZE_MISMATCH,
@@ -157,10 +158,6 @@ def frame_for(path: str | Path, width: int, height: int, policy: str = "apply") 
 
 
 # ------------------------------------------------------------------------------------- a split
-def _plural(n: int, one: str, many: str) -> str:
-    return f"{n} {one if n == 1 else many}"
-
-
 @dataclass
 class FramePlan:
     """The frames of a split's images (``plan_frames``).
@@ -189,21 +186,20 @@ class FramePlan:
         lines = []
         if self.policy == "ignore":
             if self.rotated:
-                lines.append(f"{_plural(self.rotated, 'image', 'images')} in {source_name} "
+                lines.append(f"{plural(self.rotated, 'image', 'images')} in {source_name} "
                              f"{'carries' if self.rotated == 1 else 'carry'} an EXIF rotation: loaded as stored "
                              "(data.exif=ignore; data.exif=apply loads them as displayed, as annotation tools show them)")
             return lines
         shown = sum(1 for f in self.frames.values() if f.apply and f.problem is None)
         if shown:
-            lines.append(f"{_plural(shown, 'image', 'images')} in {source_name} {'carries' if shown == 1 else 'carry'} "
+            lines.append(f"{plural(shown, 'image', 'images')} in {source_name} {'carries' if shown == 1 else 'carry'} "
                          "an EXIF rotation: loaded as displayed (as annotation tools show them; data.exif=ignore loads raw pixels)")
         if self.raw_only:
             n = len(self.raw_only)
-            named = ", ".join(f"image {r['image_id']} ({r['file']}, orientation {r['orientation']})" for r in self.raw_only[:examples])
-            more = ", ..." if n > examples else ""
-            lines.append(f"{_plural(n, 'image', 'images')} in {source_name} {'is' if n == 1 else 'are'} annotated in "
+            named = examples_text([f"image {r['image_id']} ({r['file']}, orientation {r['orientation']})" for r in self.raw_only], examples)
+            lines.append(f"{plural(n, 'image', 'images')} in {source_name} {'is' if n == 1 else 'are'} annotated in "
                          f"{'its' if n == 1 else 'their'} raw frame (the JSON's size is the raw pixels') though "
-                         f"{'its' if n == 1 else 'their'} EXIF says rotated: loaded without rotation, e.g. {named}{more}")
+                         f"{'its' if n == 1 else 'their'} EXIF says rotated: loaded without rotation, e.g. {named}")
         return lines
 
 

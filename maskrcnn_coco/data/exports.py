@@ -34,11 +34,13 @@ DUPLICATE_IMAGE_ID = "duplicate image id"
 PLACEHOLDER_NAMES = ("_background_", "background", "__background__")
 
 
-def _plural(n: int, one: str, many: str | None = None) -> str:
+def plural(n: int, one: str, many: str | None = None) -> str:
+    """``1 image``, ``2 images``, ``1,234 classes`` (``many``: the plural when not ``one + "s"``)."""
     return f"{n:,} {one if n == 1 else (many or one + 's')}"
 
 
-def _examples(items: Sequence[str], examples: int = 3) -> str:
+def examples_text(items: Sequence[str], examples: int = 3) -> str:
+    """The first ``examples`` items, comma-separated, with ``, ...`` when there are more."""
     return ", ".join(items[:examples]) + (", ..." if len(items) > examples else "")
 
 
@@ -85,8 +87,8 @@ def relocate_by_basename(root: str | Path, missing: Iterable[tuple[int, str]], c
 
 def relocated_line(records: Sequence[dict[str, Any]], source: str, root: str | Path) -> str:
     named = [f"image {r['image_id']} ({r['file']} -> {r['used']})" for r in records]
-    return (f"{_plural(len(records), 'file_name')} in {source} {'does' if len(records) == 1 else 'do'} not exist as written "
-            f"but the file is in {root}: used from there, e.g. {_examples(named)}")
+    return (f"{plural(len(records), 'file_name')} in {source} {'does' if len(records) == 1 else 'do'} not exist as written "
+            f"but the file is in {root}: used from there, e.g. {examples_text(named)}")
 
 
 def _names(coco: Any) -> dict[int, str]:
@@ -104,14 +106,14 @@ def apply_crowd_policy(coco: Any, policy: str, source: str) -> str | None:
     if policy == "train":
         for ann in crowd:
             ann["iscrowd"] = 0
-        return (f"{_plural(n, 'annotation')} in {source} {'is' if n == 1 else 'are'} iscrowd=1: trained and scored as "
+        return (f"{plural(n, 'annotation')} in {source} {'is' if n == 1 else 'are'} iscrowd=1: trained and scored as "
                 "ordinary instances (data.crowd=train)")
     names = _names(coco)
     kept = Counter(a.get("category_id") for a in coco.dataset["annotations"] if not a.get("iscrowd"))
     lost = sorted({a.get("category_id") for a in crowd} - set(kept), key=lambda c: (str(type(c)), c))
-    lost_text = (f"; {_plural(len(lost), 'class', 'classes')} {'has' if len(lost) == 1 else 'have'} only crowd instances "
+    lost_text = (f"; {plural(len(lost), 'class', 'classes')} {'has' if len(lost) == 1 else 'have'} only crowd instances "
                  f"and so nothing to learn: {', '.join(repr(names.get(c, c)) for c in lost)}") if lost else ""
-    return (f"{_plural(n, 'annotation')} in {source} {'is' if n == 1 else 'are'} iscrowd=1 (crowd regions): COCO semantics "
+    return (f"{plural(n, 'annotation')} in {source} {'is' if n == 1 else 'are'} iscrowd=1 (crowd regions): COCO semantics "
             f"leave them out of training (COCOeval ignores detections on them){lost_text}; data.crowd=train trains on them "
             "(CVAT's COCO 1.0 export marks mask-drawn objects as crowd)")
 
@@ -147,7 +149,7 @@ def drop_categories(coco: Any, ids: Iterable[int]) -> None:
 
 def placeholder_line(dropped: Sequence[tuple[int, str, str]], source: str) -> str:
     named = [f"{name!r} (id {cid}: {why})" for cid, name, why in dropped]
-    return (f"{_plural(len(dropped), 'category', 'categories')} of {source} left out of the classes: "
+    return (f"{plural(len(dropped), 'category', 'categories')} of {source} left out of the classes: "
             f"{', '.join(named)}; no annotation uses {'it' if len(dropped) == 1 else 'them'}")
 
 
@@ -163,9 +165,9 @@ def box_only_line(usable: Sequence[dict[str, Any]], source: str) -> str | None:
     if not n:
         return None
     if n == len(usable):
-        return (f"No annotation in {source} has a segmentation ({_plural(n, 'box-only annotation')}): the box branches "
+        return (f"No annotation in {source} has a segmentation ({plural(n, 'box-only annotation')}): the box branches "
                 "train, the mask loss is 0 and masks are not evaluated (bbox AP only)")
-    return (f"{_plural(n, 'annotation')} of {len(usable):,} in {source} {'has' if n == 1 else 'have'} no segmentation "
+    return (f"{plural(n, 'annotation')} of {len(usable):,} in {source} {'has' if n == 1 else 'have'} no segmentation "
             "(box-only): they train the box branches, the mask loss skips them, and segm AP ignores detections on them")
 
 
@@ -173,7 +175,7 @@ def negatives_line(negatives: int, total: int, source: str, *, train: bool, drop
     """How many images have no usable annotation, and what becomes of them."""
     if not negatives:
         return None
-    head = f"{_plural(negatives, 'image')} of {total:,} in {source} {'has' if negatives == 1 else 'have'} no annotation"
+    head = f"{plural(negatives, 'image')} of {total:,} in {source} {'has' if negatives == 1 else 'have'} no annotation"
     if not train:
         return head + " (negatives): kept for evaluation"
     if dropped:
