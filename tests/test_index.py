@@ -76,10 +76,10 @@ def test_samples_equal_torchvisions_wrapped_coco_detection_on_a_coco_format_root
 def test_an_image_without_annotations_gives_empty_targets(tmp_path):
     images, path = TOOLS["labelme"](tmp_path)
     dataset = build_coco_dataset(images, path, train=False, augment=NO_AUG, drop_empty=False)
-    dataset.usable_ann_ids.clear()
-    view = dataset.with_transforms(dataset.transforms)
-    view.records = SerializedRecords(view._record(i) for i in view.ids)
-    image, target = view[0]
+    image_id, file_name, width, height, frame, anns = dataset.records[0]
+    assert anns and all(len(a) == 4 for a in anns)  # (annotation id, category id, bbox, segmentation)
+    dataset.index.records = SerializedRecords([(image_id, file_name, width, height, frame, [])])
+    image, target = dataset[0]
     assert target["boxes"].shape == (0, 4) and target["masks"].shape == (0, *image.shape[1:]) and target["labels"].numel() == 0
 
 

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -56,7 +57,8 @@ from maskrcnn_coco.data.exports import (
     placeholder_line,
     relocated_line,
 )
-from maskrcnn_coco.data.index import SerializedRecords
+from maskrcnn_coco.data.index import SerializedRecords, SplitIndex
+from maskrcnn_coco.data.index_cache import IndexCache, node_first
 from maskrcnn_coco.data.layouts import ResolvedPaths, resolve_layout
 from maskrcnn_coco.data.samplers import SeededSamples, ShardSampler, TrainSampler, aspect_ratio_groups
 from maskrcnn_coco.data.shapes import ShapesParams, ensure_shapes_dataset
@@ -143,32 +145,41 @@ class CocoInstances(Dataset):
     image id; samples are ``(image, {"image_id", "boxes" (XYXY), "masks", "labels"})`` through
     ``transforms``, as torchvision's ``CocoDetection`` wrapped for ``transforms.v2`` gives them.
 
-    What a sample needs lives in a ``SerializedRecords`` index (``data.index``), one record per
-    image, so loader workers never touch the ``COCO`` object and its lists (whose pages they would
-    otherwise copy, image after image). ``coco``, ``ids``, ``usable_ann_ids`` and ``frames`` stay
-    for the main process's analyses (label check, per-image losses, split statistics).
+    What a sample needs lives in the split's ``SplitIndex`` (``data.index``): one serialised record
+    per image, so loader workers never touch the ``COCO`` object and its lists (whose pages they would
+    otherwise copy, image after image). ``coco`` (loaded on first use when the index came from the
+    cache), ``ids``, ``usable_ann_ids`` and ``frames`` are for the main process's analyses (label
+    check, per-image losses, split statistics).
     """
 
-    def __init__(self, root: str, coco: COCO, ids: Sequence[int], usable_ann_ids: set[int], frames: dict[int, Frame],
-                 transforms: Any = None, source: str = "the annotation file", records: SerializedRecords | None = None):
+    def __init__(self, root: str, index: SplitIndex, transforms: Any = None, source: str = "the annotation file"):
         self.root = root
-        self.coco = coco
-        self.ids = list(ids)
-        self.usable_ann_ids = usable_ann_ids
-        self.frames = frames
+        self.index = index
+        self.ids = list(index.ids)
         self.transforms = transforms
         self.source = source
-        self.records = records if records is not None else SerializedRecords(self._record(i) for i in self.ids)
 
-    def _record(self, image_id: int) -> tuple:
-        info = self.coco.imgs[image_id]
-        anns = [(a["category_id"], list(a["bbox"]), a.get("segmentation") if has_mask(a) else None)
-                for a in self.coco.imgToAnns.get(image_id, []) if a["id"] in self.usable_ann_ids]
-        return image_id, info["file_name"], int(info["width"]), int(info["height"]), self.frames.get(image_id), anns
+    @property
+    def records(self) -> SerializedRecords:
+        return self.index.records
+
+    @property
+    def coco(self) -> COCO:
+        return self.index.coco
+
+    @property
+    def usable_ann_ids(self) -> set[int]:
+        return self.index.usable_ann_ids
+
+    @property
+    def frames(self) -> dict[int, Frame]:
+        return self.index.frames
 
     def with_transforms(self, transforms: Any) -> CocoInstances:
         """The same images and targets (the same index) through other ``transforms``."""
-        return CocoInstances(self.root, self.coco, self.ids, self.usable_ann_ids, self.frames, transforms, self.source, self.records)
+        view = CocoInstances(self.root, self.index, transforms, self.source)
+        view.mapping = getattr(self, "mapping", None)
+        return view
 
     def __len__(self) -> int:
         return len(self.records)
@@ -193,7 +204,7 @@ class CocoInstances(Dataset):
         image = self._load_image(image_id, file_name, width, height, frame)
         target: dict[str, Any] = {"image_id": image_id}
         if anns:  # an image without annotations: image_id alone (PrepareTargets adds the empty fields)
-            categories, boxes, segmentations = zip(*anns)
+            _, categories, boxes, segmentations = zip(*anns)
             target["boxes"] = v2.functional.convert_bounding_box_format(
                 tv_tensors.BoundingBoxes(list(boxes), format=tv_tensors.BoundingBoxFormat.XYWH, canvas_size=(height, width)),
                 new_format=tv_tensors.BoundingBoxFormat.XYXY,
@@ -318,13 +329,16 @@ def build_coco_dataset(
     progress: bool = False,
     exif: str = "apply",
     crowd: str = "ignore",
+    index_cache: str = "off",
 ) -> Dataset:
-    """A ``CocoDetection`` over ``images`` and ``annotations`` yielding Mask R-CNN samples.
+    """A ``CocoInstances`` over ``images`` and ``annotations`` yielding Mask R-CNN samples.
 
     The returned dataset has ``.coco`` (pycocotools COCO, without the invalid annotations),
     ``.ids`` (image ids in order) and ``.mapping`` (the ``CategoryMapping``). ``on_invalid``
     (``error`` or ``drop``): what becomes of images that are missing, cannot be decoded or differ in
-    size from the annotation file (see the module doc).
+    size from the annotation file (see the module doc). ``index_cache`` (``data.index_cache``: ``off``,
+    ``auto`` or a folder): the validated index is built once and read back while the files and
+    these settings are unchanged (``data.index_cache``); the lines the build said are said again.
     """
     if on_invalid not in ON_INVALID:
         raise ConfigError(f"data.on_invalid={on_invalid!r}: use one of {', '.join(ON_INVALID)}")
@@ -333,43 +347,80 @@ def build_coco_dataset(
         raise DataError(f"Annotation file not found: {annotations} (set {key} annotations path)")
     if not images.is_dir():
         raise DataError(f"Image folder not found: {images} (set {key} images path)")
+    settings = {"train": train, "drop_empty": drop_empty, "max_images": max_images, "on_invalid": on_invalid,
+                "exif": exif, "crowd": crowd}
+    cache = IndexCache.for_split(index_cache, annotations, images, settings)
+
+    def build() -> SplitIndex:
+        index = index_split(images, annotations, progress=progress, **settings)
+        if cache is not None:
+            cache.save(index)
+        return index
+
+    def load() -> SplitIndex | None:
+        index = cache.load() if cache is not None else None
+        if index is not None:
+            index.replay(log)
+        return index
+
+    index = node_first(build, load)
+    mapping = mapping or CategoryMapping(index.categories)
+    dataset = CocoInstances(str(images), index, transforms=build_transforms(train, augment, mapping), source=annotations.name)
+    dataset.mapping = mapping
+    return dataset
+
+
+def index_split(images: Path, annotations: Path, *, train: bool, drop_empty: bool, max_images: int | None,
+                on_invalid: str, exif: str, crowd: str, progress: bool = False) -> SplitIndex:
+    """Read, check and index one split (``build_coco_dataset``'s work when no cached index stands);
+    its lines are logged as they come and kept in the index, or a ``DataError`` for an unusable split."""
+    lines: list[tuple[int, str]] = []
+
+    def say(level: int, message: str, *args: Any) -> None:
+        lines.append((level, message % args if args else message))
+        log.log(level, "%s", lines[-1][1])
+
     try:
         coco = load_coco(annotations)
     except Exception as err:
         raise DataError(f"Could not read COCO annotations {annotations}: {err}") from err
     said, _ = prepare_export(coco, annotations.name, crowd)
-    mapping = mapping or CategoryMapping(list(coco.cats.values()))
-
     check = check_split(
         coco, images, train=train, drop_empty=drop_empty, max_images=max_images, on_invalid=on_invalid,
         decode=on_invalid == "drop", progress=progress, desc=f"Checking {annotations.name} images", exif=exif,
     )
     for line in said + export_lines(check, coco, annotations.name, images, train=train, drop_empty=drop_empty):
-        log.info("%s", line)
+        say(logging.INFO, line)
     report = check.annotations
     if report.invalid:
-        log.warning("%d invalid annotations in %s are skipped %s", len(report.invalid), annotations.name, summarize(report.invalid))
+        say(logging.WARNING, "%d invalid annotations in %s are skipped %s", len(report.invalid), annotations.name, summarize(report.invalid))
     if report.repaired:
-        log.warning("%d annotations in %s had polygon parts with fewer than 3 points, removed %s",
-                    len(report.repaired), annotations.name, summarize(report.repaired))
+        say(logging.WARNING, "%d annotations in %s had polygon parts with fewer than 3 points, removed %s",
+            len(report.repaired), annotations.name, summarize(report.repaired))
     if check.bad_images:
         if on_invalid == "error":
             raise DataError(
                 f"{len(check.bad_images)} images listed in {annotations.name} cannot be used {summarize(check.bad_images)}; "
                 "fix them or set data.on_invalid=drop to skip them (python scripts/check_dataset.py lists them all)"
             )
-        log.warning("%d images listed in %s are dropped %s", len(check.bad_images), annotations.name, summarize(check.bad_images))
+        say(logging.WARNING, "%d images listed in %s are dropped %s", len(check.bad_images), annotations.name, summarize(check.bad_images))
     if not check.ids:
         raise DataError(f"No usable images in {annotations} (after dropping images without valid annotations)")
     if check.empty_categories:
         names = ", ".join(f"{name!r} (id {cid})" for cid, name in check.empty_categories)
-        log.warning("No training instance of %d categories in %s: %s; the model cannot learn them",
-                    len(check.empty_categories), annotations.name, names)
+        say(logging.WARNING, "No training instance of %d categories in %s: %s; the model cannot learn them",
+            len(check.empty_categories), annotations.name, names)
+    usable, frames = check.usable_ann_ids, check.frames.frames
 
-    dataset = CocoInstances(str(images), coco, check.ids, check.usable_ann_ids, check.frames.frames,
-                            transforms=build_transforms(train, augment, mapping), source=annotations.name)
-    dataset.mapping = mapping
-    return dataset
+    def record(image_id: int) -> tuple:
+        info = coco.imgs[image_id]
+        anns = [(a["id"], a["category_id"], list(a["bbox"]), a.get("segmentation") if has_mask(a) else None)
+                for a in coco.imgToAnns.get(image_id, []) if a["id"] in usable]
+        return image_id, info["file_name"], int(info["width"]), int(info["height"]), frames.get(image_id), anns
+
+    sizes = np.array([(int(coco.imgs[i]["width"]), int(coco.imgs[i]["height"])) for i in check.ids], dtype=np.int64).reshape(-1, 2)
+    return SplitIndex(records=SerializedRecords(record(i) for i in check.ids), ids=list(check.ids), sizes=sizes,
+                      categories=list(coco.cats.values()), lines=lines, _coco=coco, _usable=usable, _frames=frames)
 
 
 def collate(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
@@ -446,8 +497,9 @@ def build_datasets(cfg: DataConfig, splits: Sequence[str] = ("train", "val"), pr
             progress=progress,
             exif=getattr(cfg, "exif", "apply"),
             crowd=getattr(cfg, "crowd", "ignore"),
+            index_cache=getattr(cfg, "index_cache", "off"),
         )
-        if mapping is not None and sorted(ds.coco.cats) != mapping.coco_ids:
+        if mapping is not None and sorted(int(c["id"]) for c in ds.index.categories) != mapping.coco_ids:
             raise DataError(f"The {split} annotations define other categories than the train annotations")
         mapping = ds.mapping
         out[split] = ds
@@ -524,12 +576,12 @@ def resolve_num_workers(value: int | str) -> int:
 
 
 def image_aspect_groups(dataset: Dataset, factor: int) -> list[int] | None:
-    """Aspect-ratio group of each sample of a COCO-format dataset (``coco.imgs`` sizes in ``ids``
-    order; no image is decoded); None for a dataset without them."""
-    coco, ids = getattr(dataset, "coco", None), getattr(dataset, "ids", None)
-    if coco is None or ids is None or len(ids) != len(dataset):
+    """Aspect-ratio group of each sample of a COCO-format dataset (the annotation file's image sizes,
+    from its index; no image is decoded); None for a dataset without them."""
+    index = getattr(dataset, "index", None)
+    if index is None or len(index.ids) != len(dataset):
         return None
-    return aspect_ratio_groups([(coco.imgs[i]["width"], coco.imgs[i]["height"]) for i in ids], factor)
+    return aspect_ratio_groups([(int(w), int(h)) for w, h in index.sizes], factor)
 
 
 def build_data(cfg: DataConfig, seed: int = 0, progress: bool = True, pin_memory: bool = False) -> DataBundle:

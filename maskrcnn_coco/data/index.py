@@ -13,8 +13,11 @@ read the same file share its pages.
 
 from __future__ import annotations
 
+import logging
+import os
 import pickle
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +55,7 @@ class SerializedRecords:
         path = Path(path)
         for suffix, array in ((".data.npy", self._data), (".ends.npy", self._ends)):
             final = path.with_name(path.name + suffix)
-            tmp = final.with_name(final.name + ".tmp")
+            tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")  # ranks of several nodes may share a folder
             with open(tmp, "wb") as f:
                 np.save(f, array)
             tmp.replace(final)
@@ -65,3 +68,48 @@ class SerializedRecords:
         data = np.load(path.with_name(path.name + ".data.npy"), mmap_mode=mode)
         ends = np.load(path.with_name(path.name + ".ends.npy"), mmap_mode=mode)
         return cls(data=data, ends=ends)
+
+
+@dataclass
+class SplitIndex:
+    """What a built split is (``data.coco.build_coco_dataset``), fresh or from the cache
+    (``data.index_cache``): the records a sample reads, one per image of ``ids`` (``(image_id,
+    file_name, width, height, frame, [(annotation_id, category_id, bbox, segmentation), ...])``, the
+    usable annotations in the file's order), the images' ``sizes`` (N x 2 width, height), the file's
+    ``categories``, the lines its build said, and the checked ``COCO`` (loaded on first use)."""
+
+    records: SerializedRecords
+    ids: list[int]
+    sizes: np.ndarray
+    categories: list[dict[str, Any]]
+    lines: list[tuple[int, str]] = field(default_factory=list)
+    load_coco: Callable[[], Any] | None = None
+    _coco: Any = field(default=None, repr=False)
+    _usable: set[int] | None = field(default=None, repr=False)
+    _frames: dict[int, Any] | None = field(default=None, repr=False)
+
+    @property
+    def coco(self) -> Any:
+        """The split's checked ``COCO`` (invalid annotations removed, the export policies applied)."""
+        if self._coco is None and self.load_coco is not None:
+            self._coco = self.load_coco()
+        return self._coco
+
+    @property
+    def usable_ann_ids(self) -> set[int]:
+        """Ids of the annotations training uses (on ``ids``)."""
+        if self._usable is None:
+            self._usable = {ann[0] for i in range(len(self.records)) for ann in self.records[i][5]}
+        return self._usable
+
+    @property
+    def frames(self) -> dict[int, Any]:
+        """Each image's EXIF frame (``data.exif.Frame``) where it has one."""
+        if self._frames is None:
+            self._frames = {r[0]: r[4] for r in map(self.records.__getitem__, range(len(self.records))) if r[4] is not None}
+        return self._frames
+
+    def replay(self, logger: logging.Logger) -> None:
+        """Say the build's lines again (a split loaded from the cache says what a fresh build said)."""
+        for level, message in self.lines:
+            logger.log(level, "%s", message)
