@@ -179,6 +179,10 @@ class DataConfig:
     # train = ordinary instances in training and evaluation (CVAT's "COCO 1.0" marks every mask-drawn
     # object as a crowd RLE).
     crowd: str = field(default="ignore", metadata=rule(lambda v: v in CROWD_POLICIES, "ignore or train"))
+    # The validated index of each split (data.index_cache; built once, then memory-mapped by every rank
+    # and worker of the node): auto = beside the annotation file, or under the cache folder when that
+    # one is read-only | off = validate and index at every start | a folder to keep the indexes in.
+    index_cache: str = "auto"
 
 
 @dataclass
