@@ -4,6 +4,7 @@ when the file, the image folder or a setting changes; one build per node with tw
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -78,6 +79,9 @@ def test_a_second_build_reads_the_index_without_parsing_the_file_and_equals_the_
                                                                   if fresh.coco.anns[a]["image_id"] in set(fresh.ids)}
     assert cached.frames == fresh.frames and cached.mapping.coco_ids == fresh.mapping.coco_ids
     assert_equal_samples(samples(cached), samples(fresh))
+    for image_id in fresh.ids:  # the annotation ids each target lists, from the index alone
+        assert cached.annotation_ids(image_id) == [a["id"] for a in fresh.coco.imgToAnns[image_id] if a["id"] in fresh.usable_ann_ids]
+    assert cached.annotation_ids(-5) is None
     # The ground truth (loaded on first use) is the checked COCO of the fresh build, indexes included.
     assert cached.index._coco is None
     assert cached.coco.dataset == fresh.coco.dataset and cached.coco.imgToAnns == fresh.coco.imgToAnns
@@ -201,3 +205,40 @@ def test_the_cache_key_names_every_setting(tmp_path):
         folders.add(IndexCache.for_split("auto", path, images, {**base, key: other}).folder)
     assert len(folders) == 7
     assert IndexCache.for_split("off", path, images, base) is None
+
+
+def test_the_start_analyses_are_kept_beside_the_index_and_need_no_ground_truth_later(tmp_path):
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    from maskrcnn_coco.analysis.audit import _dataset_boxes
+    from maskrcnn_coco.analysis.split_stats import dataset_mask_box, dataset_split_stats
+    from maskrcnn_coco.data.coco import class_instance_counts
+
+    images, path = TOOLS["cvat"](tmp_path)
+    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3)
+
+    def analyses(dataset):
+        return (class_instance_counts(dataset), dataset_split_stats(dataset, "train"), dataset_mask_box(dataset),
+                _dataset_boxes(dataset, model))
+
+    plain = analyses(build(images, path, index_cache="off"))
+    first = analyses(build(images, path))  # computed from the checked COCO, kept as memo-*.pkl
+    cached = build(images, path)
+    again = analyses(cached)
+    assert cached.index._coco is None  # nothing asked for the ground truth
+    folder = next((path.parent / INDEX_DIR).iterdir())
+    assert len(list(folder.glob("memo-*.pkl"))) == 4
+    for a, b, c in zip(plain, first, again):
+        if isinstance(a, np.ndarray):
+            assert np.array_equal(a, b) and np.array_equal(a, c)
+        else:  # the pixel sample's timing aside
+            assert b == c and dataclasses.replace(a, seconds=0) == dataclasses.replace(b, seconds=0) if hasattr(a, "seconds") else a == b == c
+    assert plain[0] == {"circle": 3, "square": 3}
+
+    # A rebuilt index drops the analyses of the one it replaces.
+    data = json.loads(path.read_text())
+    data["annotations"] = data["annotations"][1:]
+    path.write_text(json.dumps(data))
+    changed = build(images, path)
+    assert not list(folder.glob("memo-*.pkl"))
+    assert sum(class_instance_counts(changed).values()) == sum(plain[0].values()) - 1

@@ -39,6 +39,7 @@ from torch import nn
 
 from maskrcnn_coco.analysis.diagnostics import PRODUCERS, WEIGHT_KEY, Diagnosis
 from maskrcnn_coco.config import LOSS_COMPONENTS, DiagnosticsConfig
+from maskrcnn_coco.data.index import has_ground_truth, memoized
 
 # Module -> the loss components it produces (the inverse of diagnostics.PRODUCERS), in model order.
 LOSS_MODULES: dict[str, tuple[str, ...]] = {
@@ -753,13 +754,17 @@ def _short(finding: Diagnosis) -> str:
 def _dataset_boxes(dataset: Any, model: nn.Module) -> np.ndarray | None:
     """The dataset's object sizes (``object_sizes``) as ``model``'s transform resizes them; None
     without ``dataset.coco`` or a model transform."""
-    coco = getattr(dataset, "coco", None)
     transform = getattr(model, "transform", None)
-    if coco is None or transform is None:
+    if transform is None or not has_ground_truth(dataset):
         return None
-    min_size = transform.min_size[-1] if isinstance(transform.min_size, (tuple, list)) else transform.min_size
-    return object_sizes(coco, getattr(dataset, "ids", None), getattr(dataset, "usable_ann_ids", None),
-                        min_size=float(min_size), max_size=float(transform.max_size))
+    min_size = float(transform.min_size[-1] if isinstance(transform.min_size, (tuple, list)) else transform.min_size)
+    max_size = float(transform.max_size)
+
+    def compute() -> np.ndarray:
+        return object_sizes(dataset.coco, getattr(dataset, "ids", None), getattr(dataset, "usable_ann_ids", None),
+                            min_size=min_size, max_size=max_size)
+
+    return memoized(dataset, f"object_sizes-{min_size:g}-{max_size:g}", compute)
 
 
 def audit_run(

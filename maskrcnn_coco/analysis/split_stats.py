@@ -20,6 +20,7 @@ rasterises the masks that leave their boxes, is left to the dataset checker.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ import numpy as np
 
 from maskrcnn_coco.analysis.diagnostics import Diagnosis, rare_class_notes
 from maskrcnn_coco.data.coco import category_counts
+from maskrcnn_coco.data.index import has_ground_truth, memoized
 from maskrcnn_coco.data.validate import (
     MASK_BOX_CAUSE,
     MASK_BOX_WARN_SHARE,
@@ -167,11 +169,11 @@ def _sample_pixels(stats: SplitStats, coco: Any, image_ids: Sequence[int], folde
 def dataset_split_stats(dataset: Any, split: str, *, sample: int = SAMPLE_IMAGES, seed: int = SAMPLE_SEED) -> SplitStats | None:
     """``split_stats`` of a training or validation dataset (``coco``, ``ids``, ``usable_ann_ids``,
     ``root``: the image folder); None for a dataset without them."""
-    coco, ids = getattr(dataset, "coco", None), getattr(dataset, "ids", None)
-    if coco is None or ids is None:
+    if getattr(dataset, "ids", None) is None or not has_ground_truth(dataset):
         return None
-    return split_stats(coco, list(ids), getattr(dataset, "usable_ann_ids", None), getattr(dataset, "root", None),
-                       split=split, sample=sample, seed=seed)
+    return memoized(dataset, f"split_stats-{split}-{sample}-{seed}", lambda: split_stats(
+        dataset.coco, list(dataset.ids), getattr(dataset, "usable_ann_ids", None), getattr(dataset, "root", None),
+        split=split, sample=sample, seed=seed))
 
 
 # ------------------------------------------------------------------------- comparing the splits
@@ -305,11 +307,11 @@ def mask_box_finding(agreement: MaskBoxAgreement) -> Diagnosis | None:
 def dataset_mask_box(dataset: Any, source: str | None = None, *, pixels: bool = False) -> MaskBoxAgreement | None:
     """``mask_box_agreement`` of a dataset's usable annotations (``coco``, ``ids``, ``usable_ann_ids``);
     ``source``: the annotation file to name (default: the dataset's ``source``)."""
-    coco, ids = getattr(dataset, "coco", None), getattr(dataset, "ids", None)
-    if coco is None or ids is None:
+    if getattr(dataset, "ids", None) is None or not has_ground_truth(dataset):
         return None
-    return mask_box_agreement(coco, ids, getattr(dataset, "usable_ann_ids", None), pixels=pixels,
-                              source=source or getattr(dataset, "source", None))
+    source = source or getattr(dataset, "source", None)
+    return memoized(dataset, f"mask_box-{pixels}-{hashlib.sha1(str(source).encode()).hexdigest()[:8]}", lambda: mask_box_agreement(
+        dataset.coco, dataset.ids, getattr(dataset, "usable_ann_ids", None), pixels=pixels, source=source))
 
 
 # ------------------------------------------------------------------------------- at run start

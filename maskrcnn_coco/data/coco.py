@@ -57,7 +57,7 @@ from maskrcnn_coco.data.exports import (
     placeholder_line,
     relocated_line,
 )
-from maskrcnn_coco.data.index import SerializedRecords, SplitIndex
+from maskrcnn_coco.data.index import SerializedRecords, SplitIndex, has_ground_truth, memoized
 from maskrcnn_coco.data.index_cache import IndexCache, node_first
 from maskrcnn_coco.data.layouts import ResolvedPaths, resolve_layout
 from maskrcnn_coco.data.samplers import SeededSamples, ShardSampler, TrainSampler, aspect_ratio_groups
@@ -175,6 +175,14 @@ class CocoInstances(Dataset):
     def frames(self) -> dict[int, Frame]:
         return self.index.frames
 
+    def annotation_ids(self, image_id: int) -> list[int] | None:
+        """Ids of the annotations of ``image_id``'s target, in its order (from the index: no ``coco``
+        needed); None for an image not in the split."""
+        if self.index.positions is None:
+            self.index.positions = {i: n for n, i in enumerate(self.ids)}
+        n = self.index.positions.get(image_id)
+        return None if n is None else [ann[0] for ann in self.records[n][5]]
+
     def with_transforms(self, transforms: Any) -> CocoInstances:
         """The same images and targets (the same index) through other ``transforms``."""
         view = CocoInstances(self.root, self.index, transforms, self.source)
@@ -233,8 +241,9 @@ def category_counts(coco: COCO, image_ids: Iterable[int], usable_ann_ids: Iterab
 def class_instance_counts(dataset: Any) -> dict[str, int]:
     """``category_counts`` of a ``CocoInstances``-like dataset (``coco``, ``ids``, ``usable_ann_ids``);
     empty for anything else. A subset (e.g. ``data.max_train_images``) counts its own images only."""
-    coco, ids = getattr(dataset, "coco", None), getattr(dataset, "ids", None)
-    return {} if coco is None or ids is None else category_counts(coco, ids, getattr(dataset, "usable_ann_ids", None))
+    if getattr(dataset, "ids", None) is None or not has_ground_truth(dataset):
+        return {}
+    return memoized(dataset, "class_counts", lambda: category_counts(dataset.coco, dataset.ids, getattr(dataset, "usable_ann_ids", None)))
 
 
 class PrepareTargets:

@@ -19,9 +19,11 @@ import pickle
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 
 class SerializedRecords:
@@ -84,6 +86,8 @@ class SplitIndex:
     categories: list[dict[str, Any]]
     lines: list[tuple[int, str]] = field(default_factory=list)
     load_coco: Callable[[], Any] | None = None
+    folder: Path | None = None  # the cache folder holding this index (None: not cached)
+    positions: dict[int, int] | None = field(default=None, repr=False)  # image id -> record (on first use)
     _coco: Any = field(default=None, repr=False)
     _usable: set[int] | None = field(default=None, repr=False)
     _frames: dict[int, Any] | None = field(default=None, repr=False)
@@ -109,7 +113,43 @@ class SplitIndex:
             self._frames = {r[0]: r[4] for r in map(self.records.__getitem__, range(len(self.records))) if r[4] is not None}
         return self._frames
 
+    def memo(self, name: str, compute: Callable[[], T]) -> T:
+        """``compute()``, kept beside a cached index as ``memo-<name>.pkl`` and read back from there while
+        the index stands: analyses of the data alone (class counts, split statistics, masks against
+        their boxes, object sizes) then cost nothing at a later start and need no ``coco``."""
+        path = self.folder / f"memo-{name}.pkl" if self.folder is not None else None
+        if path is not None and path.is_file():
+            try:
+                with open(path, "rb") as f:
+                    return pickle.load(f)
+            except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError):
+                pass  # unreadable or from other code: computed again below
+        value = compute()
+        if path is not None:
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            try:
+                with open(tmp, "wb") as f:
+                    pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL)
+                tmp.replace(path)
+            except OSError:
+                tmp.unlink(missing_ok=True)
+        return value
+
     def replay(self, logger: logging.Logger) -> None:
         """Say the build's lines again (a split loaded from the cache says what a fresh build said)."""
         for level, message in self.lines:
             logger.log(level, "%s", message)
+
+
+def memoized(dataset: Any, name: str, compute: Callable[[], T]) -> T:
+    """``compute()`` through the ``SplitIndex.memo`` of ``dataset``'s index, or plainly for a dataset without one."""
+    index = getattr(dataset, "index", None)
+    return index.memo(name, compute) if isinstance(index, SplitIndex) else compute()
+
+
+def has_ground_truth(dataset: Any) -> bool:
+    """Whether ``dataset`` has a ``coco``, without loading one that its index holds back until first use."""
+    index = getattr(dataset, "index", None)
+    if isinstance(index, SplitIndex):
+        return index._coco is not None or index.load_coco is not None
+    return getattr(dataset, "coco", None) is not None

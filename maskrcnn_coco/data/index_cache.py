@@ -108,7 +108,7 @@ class IndexCache:
             return None
         gt_path = self.folder / GROUND_TRUTH
         return SplitIndex(records=records, ids=meta["ids"], sizes=meta["sizes"], categories=meta["categories"],
-                          lines=meta["lines"], load_coco=lambda: _unpickle(gt_path))
+                          lines=meta["lines"], load_coco=lambda: _load_ground_truth(gt_path), folder=self.folder)
 
     def save(self, split: SplitIndex) -> bool:
         """Write the index (each file atomically, ``meta.pkl`` last); False with one line when the folder
@@ -116,11 +116,14 @@ class IndexCache:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             (self.folder / META).unlink(missing_ok=True)  # a reader sees no index while the parts change
+            for old in self.folder.glob("memo-*.pkl"):  # analyses of the index this one replaces
+                old.unlink()
             split.records.save(self.folder / RECORDS)
             _atomic_pickle(self.folder / GROUND_TRUTH, split.coco)  # COCO with its indexes: no createIndex on load
             meta = {"fingerprint": file_fingerprint(self.annotations, self.images), "ids": split.ids,
                     "sizes": split.sizes, "categories": split.categories, "lines": split.lines}
             _atomic_pickle(self.folder / META, meta)
+            split.folder = self.folder
         except OSError as err:
             log.warning("Could not write the index of %s to %s (%s); set data.index_cache to a writable folder, "
                         "or off", self.annotations.name, self.folder, err)
@@ -168,7 +171,8 @@ def _atomic_pickle(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
-def _unpickle(path: Path) -> Any:
+def _load_ground_truth(path: Path) -> Any:
+    log.debug("Loading the checked annotations from %s (%.0f MB)", path, path.stat().st_size / 2**20)
     with open(path, "rb") as f:
         return pickle.load(f)
 

@@ -344,15 +344,19 @@ def caption(image_id: Any, found: Sequence[tuple[str, Mapping[str, Any]]], lines
 
 # --------------------------------------------------------------------------------- drawing
 def annotation_ids(dataset: Any, image_id: Any, count: int) -> list[Any] | None:
-    """The annotation ids of ``image_id`` in the order the dataset builds its target (the usable ones
-    of ``dataset.coco``), or None when unknown or when their number is not ``count`` (a box the
+    """The annotation ids of ``image_id`` in the order the dataset builds its target (its index's, or the
+    usable ones of ``dataset.coco``), or None when unknown or when their number is not ``count`` (a box the
     pipeline dropped would shift them)."""
-    coco = getattr(dataset, "coco", None)
-    if coco is None:
-        return None
-    usable = getattr(dataset, "usable_ann_ids", None)
-    ids = [a["id"] for a in coco.imgToAnns.get(image_id, []) if usable is None or a["id"] in usable]
-    return ids if len(ids) == count else None
+    from_index = getattr(dataset, "annotation_ids", None)
+    if callable(from_index):  # a dataset of data.coco: its index knows them (no ground truth loaded)
+        ids = from_index(image_id)
+    else:
+        coco = getattr(dataset, "coco", None)
+        if coco is None:
+            return None
+        usable = getattr(dataset, "usable_ann_ids", None)
+        ids = [a["id"] for a in coco.imgToAnns.get(image_id, []) if usable is None or a["id"] in usable]
+    return ids if ids is not None and len(ids) == count else None
 
 
 def draw_ground_truth(image: torch.Tensor, target: Mapping[str, Any], class_names: Sequence[str],
