@@ -345,6 +345,9 @@ class EvalConfig:
     mask_threshold: float = field(default=0.5, metadata=rule(lambda v: 0 <= v < 1, "between 0 (included) and 1, e.g. 0.5"))
     # COCOeval implementation: auto (faster_coco_eval when installed) | pycocotools | faster_coco_eval.
     backend: str = field(default="auto", metadata=one_of(EVAL_BACKENDS))
+    # Evaluate epochs before the last on a fixed subset of N val images (the same images every time,
+    # drawn once from the run's seed); the last epoch on the full set. null: the full set every time.
+    subset: Optional[int] = field(default=None, metadata=at_least(1, null="the full set every time"))
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 import subprocess
 import sys
 
@@ -65,6 +66,11 @@ def test_drop_no_decode_and_clean_data_exit_zero(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "3 listed, 3 selected, 2 used for training" in out
     assert "unusable images (dropped (data.on_invalid=drop)): 1" in out and out.rstrip().endswith("OK: training can start with this data.")
+    # The validated index is written for training (data.index_cache=auto: beside the annotations).
+    written = re.search(r"Index for training written \(data.index_cache\): (\S+), (\S+)\n", out)
+    assert written and all((Path(folder) / "meta.pkl").is_file() for folder in written.groups())
+    assert main(["--no-progress", *overrides, "data.on_invalid=drop", "data.index_cache=off"]) == 0
+    assert "Index for training written" not in capsys.readouterr().out
     # Without decoding, the truncated file goes unnoticed (training would find it when loading it).
     assert main(["--no-progress", "--no-decode", *overrides]) == 0
     assert "images: existence only (--no-decode)" in capsys.readouterr().out

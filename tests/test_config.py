@@ -156,6 +156,7 @@ BAD_VALUES = [
     ("vis.max_detections=0", "vis.max_detections=0: must be at least 1"),
     ("eval.every_n_epochs=0", "eval.every_n_epochs=0: must be at least 1"),
     ("eval.backend=fast", "eval.backend=fast: must be one of auto, pycocotools, faster_coco_eval"),
+    ("eval.subset=0", "eval.subset=0: must be at least 1 (or null: the full set every time)"),
     ("checkpoint.every_n_epochs=-1", "checkpoint.every_n_epochs=-1: must be 0 (no epoch_NNN.pth) or more"),
     ("checkpoint.keep_last=0", "checkpoint.keep_last=0: must be at least 1 (or null: keep all)"),
     ("checkpoint.every_n_iters=0", "checkpoint.every_n_iters=0: must be at least 1 (or null)"),
@@ -192,6 +193,7 @@ def test_every_field_rule_is_exercised():
      "checkpoint.keep_last=null", "checkpoint.every_n_epochs=0", "checkpoint.every_n_iters=50", "train.max_loss=null",
      "train.max_loss_factor=null", "scheduler.warmup_iters=0", "data.augment.hflip_prob=1"],
     ["vis.num_images=0", "vis.score_threshold=0", "vis.max_detections=1"],
+    ["eval.subset=1", "eval.subset=null"],
 ])
 def test_working_values_pass_the_field_rules(overrides):
     validate_config(compose_config(overrides))

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from maskrcnn_coco.tracking.scalars import check_objective, lower_is_better
+from maskrcnn_coco.tracking.scalars import check_objective, lower_is_better, on_full_val_set
 
 HISTORY_FILE = "metrics.jsonl"
 
@@ -32,8 +32,9 @@ def record_metric(record: Mapping[str, Any], tag: str) -> float | None:
 
 
 def best_epoch(history: Sequence[Mapping[str, Any]], tag: str) -> tuple[int | None, float | None]:
-    """(epoch, value) with the best ``tag``: lowest for losses, highest for mAP."""
-    scored = [(r["epoch"], v) for r in history if (v := record_metric(r, tag)) is not None]
+    """(epoch, value) with the best ``tag``: lowest for losses, highest for mAP; among the epochs
+    measured on the whole val set (``eval.subset``'s epochs are another measure)."""
+    scored = [(r["epoch"], v) for r in history if (v := record_metric(r, tag)) is not None and on_full_val_set(r)]
     if not scored:
         return None, None
     pick = min if lower_is_better(tag) else max

@@ -17,6 +17,8 @@ file where that matters for memory, and the images are as small as possible:
 * image files of a few sizes (``IMAGE_SIZES``: 64x48 landscape, 48x64 portrait, square, 3:2, so
   aspect-ratio grouping sees several groups as on COCO), each its own file name: hard links to one
   JPEG template per size (a copy where the file system has no hard links), written by threads.
+  ``image_scale=10`` makes them COCO's sizes (640x480, 480x640, 640x640, 640x430) and the polygons
+  with them: what the benchmark's ``data`` section decodes (``--loader coco``).
 
 Everything is deterministic from ``SynthParams`` (the seed included). ``ensure_synthetic_coco``
 writes the set once under ``<data_dir>/<params key>/`` and re-uses it afterwards.
@@ -79,6 +81,7 @@ class SynthParams:
     mean_instances: float = 7.3  # per image: max(1, Poisson(mean_instances))
     min_points: int = 20  # polygon points per instance, uniform in [min_points, max_points]
     max_points: int = 60
+    image_scale: int = 1  # IMAGE_SIZES times this (10: COCO's image sizes)
 
     def __post_init__(self) -> None:
         if self.num_train < 1 or self.num_val < 1:
@@ -87,9 +90,14 @@ class SynthParams:
             raise ValueError(f"SynthParams: need 3 <= min_points ({self.min_points}) <= max_points ({self.max_points})")
         if not self.mean_instances > 0:
             raise ValueError(f"SynthParams: mean_instances={self.mean_instances} must be > 0")
+        if self.image_scale < 1:
+            raise ValueError(f"SynthParams: image_scale={self.image_scale} must be >= 1")
 
     def key(self) -> str:
-        payload = json.dumps({**asdict(self), "version": GENERATOR_VERSION}, sort_keys=True)
+        fields = asdict(self)
+        if fields["image_scale"] == 1:  # the sets written before the field existed keep their key
+            del fields["image_scale"]
+        payload = json.dumps({**fields, "version": GENERATOR_VERSION}, sort_keys=True)
         return hashlib.sha1(payload.encode()).hexdigest()[:12]
 
 
@@ -159,7 +167,7 @@ def _make_annotations(params: SynthParams, split: str) -> dict[str, Any]:
     count = {"train": params.num_train, "val": params.num_val}[split]
     folder = f"{split}2017"
     rng = np.random.default_rng([params.seed, SPLITS[split]])
-    sizes = np.array([(w, h) for w, h, _ in IMAGE_SIZES])
+    sizes = np.array([(w, h) for w, h, _ in IMAGE_SIZES]) * params.image_scale
     shares = np.array([s for _, _, s in IMAGE_SIZES])
     size_of = rng.choice(len(IMAGE_SIZES), size=count, p=shares / shares.sum())
     instances = np.maximum(1, rng.poisson(params.mean_instances, size=count))

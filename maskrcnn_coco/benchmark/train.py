@@ -168,6 +168,7 @@ def bench_train(setup: Setup, args: argparse.Namespace, modes: Sequence[str], lo
     variants = [(amp, cl) for cl in ([False, True] if args.channels_last else [False]) for amp in modes]
     timings = {v: (Timing(), Timing()) for v in variants}
     identical = dict.fromkeys(variants, True)
+    peaks: dict[tuple[str, bool], dict[str, float]] = {v: {} for v in variants}  # CUDA: peak MiB per variant and loop
     for v in variants:
         for _ in range(args.warmup):
             bench.ours(*v)
@@ -179,8 +180,12 @@ def bench_train(setup: Setup, args: argparse.Namespace, modes: Sequence[str], lo
             order = [("ours", ours_t, bench.ours), ("bare", bare_t, bench.bare)][:: 1 if rep % 2 == 0 else -1]
             states = {}
             for label, timing, trial in order:
+                reset_peak_memory(setup.device)
                 timing.add(*trial(*v))
                 states[label] = bench.state()
+                peak = peak_memory_mb(setup.device)
+                if peak is not None:
+                    peaks[v][label] = max(peaks[v].get(label, 0.0), peak)
             identical[v] = identical[v] and same_state(states["ours"], states["bare"])
             log(f"  train {name(v)} repeat {rep + 1}: ours {ours_t.wall[-1]:.2f}s (cpu {ours_t.cpu[-1]:.2f}s), "
                 f"bare {bare_t.wall[-1]:.2f}s (cpu {bare_t.cpu[-1]:.2f}s)")
@@ -192,7 +197,9 @@ def bench_train(setup: Setup, args: argparse.Namespace, modes: Sequence[str], lo
     out = {}
     for v, (ours_t, bare_t) in timings.items():
         entry = {"ours": ours_t.summary(images), "bare": bare_t.summary(images), "ratio": ratios(ours_t, bare_t),
-                 "bit_identical": identical[v], "amp": v[0], "channels_last": v[1]}
+                 "bit_identical": identical[v], "amp": v[0], "channels_last": v[1],
+                 # torch.cuda.max_memory_allocated over a trial (MiB): null on CPU.
+                 "peak_memory_mb": peaks[v] or None}
         # The loop's one sizeable extra, timed alone (A/B ratios on a shared machine cannot resolve 0.5%).
         iter_s = statistics.median(bare_t.wall if setup.device.type == "cuda" else bare_t.cpu) / len(setup.train_batches)
         entry["overhead"] = {"grad_norm_update_ms": 1e3 * update_s, "grad_norm_every": every, "bare_iteration_s": iter_s,
@@ -207,6 +214,16 @@ def bench_train(setup: Setup, args: argparse.Namespace, modes: Sequence[str], lo
             entry["speedup_vs_off"] = ratios(base, ours_t)  # off / this: above 1 is faster
         out[name(v)] = entry
     return out
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    """``torch.cuda.max_memory_allocated`` since the last reset, in MiB; None off CUDA."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
 def grad_norm_update_seconds(setup: Setup, calls: int = 20) -> float:

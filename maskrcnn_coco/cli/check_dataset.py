@@ -21,6 +21,7 @@ basename, photos loaded in their raw frame, placeholder categories left out), 2 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from maskrcnn_coco.cli.probe import compose_config
 from maskrcnn_coco.data.coco import (
     CategoryMapping,
     DataError,
+    build_datasets,
     export_lines,
     load_coco,
     prepare_export,
@@ -230,8 +232,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.strict and changed:
         print("--strict: training would skip or change:\n" + "\n".join(f"  - {c}" for c in changed))
         return 1
+    write_indexes(cfg, paths, not args.no_progress)
     print("OK: training can start with this data.")
     return 0
+
+
+def write_indexes(cfg: Any, paths: dict[str, Any], progress: bool) -> None:
+    """Build both splits as training builds them, so their validated index (``data.index_cache``) is
+    written now and the first run (every rank) starts from it; says where, or nothing when it is off."""
+    if OmegaConf.select(cfg, "data.index_cache", default="off") == "off":
+        return
+    quiet = logging.getLogger("maskrcnn_coco.data")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the check above said it all
+    try:
+        datasets = build_datasets(cfg.data, progress=progress, paths=paths)
+    except UserError as err:  # e.g. a bad image the undecoded check could not see
+        print(f"The index was not written: {err}")
+        return
+    finally:
+        quiet.setLevel(level)
+    folders = [ds.index.folder for ds in datasets.values() if ds.index.folder is not None]
+    if folders:
+        print("Index for training written (data.index_cache): " + ", ".join(str(f) for f in folders))
 
 
 def cli() -> None:

@@ -6,7 +6,9 @@ A checkpoint is a dict of tensors and plain Python data (loadable with ``weights
 * ``model``, ``optimizer``, ``lr_scheduler``, ``scaler``
 * ``rng``: Python, NumPy, torch CPU and CUDA generator states; ``sampler``: the training order's state
 * ``epoch_progress``: for a checkpoint written inside an epoch, the batches trained and their loss sums
-* ``num_classes``, ``categories`` (the category mapping), ``history`` (epoch records by scalar tag),
+* ``num_classes``, ``categories`` (the category mapping), ``model_config`` (the run's ``model`` config
+  section as a plain dict, so the architecture can be rebuilt without the run folder or a dataset:
+  ``model_config_of``), ``history`` (epoch records by scalar tag),
   ``fit`` (the best objective value so far), ``hooks`` (``{state_key: state}`` of the stateful hooks:
   the divergence reference, spike references, partial-epoch gradient norms, ...), plus what the
   caller adds (``config``)
@@ -36,12 +38,13 @@ import torch
 from maskrcnn_coco.engine.hooks import CHECKPOINT, EpochResult, Hook
 from maskrcnn_coco.engine.state import EpochProgress, TrainingState
 from maskrcnn_coco.modeling.weights import WeightsError, load_weights_file
-from maskrcnn_coco.tracking.scalars import lower_is_better
+from maskrcnn_coco.tracking.scalars import lower_is_better, on_full_val_set
 from maskrcnn_coco.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 3
+MODEL_CONFIG = "model_config"  # the checkpoint entry holding the model section of the run's config
 
 CHECKPOINT_DIR = "checkpoints"  # under a run folder
 LAST, BEST, INTERRUPTED = "last.pth", "best.pth", "interrupted.pth"
@@ -86,6 +89,18 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def model_config_of(ckpt: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ``model`` config section (plain dict) a checkpoint was trained with: its ``model_config``
+    entry, else the ``model`` part of the run config it carries (``config``, checkpoints written before
+    ``model_config`` existed); None when it holds neither (the caller may look for the run's
+    ``.hydra/config.yaml``)."""
+    found = ckpt.get(MODEL_CONFIG)
+    if not isinstance(found, Mapping):
+        config = ckpt.get("config")
+        found = config.get("model") if isinstance(config, Mapping) else None
+    return dict(found) if isinstance(found, Mapping) else None
+
+
 def training_state(
     state: TrainingState, epoch: int, *, progress: EpochProgress | None = None, extra: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -103,6 +118,8 @@ def training_state(
         "sampler": state.sampler.state_dict() if hasattr(state.sampler, "state_dict") else None,
         "num_classes": state.mapping.num_classes,
         "categories": state.mapping.state_dict(),
+        # From the resolved run config the checkpointer carries (``extra["config"]``), when it does.
+        MODEL_CONFIG: model_config_of(extra or {}),
         "history": [dict(r) for r in state.history],
         "fit": dict(state.fit),
         "hooks": state.hooks.state_dicts() if state.hooks is not None else dict(state.hook_states),
@@ -250,7 +267,7 @@ class Checkpointer(Hook):
     def after_epoch(self, state: TrainingState, result: EpochResult) -> None:
         improved = False
         value = result.scalars.get(self.best_metric) if self.best_metric else None
-        if value is not None and math.isfinite(value):
+        if value is not None and math.isfinite(value) and on_full_val_set(result.scalars):  # a subset's AP is another measure
             best = state.fit.get("best_value")
             if best is None or (value < best if lower_is_better(self.best_metric) else value > best):
                 state.fit.update(best_value=value, best_epoch=result.epoch, best_metric=self.best_metric)

@@ -8,11 +8,12 @@ from typing import Any
 import torch
 from pycocotools.coco import COCO
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
-from maskrcnn_coco.data.coco import CategoryMapping
+from maskrcnn_coco.data.coco import CategoryMapping, make_loader
 from maskrcnn_coco.engine.eval_step import evaluate_batch
 from maskrcnn_coco.engine.loop import move_to_device, stack_losses
+from maskrcnn_coco.engine.per_image import choose_subset
 from maskrcnn_coco.engine.progress import Progress
 from maskrcnn_coco.evaluation.coco_eval import coco_metrics, predictions_to_coco
 from maskrcnn_coco.evaluation.per_class import CONFUSION_KEY, confusion_matrix
@@ -106,3 +107,19 @@ def evaluate(
             metrics[CONFUSION_KEY] = confusion_matrix(coco_gt, results, image_ids)  # type: ignore[assignment]
         metrics = broadcast_object(metrics)
     return val_losses, metrics
+
+
+def subset_loader(loader: DataLoader, num_images: int, seed: int) -> DataLoader | None:
+    """A validation loader over ``num_images`` of ``loader``'s images, the same ones at every call with
+    the same ``seed`` (``per_image.choose_subset``: the first ``num_images`` of a permutation drawn
+    from ``seed``, in dataset order, as the prediction images and the label check choose theirs), built
+    like ``loader`` (batch size, workers, pinned memory; ``make_loader``: sharded over the ranks as the
+    full set is). None when ``num_images`` covers the whole set. The subset dataset is a ``Subset``:
+    pass the full set's ``coco`` to ``evaluate`` as ``coco_gt``."""
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None:
+        raise ValueError(f"subset_loader needs a DataLoader over a dataset, not a {type(loader).__name__}")
+    if num_images >= len(dataset):
+        return None
+    return make_loader(Subset(dataset, choose_subset(len(dataset), num_images, seed)), loader.batch_size or 1,
+                       shuffle=False, num_workers=loader.num_workers, seed=seed, pin_memory=loader.pin_memory)

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from maskrcnn_coco.data.coco import CategoryMapping
 from maskrcnn_coco.engine.checkpoint import CHECKPOINT_DIR, LAST
-from maskrcnn_coco.engine.evaluate import evaluate
+from maskrcnn_coco.engine.evaluate import evaluate, subset_loader
 from maskrcnn_coco.engine.hooks import EpochResult, Hook, HookList
 from maskrcnn_coco.engine.loop import TrainingStopped, train_one_epoch
 from maskrcnn_coco.engine.settings import FitSettings
@@ -62,6 +62,10 @@ def fit(
     """Train epochs ``state.epoch + 1 .. settings.epochs``; after each, evaluate (every
     ``settings.eval_every`` epochs and at the last) and hand the epoch to the hooks' ``after_epoch``.
 
+    With ``settings.eval_subset`` (N), epochs before the last are evaluated on the same N val images
+    (``engine.evaluate.subset_loader``) and the last on the full set; each evaluated epoch's record
+    says how many images it was measured on (``eval/images``, of ``eval/val_images``).
+
     ``hooks`` default to ``default_hooks(run_dir, settings)``: gradient norms, timer, spikes,
     divergence guard, progress, checkpoints under ``<run_dir>/checkpoints/``, the console block,
     diagnostics, ``<run_dir>/metrics.jsonl``. Returns the history: one ``{"epoch": e, <tag>: value, ...}``
@@ -89,6 +93,7 @@ def fit(
     runner.load_state_dicts(state.hook_states)
     runner.call("before_fit", state)
 
+    subset = _subset(val_loader, settings)
     epoch = state.epoch + 1
     with GracefulStop() as stop:
         state.signal = stop
@@ -103,10 +108,15 @@ def fit(
                 t1 = time.perf_counter()
                 val_loss: dict[str, float] | None = None
                 metrics: dict[str, dict[str, float]] | None = None
+                evaluated: dict[str, int] = {}
                 if state.evaluating:
-                    # Every rank evaluates rank 0's model, the one that is checkpointed.
+                    # Every rank evaluates rank 0's model, the one that is checkpointed. The last epoch
+                    # is measured on the full set: what the run ends with is never a subset's number.
+                    loader = subset if subset is not None and epoch < settings.epochs else val_loader
                     broadcast_buffers(module)
-                    val_loss, metrics = _evaluate(module, val_loader, device, state, mapping=mapping, settings=settings)
+                    val_loss, metrics = _evaluate(module, loader, device, state, mapping=mapping, settings=settings,
+                                                  coco_gt=getattr(getattr(val_loader, "dataset", None), "coco", None))
+                    evaluated = _image_counts(loader, val_loader)
                 parts = state.record  # what the hooks put in after training (module lrs, grad norms, times, spikes)
                 record = {
                     "train_loss": train_loss,
@@ -117,6 +127,7 @@ def fit(
                     "grad_norm": parts.get("grad_norm", {}),
                     "time": {"train_s": t1 - t0, "eval_s": time.perf_counter() - t1, **parts["time"]},
                     "spike": parts.get("spike", {}),
+                    "eval": evaluated,
                 }
                 result = EpochResult(epoch=epoch, record=record, scalars=epoch_scalars(record))
                 state.history.append({"epoch": epoch, **result.scalars})
@@ -153,11 +164,39 @@ def _train_epoch(model: nn.Module, state: TrainingState, train_loader: DataLoade
             stop.deferring = False
 
 
-def _evaluate(model: nn.Module, val_loader: DataLoader, device: torch.device, state: TrainingState, *,
-              mapping: CategoryMapping, settings: FitSettings) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+def _subset(val_loader: DataLoader | None, settings: FitSettings) -> DataLoader | None:
+    """The loader of ``settings.eval_subset``'s fixed val images (said once), or None: no subset asked,
+    or one at least as large as the val set (then every evaluation is on the full set, said once)."""
+    if val_loader is None or settings.eval_subset is None:
+        return None
+    subset = subset_loader(val_loader, settings.eval_subset, settings.seed)
+    total = len(val_loader.dataset)
+    if subset is None:
+        log.info("eval.subset=%d: the val set has %d images, so every evaluation uses the full set",
+                 settings.eval_subset, total)
+    else:
+        log.info("eval.subset=%d: epochs before the last are evaluated on a fixed subset of %d of the %d val "
+                 "images (drawn once from seed %d); epoch %d on the full set",
+                 settings.eval_subset, settings.eval_subset, total, settings.seed, settings.epochs)
+    return subset
+
+
+def _image_counts(loader: Any, val_loader: Any) -> dict[str, int]:
+    """``{"images": evaluated, "val_images": the full set}`` (over all ranks); ``{}`` for a loader
+    without a sized dataset (a list of batches)."""
     try:
-        return evaluate(model, val_loader, device, mapping=mapping, compute_losses=settings.compute_val_loss,
-                        mask_threshold=settings.mask_threshold, progress=settings.progress, backend=settings.eval_backend)
+        return {"images": len(loader.dataset), "val_images": len(val_loader.dataset)}
+    except (AttributeError, TypeError):
+        return {}
+
+
+def _evaluate(model: nn.Module, val_loader: DataLoader, device: torch.device, state: TrainingState, *,
+              mapping: CategoryMapping, settings: FitSettings,
+              coco_gt: Any = None) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    try:
+        return evaluate(model, val_loader, device, mapping=mapping, coco_gt=coco_gt,
+                        compute_losses=settings.compute_val_loss, mask_threshold=settings.mask_threshold,
+                        progress=settings.progress, backend=settings.eval_backend)
     except (StopRequested, KeyboardInterrupt):
         raise
     except Exception as err:

@@ -34,7 +34,9 @@ class FitSettings:
     pass under autocast in ``bf16``/``fp16`` (``off``: none); ``scaler`` (a ``GradScaler``, needed for
     fp16) scales the loss. ``print_freq``: the read-back period (iterations between two host reads of
     device values: the progress line, spikes, the divergence check). Evaluation every ``eval_every``
-    epochs and at the last, with val losses unless ``compute_val_loss`` is off.
+    epochs and at the last, with val losses unless ``compute_val_loss`` is off; with ``eval_subset``
+    (N), epochs before the last are evaluated on N val images chosen once from ``seed``
+    (``engine.evaluate.subset_loader``), the last on the full set.
     """
 
     epochs: int = 1
@@ -49,12 +51,16 @@ class FitSettings:
     mask_threshold: float = 0.5
     eval_backend: str = "auto"
     progress: bool = True
+    eval_subset: int | None = None
+    seed: int = 0  # the run's: draws eval_subset's images
 
     def __post_init__(self) -> None:
         amp_dtype(self.amp)  # a clear error for an unknown mode
         for name in ("epochs", "print_freq", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"FitSettings({name}={getattr(self, name)}): must be at least 1")
+        if self.eval_subset is not None and self.eval_subset < 1:
+            raise ValueError(f"FitSettings(eval_subset={self.eval_subset}): must be at least 1 (or None: the full set)")
 
     @classmethod
     def from_config(cls, cfg: Any, device: torch.device, amp: str, loss_weights: Mapping[str, float]) -> FitSettings:
@@ -63,5 +69,5 @@ class FitSettings:
             epochs=cfg.epochs, device=device, loss_weights=dict(loss_weights), amp=amp, scaler=grad_scaler(amp, device),
             clip_grad_norm=cfg.optimizer.clip_grad_norm, print_freq=cfg.print_freq, eval_every=cfg.eval.every_n_epochs,
             compute_val_loss=cfg.eval.val_loss, mask_threshold=cfg.eval.mask_threshold, eval_backend=cfg.eval.backend,
-            progress=cfg.progress,
+            eval_subset=cfg.eval.subset, seed=cfg.seed, progress=cfg.progress,
         )

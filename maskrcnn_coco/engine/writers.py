@@ -83,6 +83,10 @@ def format_epoch_summary(epoch: int, epochs: int, scalars: Mapping[str, float], 
             lines.append(f"{label}: {fmt(map_tag(iou_type, 'AP'))} (AP50: {fmt(map_tag(iou_type, 'AP50'))})")
     if checkpoint is not None:
         lines.append(f"💾 Saved checkpoint: {checkpoint}")
+    if "eval/images" in scalars:  # eval.subset's epochs say so: their numbers are not the full set's
+        images, total = int(scalars["eval/images"]), int(scalars.get("eval/val_images", scalars["eval/images"]))
+        lines.append(f"🔎 Evaluated on a fixed subset of {images} of {total} val images (eval.subset)" if images < total
+                     else f"🔎 Evaluated on the full val set, {total} images")
     return "\n".join(lines)
 
 

@@ -12,6 +12,8 @@ objective, anything that reads a run back) uses these tags:
 * ``grad_norm/<group>``, ``time/<name>``
 * ``spike/loss``, ``spike/grad_norm``: the epoch's largest iteration-level ratio (a window's peak over
   its reference, ``engine.monitors.SpikeMonitor``); what the spike warnings compare with their factors
+* ``eval/images``, ``eval/val_images`` (evaluated epochs): how many val images ``loss/val`` and ``mAP/*``
+  were measured on, and how many the val set has (fewer: ``eval.subset``'s fixed subset)
 
 Iteration-level scalars (``iteration_scalars``), one namespace ``iter/`` at ``step=global_step`` (the
 optimizer steps so far), every ``print_freq`` iterations and at an epoch's end; each is the mean over
@@ -206,7 +208,8 @@ def epoch_scalars(record: Mapping[str, Any]) -> dict[str, float]:
     ``record`` keys (all optional): ``train_loss`` / ``val_loss`` (a dict of raw components, or a
     float total), ``loss_weights`` (for the weighted totals; 1.0 where absent), ``metrics``
     (``{"bbox": {"AP": ...}, "segm": {...}}``), ``lr`` (``{group: lr}`` or a float),
-    ``grad_norm`` (``{group: norm}``), ``time`` (``{name: seconds}``), ``spike`` (``{name: ratio}``).
+    ``grad_norm`` (``{group: norm}``), ``time`` (``{name: seconds}``), ``spike`` (``{name: ratio}``),
+    ``eval`` (``{"images": evaluated, "val_images": the val set's}``).
     """
     weights = record.get("loss_weights")
     tags: dict[str, float] = {}
@@ -224,9 +227,16 @@ def epoch_scalars(record: Mapping[str, Any]) -> dict[str, float]:
         tags.update({f"lr/{group}": float(v) for group, v in lr.items()})
     elif lr is not None:
         tags["lr"] = float(lr)
-    for prefix in ("grad_norm", "time", "spike"):
+    for prefix in ("grad_norm", "time", "spike", "eval"):
         tags.update({f"{prefix}/{name}": float(v) for name, v in (record.get(prefix) or {}).items()})
     return tags
+
+
+def on_full_val_set(scalars: Mapping[str, Any]) -> bool:
+    """Whether an epoch's ``loss/val`` and ``mAP/*`` were measured on the whole val set (not on
+    ``eval.subset``'s fixed subset): only such epochs compete for the best one."""
+    images, total = scalars.get("eval/images"), scalars.get("eval/val_images")
+    return images is None or total is None or images >= total
 
 
 def iteration_scalars(record: Mapping[str, Any]) -> dict[str, float]:
