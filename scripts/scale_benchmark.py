@@ -12,7 +12,9 @@ JPEG files; ``maskrcnn_coco.benchmark.coco_synth``, generated once and re-used):
 2. **A node's memory** with ``--ranks`` R gloo ranks started together (as torchrun starts them),
    each building the data and reading ``--batches`` batches with ``--workers`` workers: the PSS of
    every rank and worker summed (pages shared by several processes count once over the node), with
-   the cache off (each rank its own index) and on (local rank 0 builds, all memory-map one file).
+   the cache off (each rank its own index), on an empty cache (the first run: local rank 0 builds
+   and keeps the parsed file, the others map what it wrote) and on the written cache (every later
+   run: all map one file).
 
 Loader workers' USS over epochs is ``scripts/worker_memory.py``; evaluation time and peak memory for
 5,000 x 100 results is ``scripts/results_path_benchmark.py --sections cocoeval``. MB are MiB.
@@ -50,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ranks", default="2,4", metavar="R[,R]", help="gloo ranks of the node-memory runs; empty: skip (default 2,4)")
     p.add_argument("--batches", type=int, default=20, help="batches each rank reads in the node-memory runs (default 20)")
     p.add_argument("--data-dir", type=Path, default=None, help="where the synthetic sets are generated (default: the cache folder)")
+    p.add_argument("--sections", default="startup,node", help="startup, node or both (default startup,node)")
     p.add_argument("--output", type=Path, default=None, metavar="JSON", help="also write every number here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # a JSON spec: one measurement in this process
     args = p.parse_args(argv)
@@ -58,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.rank_counts = [int(r) for r in args.ranks.split(",") if r.strip()]
     except ValueError:
         p.error("--images and --ranks take comma-separated integers, e.g. 20000,60000")
+    args.sections = [x for x in args.sections.split(",") if x.strip()]
+    if not set(args.sections) <= {"startup", "node"}:
+        p.error(f"--sections {','.join(args.sections)!r}: choose among startup, node")
     if not args.sizes or min(args.sizes) < 1 or args.workers < 0 or args.batches < 1 or any(r < 1 for r in args.rank_counts):
         p.error("--images, --batches and --ranks must be >= 1, --workers >= 0")
     return args
@@ -139,23 +145,27 @@ def folder_mb(folder: Path, pattern: str) -> float:
 def measure_size(args: argparse.Namespace, n: int, scratch: Path) -> dict[str, Any]:
     paths = ensure_synthetic_coco(SynthParams(num_train=n, num_val=args.val_images, seed=0), args.data_dir)
     out: dict[str, Any] = {"images": n, "val_images": args.val_images,
-                           "annotations_mb": paths.train_annotations.stat().st_size / 2**20, "startup": {}}
-    cache = scratch / f"index-{n}"
-    for case in CASES:
-        spec = {"mode": "startup", "root": str(paths.root), "workers": args.workers, "cache": "off" if case == "off" else str(cache)}
-        out["startup"][case] = row = result(run_child(spec))
-        print(f"  N={n} start-up, cache {case:>6}: first batch {row['first_batch_s']:5.1f} s after start (imports "
-              f"{row['imports_s']:.1f} s, build_data {row['build_s']:.1f} s wall / {row['build_cpu_s']:.1f} s CPU), "
-              f"peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
-    out["index_mb"] = {"records": folder_mb(cache, "*.npy"), "ground_truth": folder_mb(cache, "ground_truth.pkl"),
-                       "meta": folder_mb(cache, "meta.pkl")}
-    print(f"  N={n} index on disk: records {out['index_mb']['records']:.0f} MB, ground truth {out['index_mb']['ground_truth']:.0f} MB "
-          f"(the JSON: {out['annotations_mb']:.0f} MB)", flush=True)
-    out["node"] = {}
+                           "annotations_mb": paths.train_annotations.stat().st_size / 2**20, "startup": {}, "node": {}}
+    if "startup" in args.sections:
+        cache = scratch / f"index-{n}"
+        for case in CASES:
+            spec = {"mode": "startup", "root": str(paths.root), "workers": args.workers, "cache": "off" if case == "off" else str(cache)}
+            out["startup"][case] = row = result(run_child(spec))
+            print(f"  N={n} start-up, cache {case:>6}: first batch {row['first_batch_s']:5.1f} s after start (imports "
+                  f"{row['imports_s']:.1f} s, build_data {row['build_s']:.1f} s wall / {row['build_cpu_s']:.1f} s CPU), "
+                  f"peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
+        out["index_mb"] = {"records": folder_mb(cache, "*.npy"), "ground_truth": folder_mb(cache, "ground_truth.pkl"),
+                           "meta": folder_mb(cache, "meta.pkl")}
+        print(f"  N={n} index on disk: records {out['index_mb']['records']:.0f} MB, ground truth "
+              f"{out['index_mb']['ground_truth']:.0f} MB (the JSON: {out['annotations_mb']:.0f} MB)", flush=True)
+    if "node" not in args.sections:
+        return out
     for ranks in args.rank_counts:
-        for case in ("off", "on"):
-            node_cache = scratch / f"node-{n}-{ranks}"
-            shutil.rmtree(node_cache, ignore_errors=True)
+        node_cache = scratch / f"node-{n}-{ranks}"
+        shutil.rmtree(node_cache, ignore_errors=True)
+        # off: every rank its own index; first: local rank 0 builds and writes it (the first run);
+        # cached: every rank maps the written one (every later run).
+        for case in CASES:
             spec = {"mode": "node", "root": str(paths.root), "workers": args.workers, "batches": args.batches, "ranks": ranks,
                     "cache": "off" if case == "off" else str(node_cache), "init": str(scratch / f"init-{n}-{ranks}-{case}")}
             procs = [run_child(spec, {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(ranks), "LOCAL_WORLD_SIZE": str(ranks)})
@@ -164,10 +174,9 @@ def measure_size(args: argparse.Namespace, n: int, scratch: Path) -> dict[str, A
             total = sum(r["pss_mb"] + r["workers_pss_mb"] for r in rows)
             builds = ", ".join(f"{r['build_s']:.1f}" for r in sorted(rows, key=lambda r: r["rank"]))
             out["node"][f"{ranks}_{case}"] = {"ranks": rows, "node_pss_mb": total}
-            print(f"  N={n} node of {ranks} ranks x {args.workers} workers, cache {case:>3}: summed PSS {total:6.0f} MB "
+            print(f"  N={n} node of {ranks} ranks x {args.workers} workers, cache {case:>6}: summed PSS {total:6.0f} MB "
                   f"(ranks {sum(r['pss_mb'] for r in rows):.0f}, workers {sum(r['workers_pss_mb'] for r in rows):.0f}); "
-                  f"build_data per rank {builds} s",
-                  flush=True)
+                  f"build_data per rank {builds} s", flush=True)
     return out
 
 
