@@ -21,6 +21,7 @@ FLOORS = {
     "analysis": 3,
     "engine": 4,
     "probe": 5,
+    "inference": 5,
     "cli": 6,
     "benchmark": 7,
     "__init__": 8,

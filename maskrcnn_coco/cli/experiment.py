@@ -62,8 +62,9 @@ def resolve_device(name: str) -> torch.device:
     distributed run each process takes the GPU of its local rank."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and dist.launched_distributed() and torch.cuda.is_available():
-        name = f"cuda:{dist.local_rank()}"
+    if name == "cuda" and torch.cuda.is_available():
+        # An indexed device: torch.cuda.set_device refuses a bare "cuda" (torch 2.11, seen on an H100).
+        name = f"cuda:{dist.local_rank() if dist.launched_distributed() else torch.cuda.current_device()}"
     try:
         device = torch.device(name)
     except RuntimeError:

@@ -68,13 +68,19 @@ def load_weights_file(path: str | Path) -> Any:
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from our checkpoints, torchvision files, or ``{"state_dict": ...}`` files."""
-    obj = load_weights_file(path)
+    return state_dict_of(load_weights_file(path), path)
+
+
+def state_dict_of(obj: Any, source: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict in a loaded weights file ``obj`` (``read_state_dict``'s unwrapping of our
+    checkpoints, ``{"state_dict": ...}`` files and bare state dicts), for a caller that also reads
+    the file's other entries; ``source`` names the file in the error."""
     for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+        raise WeightsError(f"{source} does not hold a state dict (a mapping of names to tensors)")
     return obj
 
 
@@ -141,3 +147,60 @@ def load_backbone_body(body: nn.Module, state: Mapping[str, torch.Tensor], spec:
             f"Backbone weights {spec} do not match the backbone: missing {missing[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}"
         )
+
+
+# ------------------------------------------------------------------ exact loading (inference)
+# torchvision's COCO models: 91 outputs, output index = COCO category id (0: background; the ids
+# COCO left unused are named "N/A").
+TORCHVISION_COCO_CLASSES = 91
+CLASS_SCORE_KEY = "roi_heads.box_predictor.cls_score.weight"
+# BatchNorm's step counter: absent from FrozenBatchNorm2d and from torchvision's COCO files, and
+# unused in eval mode, so it never decides whether a file fits.
+_NORM_COUNTER = "num_batches_tracked"
+
+
+def state_dict_classes(state: Mapping[str, torch.Tensor]) -> int | None:
+    """Classes (background included) of a Mask R-CNN state dict's box predictor; None without one."""
+    weight = state.get(CLASS_SCORE_KEY)
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
+
+
+def torchvision_coco_categories() -> list[dict[str, Any]]:
+    """COCO's categories as torchvision's COCO weights label them: ``{"id": i, "name": ...}`` for the
+    outputs 1..90 (id = output index; the 10 ids COCO does not use are named ``N/A``). From the
+    weights' metadata, which ships with torchvision: nothing is downloaded."""
+    from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
+
+    names = MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
+    return [{"id": i, "name": name} for i, name in enumerate(names) if i > 0]
+
+
+def state_dict_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str], list[str]]:
+    """``(missing, unexpected, reshaped)`` keys of ``state`` against ``model``: the model's tensors the
+    file lacks, the file's tensors the model has no place for, and those of another shape (as
+    ``"key: file (..) vs model (..)"``). BatchNorm's ``num_batches_tracked`` is left out."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith(_NORM_COUNTER)]
+    unexpected = [k for k in state if k not in own and not k.endswith(_NORM_COUNTER)]
+    reshaped = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                for k in state if k in own and state[k].shape != own[k].shape]
+    return missing, unexpected, reshaped
+
+
+def load_exact_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: str | Path, built: str,
+                       hint: str = "") -> None:
+    """Load ``state`` into ``model`` only if every tensor fits (no predictor replaced, nothing left
+    fresh: evaluation and inference need the weights exactly); otherwise a ``WeightsError`` that
+    counts the keys missing, unexpected and of another shape, names a few of each and ends with
+    ``hint``. ``built`` says what the model was built as (e.g. ``model.arch=small``)."""
+    missing, unexpected, reshaped = state_dict_mismatch(model, state)
+    if missing or unexpected or reshaped:
+        parts = []
+        for what, keys in ((f"missing from the file: {len(missing)} of the model's {len(model.state_dict())} tensors", missing),
+                           (f"not in the model: {len(unexpected)} of the file's {len(state)} tensors", unexpected),
+                           (f"of another shape: {len(reshaped)}", reshaped)):
+            if keys:
+                parts.append(f"{what} (e.g. {', '.join(keys[:3])})")
+        message = f"{source} does not fit the model built as {built}; " + "; ".join(parts)
+        raise WeightsError(message + (f". {hint}" if hint else ""))
+    model.load_state_dict(dict(state), strict=False)  # strict=False: BatchNorm counters only (checked above)

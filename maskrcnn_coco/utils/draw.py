@@ -162,3 +162,45 @@ def save_png(image: torch.Tensor, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(to_uint8(image).permute(1, 2, 0).numpy()).save(path)
     return path
+
+
+def thumbnail(image: torch.Tensor, size: int = 256) -> torch.Tensor:
+    """``image`` resized (bilinear) so that its longer side is ``size``, as ``contact_sheet`` resizes its
+    tiles; uint8 ``(3, H, W)``. A caller building a sheet from many large pictures keeps these instead."""
+    tile = to_uint8(image)
+    scale = size / max(tile.shape[1:])
+    height, width = max(1, round(tile.shape[1] * scale)), max(1, round(tile.shape[2] * scale))
+    pil = Image.fromarray(tile.permute(1, 2, 0).numpy()).resize((width, height), Image.BILINEAR)
+    return torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous()
+
+
+def colour_key(names: Sequence[str], width: int = 512) -> torch.Tensor:
+    """A key of class colours: each name beside a swatch of its colour (``class_colour``, the colour
+    ``draw_instances`` gives it), in rows that fit ``width`` pixels; uint8 ``(3, H, width)``."""
+    names = list(dict.fromkeys(str(n) for n in names))
+    texts, path = pil_labels(names)
+    font = ImageFont.truetype(path, PIL_FONT_SIZE) if path else ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    row_height, swatch, x, y = 16, 12, 4, 2
+    places = []
+    for name, text in zip(names, texts):
+        item = swatch + 4 + int(probe.textlength(text, font=font)) + 12
+        if x > 4 and x + item > width:  # the next row
+            x, y = 4, y + row_height
+        places.append((x, y, name, text))
+        x += item
+    canvas = Image.new("RGB", (width, y + row_height + 2), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for x, y, name, text in places:
+        draw.rectangle([x, y + 1, x + swatch, y + 1 + swatch], fill=class_colour(name), outline=(60, 60, 60))
+        draw.text((x + swatch + 4, y + 1), text, fill=(0, 0, 0), font=font)
+    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).contiguous()
+
+
+def stacked(top: torch.Tensor, bottom: torch.Tensor, gap: int = 4) -> torch.Tensor:
+    """Two uint8 images one above the other, left-aligned on white (e.g. a contact sheet and its
+    ``colour_key``)."""
+    top, bottom = to_uint8(top), to_uint8(bottom)
+    width = max(top.shape[2], bottom.shape[2])
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[2]), value=255)  # noqa: E731
+    return torch.cat([pad(top), torch.full((3, gap, width), 255, dtype=torch.uint8), pad(bottom)], dim=1)
