@@ -52,8 +52,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pycocotools import mask as mask_utils
-from torch import nn
-from torch.utils.data import DataLoader
 
 from maskrcnn_coco.analysis.diagnostics import json_safe
 from maskrcnn_coco.cli.args import parse_with_overrides
@@ -65,13 +63,9 @@ from maskrcnn_coco.data.coco import CategoryMapping, build_datasets, build_trans
 from maskrcnn_coco.data.exports import plural
 from maskrcnn_coco.data.validate import usable_ground_truth
 from maskrcnn_coco.engine.checkpoint import display_path
-from maskrcnn_coco.engine.eval_step import evaluate_batch
 from maskrcnn_coco.engine.evaluate import evaluate
-from maskrcnn_coco.engine.loop import move_to_device
-from maskrcnn_coco.engine.progress import Progress
 from maskrcnn_coco.engine.visualize import draw_prediction
 from maskrcnn_coco.engine.writers import format_class_aps, format_epoch_summary
-from maskrcnn_coco.evaluation.coco_eval import predictions_to_coco
 from maskrcnn_coco.evaluation.per_class import CONFUSION_KEY, save_confusion
 from maskrcnn_coco.inference import RUN_CONFIG, WeightsFile, build_for_weights, read_weights
 from maskrcnn_coco.tracking.scalars import (
@@ -224,26 +218,6 @@ def eval_mapping(weights: WeightsFile, dataset: Any, annotations: Path) -> Categ
     if renamed and dist.is_main_process():
         print(f"Note: categories matched by id but named differently: {', '.join(renamed[:5])}")
     return model
-
-
-# ------------------------------------------------------------------------------- detections
-def detection_results(model: nn.Module, loader: DataLoader, device: torch.device, mapping: CategoryMapping,
-                      mask_threshold: float, progress: bool) -> list[dict[str, Any]]:
-    """The detections of the loader's images as COCO results, through evaluation's results path
-    (``evaluate_batch(paste_masks=False)``, ``predictions_to_coco``), on each rank's shard; rank 0
-    gathers them (in image-id order, as ``evaluate`` orders them), the other ranks return ``[]``.
-
-    ``evaluate`` returns metrics, not the detections behind them, so they are computed again here
-    (detections only: eval mode is deterministic, the same detections)."""
-    results: list[dict[str, Any]] = []
-    for images, targets in Progress(loader, "Detecting", enabled=progress and dist.is_main_process()):
-        images, targets = move_to_device(images, targets, device)
-        _, outputs = evaluate_batch(model, images, targets, losses=False, detections=True, paste_masks=False)
-        results.extend(predictions_to_coco(outputs, [int(t["image_id"]) for t in targets], mapping, mask_threshold))
-    if dist.world_size() > 1:
-        shards = dist.gather_objects_to_main(results)
-        results = sorted((r for shard in shards for r in shard), key=lambda r: r["image_id"]) if shards is not None else []
-    return results
 
 
 def image_errors(coco_gt: Any, results: Sequence[Mapping[str, Any]], image_ids: Sequence[int], *,
@@ -442,12 +416,13 @@ def _run(args: argparse.Namespace, extra: Sequence[str]) -> int:
               + (f", {dist.world_size()} processes" if dist.world_size() > 1 else ""))
     try:
         t0 = time.perf_counter()
+        kept: list[list[dict[str, Any]]] = []  # the detections behind the metrics (rank 0)
         val_losses, metrics = evaluate(model, loader, device, mapping=mapping, coco_gt=dataset.coco,
                                        compute_losses=cfg.eval.val_loss, mask_threshold=cfg.eval.mask_threshold,
-                                       progress=progress, backend=cfg.eval.backend)
-        t1 = time.perf_counter()
-        results = detection_results(model, loader, device, mapping, cfg.eval.mask_threshold, progress)
+                                       progress=progress, backend=cfg.eval.backend,
+                                       on_results=lambda results, _ids: kept.append(results))
         t2 = time.perf_counter()
+        results = kept[0] if kept else []
     except UserError as err:  # an image that cannot be loaded (DataError naming its file and id)
         print(error_line(err), file=sys.stderr)
         return 2
@@ -459,8 +434,7 @@ def _run(args: argparse.Namespace, extra: Sequence[str]) -> int:
     names = class_names_by_key(dataset.mapping.names, dataset.mapping.coco_ids)
     errors = image_errors(dataset.coco, results, dataset.ids)
     n = len(dataset)
-    speed = {"images": n, "seconds": t2 - t0, "images_per_s": n / max(t2 - t0, 1e-9),
-             "evaluate_s": t1 - t0, "detections_s": t2 - t1}
+    speed = {"images": n, "seconds": t2 - t0, "images_per_s": n / max(t2 - t0, 1e-9)}
     summary = {
         "weights": str(weights.path), "weights_kind": weights.kind, "split": args.split,
         "annotations": str(annotations), "images_dir": str(parts["files"]["val_images"]),
@@ -485,8 +459,7 @@ def _run(args: argparse.Namespace, extra: Sequence[str]) -> int:
     print(f"🔎 To check: {len(errors)} of {n} images with false positives ({fp}), objects of another class "
           f"({sum(len(e['wrong_class']) for e in errors)}) or missed objects ({missed}) at IoU >= {IOU_THRESHOLD:g}, "
           f"score >= {SCORE_THRESHOLD:g}: {display_path(out / TO_CHECK_FILE)}")
-    print(f"⏱️ {n} images in {t2 - t0:.1f} s: {speed['images_per_s']:.2f} images/s (evaluation {t1 - t0:.1f} s, "
-          f"detections for the results {t2 - t1:.1f} s)")
+    print(f"⏱️ {n} images in {t2 - t0:.1f} s: {speed['images_per_s']:.2f} images/s (val losses, detections and COCOeval)")
     print(f"Wrote {', '.join(p.name for p in written)} to {display_path(out)}")
     return 0
 

@@ -41,6 +41,7 @@ def evaluate(
     progress: bool = True,
     backend: str = "auto",
     mark: Callable[[str], None] | None = None,
+    on_results: Callable[[list[dict[str, Any]], list[int]], None] | None = None,
 ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """Validation losses (per component) and COCO metrics for ``bbox`` and ``segm``.
 
@@ -54,7 +55,9 @@ def evaluate(
     the metrics. The components are raw (unweighted). ``backend``: COCOeval's implementation
     (``coco_eval.BACKENDS``). ``mark(stage)``, when given, is called as each stage ends
     (``evaluate_batch``'s, then ``"to COCO"`` per batch and ``"COCOeval"``), so a benchmark can time
-    them.
+    them. ``on_results(results, image_ids)``, when given, receives on rank 0 the COCO results the
+    metrics are computed from (all ranks' detections, in image-id order) and the evaluated image ids:
+    the evaluate command writes them without a second pass.
     """
     device = torch.device(device)
     coco_gt = coco_gt if coco_gt is not None else getattr(data_loader.dataset, "coco", None)
@@ -94,6 +97,8 @@ def evaluate(
             results = sorted((r for shard, _ in shards for r in shard), key=lambda r: r["image_id"])
             image_ids = sorted(i for _, ids in shards for i in ids)
     val_losses = dict(zip(LOSS_COMPONENTS, (sums / max(n_images, 1)).tolist())) if compute_losses else {}
+    if on_results is not None and compute_metrics and is_main_process():
+        on_results(results, image_ids)
     metrics: dict[str, dict[str, float]] = {}
     if compute_metrics:
         if coco_gt is None:
