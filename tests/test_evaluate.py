@@ -46,3 +46,35 @@ def test_evaluate_gives_ap_one_on_perfect_predictions(tiny_data):
         assert metrics[iou_type]["AP50"] == pytest.approx(1.0)
         assert metrics[iou_type]["AP75"] == pytest.approx(1.0)
     assert math.isnan(metrics["segm"]["APl"])  # no large objects at 64 px: COCO leaves it undefined
+
+
+def test_only_rank_0_reads_the_ground_truth(tiny_data, tiny_model, monkeypatch):
+    """A dataset from a cached index loads its ground truth on first use: the other ranks, which do
+    not score, must never ask for it."""
+    import importlib
+
+    from maskrcnn_coco.engine import evaluate
+
+    evaluate_module = importlib.import_module("maskrcnn_coco.engine.evaluate")  # the package's name is the function
+
+    class NoGroundTruth(torch.utils.data.Dataset):
+        def __init__(self, dataset):
+            self.dataset = dataset
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return self.dataset[i]
+
+        @property
+        def coco(self):
+            raise AssertionError("a rank other than 0 read the ground truth")
+
+    monkeypatch.setattr(evaluate_module, "is_main_process", lambda: False)
+    monkeypatch.setattr(evaluate_module, "broadcast_object", lambda obj: {"segm": {"AP": 0.5}})
+    loader = torch.utils.data.DataLoader(NoGroundTruth(tiny_data.val_loader.dataset), batch_size=2,
+                                         collate_fn=tiny_data.val_loader.collate_fn)
+    losses, metrics = evaluate(tiny_model, loader, "cpu", mapping=tiny_data.mapping, progress=False)
+    assert metrics == {"segm": {"AP": 0.5}} and set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask",
+                                                               "loss_objectness", "loss_rpn_box_reg"}

@@ -154,7 +154,8 @@ def test_eval_subset_is_the_same_images_each_time_and_the_last_epoch_the_full_se
     assert len(first) == 3 and first == second and set(first) < set(range(101, 108))  # the same 3 images
     assert loaders[2] is val and loader_ids(loaders[2]) == list(range(101, 108))  # the last: the full set
     # The subset's COCOeval scores against the full set's ground truth, restricted to its images.
-    assert all(kwargs["coco_gt"] == NumberedImages.coco for _, _, kwargs in stub_evaluate.calls)
+    # The last (full-set) evaluation takes the loader's own.
+    assert [kwargs["coco_gt"] for _, _, kwargs in stub_evaluate.calls] == [NumberedImages.coco] * 2 + [None]
     assert [(r["eval/images"], r["eval/val_images"]) for r in history] == [(3.0, 7.0), (3.0, 7.0), (7.0, 7.0)]
     assert "eval.subset=3: epochs before the last are evaluated on a fixed subset of 3 of the 7 val images" in caplog.text
     # Another seed draws other images (the same ones again for the same seed).

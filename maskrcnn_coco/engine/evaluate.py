@@ -60,7 +60,6 @@ def evaluate(
     the evaluate command writes them without a second pass.
     """
     device = torch.device(device)
-    coco_gt = coco_gt if coco_gt is not None else getattr(data_loader.dataset, "coco", None)
     sums = torch.zeros(len(LOSS_COMPONENTS), device=device)
     n_images = 0
     results: list[dict[str, Any]] = []
@@ -101,11 +100,14 @@ def evaluate(
         on_results(results, image_ids)
     metrics: dict[str, dict[str, float]] = {}
     if compute_metrics:
-        if coco_gt is None:
-            raise ValueError("evaluate needs coco_gt (or a data_loader.dataset with .coco) for COCO metrics")
         # COCOeval once over the whole set, on rank 0; every rank gets its numbers. The confusion
         # matrix rides along under metrics["confusion"] (not a scalar: epoch_scalars skips it).
+        # Only rank 0 reads the ground truth: a dataset from a cached index loads it on first use,
+        # so the other ranks never hold it.
         if is_main_process():
+            coco_gt = coco_gt if coco_gt is not None else getattr(data_loader.dataset, "coco", None)
+            if coco_gt is None:
+                raise ValueError("evaluate needs coco_gt (or a data_loader.dataset with .coco) for COCO metrics")
             metrics = coco_metrics(coco_gt, results, image_ids, backend=backend)
             if mark is not None:
                 mark("COCOeval")

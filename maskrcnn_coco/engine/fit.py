@@ -24,7 +24,7 @@ from maskrcnn_coco.engine.state import TrainingState
 from maskrcnn_coco.engine.writers import default_hooks
 from maskrcnn_coco.solver.param_groups import group_lrs
 from maskrcnn_coco.tracking.scalars import epoch_scalars
-from maskrcnn_coco.utils.dist import broadcast_buffers
+from maskrcnn_coco.utils.dist import broadcast_buffers, is_main_process
 from maskrcnn_coco.utils.errors import UserError
 from maskrcnn_coco.utils.logs import ensure_console_logging
 
@@ -115,7 +115,7 @@ def fit(
                     loader = subset if subset is not None and epoch < settings.epochs else val_loader
                     broadcast_buffers(module)
                     val_loss, metrics = _evaluate(module, loader, device, state, mapping=mapping, settings=settings,
-                                                  coco_gt=getattr(getattr(val_loader, "dataset", None), "coco", None))
+                                                  coco_gt=_full_ground_truth(loader, val_loader))
                     evaluated = _image_counts(loader, val_loader)
                 parts = state.record  # what the hooks put in after training (module lrs, grad norms, times, spikes)
                 record = {
@@ -179,6 +179,14 @@ def _subset(val_loader: DataLoader | None, settings: FitSettings) -> DataLoader 
                  "images (drawn once from seed %d); epoch %d on the full set",
                  settings.eval_subset, settings.eval_subset, total, settings.seed, settings.epochs)
     return subset
+
+
+def _full_ground_truth(loader: Any, val_loader: Any) -> Any:
+    """The full val set's ground truth for a subset's evaluation, on rank 0 (the one that scores; the
+    other ranks never load it); None: ``evaluate`` takes the loader's own."""
+    if loader is val_loader or not is_main_process():
+        return None
+    return getattr(getattr(val_loader, "dataset", None), "coco", None)
 
 
 def _image_counts(loader: Any, val_loader: Any) -> dict[str, int]:
