@@ -1,6 +1,9 @@
 """Helpers shared by several test files: scripted models and loaders, a stubbed ``fit`` harness,
 synthetic histories, in-process runs and messy COCO files. Fixtures live in conftest.py."""
 
+import contextlib
+import io
+
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
@@ -207,3 +210,11 @@ def simple_dataset(tmp_path, split="train", n=2, anns=None, cats=CATS):
     images = [{"id": i, "file_name": f"{i}.png", "height": 48, "width": 64} for i in range(1, n + 1)]
     anns = anns if anns is not None else [square_ann(i, i, 3, 4, 4, 10) for i in range(1, n + 1)]
     return write_coco_dataset(tmp_path, cats, images, anns, split=split)
+
+
+def run_cli(main, argv):
+    """A command's ``main`` in process: (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main([str(a) for a in argv])
+    return status, out.getvalue(), err.getvalue()

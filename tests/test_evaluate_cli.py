@@ -4,9 +4,7 @@ torchvision COCO weights are evaluated in COCO's label space; bad input is one `
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import json
 import math
 import os
@@ -16,6 +14,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import run_cli
 from omegaconf import OmegaConf
 from test_inference import COCO_DOG, R50_SMALL_INPUT, coco_r50_state_dict, session_cache, trained_run
 
@@ -54,10 +53,7 @@ def newest(folder):
 
 def run_main(*args):
     """``main`` in process: (exit status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = main(["--no-progress", *map(str, args)])
-    return status, out.getvalue(), err.getvalue()
+    return run_cli(main, ["--no-progress", *args])
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,13 @@ checkpoint without its run folder."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
 import shutil
 
 import pytest
 import torch
+from helpers import run_cli
 from test_evaluate_cli import evaluation_tags, newest
 from test_evaluate_cli import run_main as eval_main
 from test_inference import session_cache, trained_run, val_images
@@ -27,10 +26,7 @@ EXPORT_KEYS = {"format", "format_version", "model", "num_classes", "categories",
 
 
 def run_main(*args):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = main(list(map(str, args)))
-    return status, out.getvalue(), err.getvalue()
+    return run_cli(main, args)
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,6 @@ Python API's, a contact sheet; an unreadable file skipped in one line (exit 1); 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import subprocess
 import sys
@@ -13,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import run_cli
 from PIL import Image
 from test_inference import trained_run, val_images
 
@@ -28,10 +27,7 @@ ROTATE_90_CW = 6  # EXIF orientation: displayed turned 90 degrees clockwise
 
 
 def run_main(*args):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = main([*map(str, args), "--no-progress"])
-    return status, out.getvalue(), err.getvalue()
+    return run_cli(main, [*args, "--no-progress"])
 
 
 @pytest.fixture(scope="module")
