@@ -242,3 +242,20 @@ def test_the_start_analyses_are_kept_beside_the_index_and_need_no_ground_truth_l
     changed = build(images, path)
     assert not list(folder.glob("memo-*.pkl"))
     assert sum(class_instance_counts(changed).values()) == sum(plain[0].values()) - 1
+
+
+def test_a_file_changed_while_its_index_was_built_is_noticed_at_the_next_start(tmp_path, monkeypatch):
+    images, path = TOOLS["labelme"](tmp_path)
+    real = coco_module.index_split
+
+    def edited_meanwhile(*args, **kwargs):
+        index = real(*args, **kwargs)
+        path.write_text(path.read_text() + "\n")  # another process saves the file during the build
+        return index
+
+    monkeypatch.setattr(coco_module, "index_split", edited_meanwhile)
+    build(images, path)
+    monkeypatch.setattr(coco_module, "index_split", real)
+    loads = Loads(monkeypatch)
+    build(images, path)
+    assert loads.count == 1  # the index was stored with the file it was built from, so it is rebuilt

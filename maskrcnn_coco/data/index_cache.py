@@ -71,6 +71,14 @@ class IndexCache:
 
     def __init__(self, folder: Path, annotations: Path, images: Path):
         self.folder, self.annotations, self.images = folder, annotations, images
+        self._fingerprint: dict[str, Any] | None = None  # the files as the last ``load`` found them
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The files' fingerprint, taken once (by ``load``, before any build): an index is stored with
+        the files it was built from, not with a file that changed while it was being built."""
+        if self._fingerprint is None:
+            self._fingerprint = file_fingerprint(self.annotations, self.images)
+        return self._fingerprint
 
     @classmethod
     def for_split(cls, policy: str, annotations: Path, images: Path, settings: Mapping[str, Any]) -> IndexCache | None:
@@ -91,13 +99,14 @@ class IndexCache:
 
     def load(self) -> SplitIndex | None:
         """The cached split, or None when there is none or it no longer matches the files."""
+        self._fingerprint = None
+        fingerprint = self.fingerprint()
         meta_path = self.folder / META
         if not meta_path.is_file():
             return None
         try:
             with open(meta_path, "rb") as f:
                 meta = pickle.load(f)
-            fingerprint = file_fingerprint(self.annotations, self.images)
             if meta.get("fingerprint") != fingerprint:
                 log.info("The index of %s is rebuilt: %s changed since it was built (%s)", self.annotations.name,
                          _what_changed(meta.get("fingerprint", {}), fingerprint), self.folder)
@@ -120,7 +129,7 @@ class IndexCache:
                 old.unlink()
             split.records.save(self.folder / RECORDS)
             _atomic_pickle(self.folder / GROUND_TRUTH, split.coco)  # COCO with its indexes: no createIndex on load
-            meta = {"fingerprint": file_fingerprint(self.annotations, self.images), "ids": split.ids,
+            meta = {"fingerprint": self.fingerprint(), "ids": split.ids,
                     "sizes": split.sizes, "categories": split.categories, "lines": split.lines}
             _atomic_pickle(self.folder / META, meta)
             split.folder = self.folder
