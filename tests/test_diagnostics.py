@@ -503,3 +503,24 @@ def test_training_labels_that_disagree_with_the_classifier_are_named():
     # Only the latest evaluation behind: patience.
     assert training_labels_disagree([(3, _check(0.6, 201, 0.55, 195)), noisy[-1]], DiagnosticsConfig()) == []
     assert training_labels_disagree(noisy[-1:], DiagnosticsConfig()) == []
+
+
+def test_evaluations_on_a_subset_and_on_the_full_set_are_not_compared():
+    """eval.subset: epochs 1-2 on 3 of 7 val images, epoch 3 on all 7. At epoch 3 the subset's val
+    numbers leave the history the monitors see (another measure, no trend); during the subset epochs
+    they are compared among themselves; a run without a subset is unchanged."""
+    from maskrcnn_coco.analysis.diagnostics import comparable_evaluations, diagnose
+
+    def record(epoch, images, val):
+        return {"epoch": epoch, "loss/train_loss_mask": 1.0 / epoch, "loss/val_loss_mask": val, "mAP/segm_AP": 0.9 - val,
+                "eval/images": float(images), "eval/val_images": 7.0}
+
+    history = [record(1, 3, 0.2), record(2, 3, 0.2), record(3, 7, 0.6)]
+    seen = comparable_evaluations(history)
+    assert [("loss/val_loss_mask" in r, "mAP/segm_AP" in r, "eval/images" in r) for r in seen] == [(False,) * 3] * 2 + [(True,) * 3]
+    assert [r["loss/train_loss_mask"] for r in seen] == [1.0, 0.5, 1 / 3]  # training values all kept
+    assert comparable_evaluations(history[:2]) == history[:2]
+    plain = [{k: v for k, v in r.items() if not k.startswith("eval/")} for r in history]
+    assert comparable_evaluations(plain) == plain
+    # The jump from the subset's 0.2 to the full set's 0.6 is not read as validation rising.
+    assert not [d for d in diagnose(history, num_classes=3) if d.kind in ("val_rising", "train_val_gap")]

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from maskrcnn_coco.config import LOSS_COMPONENTS, DiagnosticsConfig
-from maskrcnn_coco.tracking.scalars import loss_tag, map_tag
+from maskrcnn_coco.tracking.scalars import loss_tag, map_tag, on_full_val_set
 
 DOC = "docs/LOSS_BREAKDOWN.md"
 # One JSON object per finding, in the run folder (written by ``engine.writers.DiagnosticsWriter``).
@@ -1081,6 +1081,21 @@ def settled(history: Sequence[Mapping[str, Any]], steps_per_epoch: float | None,
     return [r for r in history if (int(r["epoch"]) - 1) * steps_per_epoch >= min_steps]
 
 
+VAL_PREFIXES = ("loss/val", "mAP/", "eval/")  # what an evaluation measured
+
+
+def comparable_evaluations(history: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """``history`` without the evaluations measured on another set than the latest one (``eval.subset``'s
+    fixed subset vs the full val set): their losses and APs are another measure, and the switch to
+    the full set at the last epoch is no trend. Runs without a subset are returned unchanged."""
+    evaluated = [r for r in history if "eval/images" in r]
+    if not evaluated:
+        return list(history)
+    latest = on_full_val_set(evaluated[-1])
+    return [r if "eval/images" not in r or on_full_val_set(r) == latest
+            else {k: v for k, v in r.items() if not k.startswith(VAL_PREFIXES)} for r in history]
+
+
 def diagnose(
     history: Sequence[Mapping[str, Any]],
     *,
@@ -1093,8 +1108,10 @@ def diagnose(
 ) -> list[Diagnosis]:
     """Every monitor's findings for the latest epoch of ``history``. ``num_classes``: object classes
     (K, background excluded); ``confusions``: the confusion matrices of the latest evaluations, oldest
-    first; ``steps_per_epoch``: optimizer steps per epoch (None: every epoch counts as settled)."""
+    first; ``steps_per_epoch``: optimizer steps per epoch (None: every epoch counts as settled).
+    Evaluations are compared only with those on the same set (``comparable_evaluations``)."""
     cfg = config if config is not None else DiagnosticsConfig()
+    history = comparable_evaluations(history)
     weights = {c: float((loss_weights or {}).get(c, 1.0)) for c in LOSS_COMPONENTS}
     found: list[Diagnosis] = []
     trend = settled(history, steps_per_epoch, cfg.min_steps)
