@@ -11,7 +11,7 @@ import torch
 
 from maskrcnn_coco.benchmark.setup import Setup
 from maskrcnn_coco.benchmark.timing import StageClock, Timing, ratios, spread, timed
-from maskrcnn_coco.engine.evaluate import evaluate
+from maskrcnn_coco.engine.evaluate import EvalObserver, evaluate
 from maskrcnn_coco.engine.loop import move_to_device
 from maskrcnn_coco.evaluation.coco_eval import coco_metrics, predictions_to_coco, resolve_backend, results_for_loadres
 
@@ -101,7 +101,7 @@ def eval_stages(setup: Setup, backend: str, repeats: int) -> dict[str, Any]:
     for _ in range(repeats):
         clock = StageClock(s.device)
         evaluate(s.model, s.val_batches, s.device, mapping=s.mapping, coco_gt=s.coco_gt, progress=False,
-                 mask_threshold=s.cfg.eval.mask_threshold, backend=backend, seed=s.cfg.seed, mark=clock)
+                 mask_threshold=s.cfg.eval.mask_threshold, backend=backend, seed=s.cfg.seed, observer=EvalObserver(mark=clock))
         runs.append(clock.totals)
     out: dict[str, Any] = {n: {"wall": spread([r[n][0] for r in runs]), "cpu": spread([r[n][1] for r in runs])} for n in runs[0]}
     fractions = []

@@ -63,7 +63,7 @@ from maskrcnn_coco.data.coco import CategoryMapping, build_datasets, build_trans
 from maskrcnn_coco.data.exports import plural
 from maskrcnn_coco.data.validate import usable_ground_truth
 from maskrcnn_coco.engine.checkpoint import display_path
-from maskrcnn_coco.engine.evaluate import evaluate
+from maskrcnn_coco.engine.evaluate import EvalObserver, evaluate
 from maskrcnn_coco.engine.visualize import draw_prediction
 from maskrcnn_coco.engine.writers import format_class_aps, format_epoch_summary
 from maskrcnn_coco.evaluation.per_class import CONFUSION_KEY, save_confusion
@@ -420,7 +420,7 @@ def _run(args: argparse.Namespace, extra: Sequence[str]) -> int:
         val_losses, metrics = evaluate(model, loader, device, mapping=mapping, coco_gt=dataset.coco,
                                        compute_losses=cfg.eval.val_loss, mask_threshold=cfg.eval.mask_threshold,
                                        progress=progress, backend=cfg.eval.backend,
-                                       on_results=lambda results, _ids: kept.append(results))
+                                       observer=EvalObserver(results=lambda results, _ids: kept.append(results)))
         t2 = time.perf_counter()
         results = kept[0] if kept else []
     except UserError as err:  # an image that cannot be loaded (DataError naming its file and id)

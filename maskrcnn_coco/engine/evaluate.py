@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,6 +28,18 @@ from maskrcnn_coco.utils.dist import (
 )
 
 
+@dataclass
+class EvalObserver:
+    """What a caller sees of ``evaluate`` as it runs. ``mark(stage)``: called as each stage ends
+    (``evaluate_batch``'s, then ``"to COCO"`` per batch and ``"COCOeval"``), so a benchmark can time
+    them. ``results(results, image_ids)``: on rank 0, the COCO results the metrics are computed from
+    (all ranks' detections, in image-id order) and the evaluated image ids, so the evaluate command
+    writes them without a second pass."""
+
+    mark: Callable[[str], None] | None = None
+    results: Callable[[list[dict[str, Any]], list[int]], None] | None = None
+
+
 def evaluate(
     model: nn.Module,
     data_loader: DataLoader,
@@ -40,8 +53,7 @@ def evaluate(
     seed: int = 0,
     progress: bool = True,
     backend: str = "auto",
-    mark: Callable[[str], None] | None = None,
-    on_results: Callable[[list[dict[str, Any]], list[int]], None] | None = None,
+    observer: EvalObserver | None = None,
 ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """Validation losses (per component) and COCO metrics for ``bbox`` and ``segm``.
 
@@ -53,12 +65,10 @@ def evaluate(
     within their boxes, never pasted at image size (``paste_masks=False``), one image at a time. In
     distributed evaluation rank 0 alone gathers the detections and runs COCOeval; every rank gets
     the metrics. The components are raw (unweighted). ``backend``: COCOeval's implementation
-    (``coco_eval.BACKENDS``). ``mark(stage)``, when given, is called as each stage ends
-    (``evaluate_batch``'s, then ``"to COCO"`` per batch and ``"COCOeval"``), so a benchmark can time
-    them. ``on_results(results, image_ids)``, when given, receives on rank 0 the COCO results the
-    metrics are computed from (all ranks' detections, in image-id order) and the evaluated image ids:
-    the evaluate command writes them without a second pass.
+    (``coco_eval.BACKENDS``). ``observer`` (``EvalObserver``) sees the evaluation as it runs: its
+    stages (a benchmark times them) and, on rank 0, the results the metrics come from.
     """
+    mark = observer.mark if observer is not None else None
     device = torch.device(device)
     sums = torch.zeros(len(LOSS_COMPONENTS), device=device)
     n_images = 0
@@ -96,8 +106,8 @@ def evaluate(
             results = sorted((r for shard, _ in shards for r in shard), key=lambda r: r["image_id"])
             image_ids = sorted(i for _, ids in shards for i in ids)
     val_losses = dict(zip(LOSS_COMPONENTS, (sums / max(n_images, 1)).tolist())) if compute_losses else {}
-    if on_results is not None and compute_metrics and is_main_process():
-        on_results(results, image_ids)
+    if observer is not None and observer.results is not None and compute_metrics and is_main_process():
+        observer.results(results, image_ids)
     metrics: dict[str, dict[str, float]] = {}
     if compute_metrics:
         # COCOeval once over the whole set, on rank 0; every rank gets its numbers. The confusion
