@@ -13,6 +13,7 @@ read the same file share its pages.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -24,6 +25,24 @@ from typing import Any, TypeVar
 import numpy as np
 
 T = TypeVar("T")
+
+
+def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """``write(file)`` into a temporary file beside ``path``, then renamed to it: a reader sees the
+    whole file or none (the pid in the temporary name: ranks of several nodes may share a folder)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_pickle(path: Path, obj: Any) -> None:
+    """``obj`` pickled to ``path`` (``atomic_write``)."""
+    atomic_write(path, lambda f: pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 class SerializedRecords:
@@ -56,11 +75,7 @@ class SerializedRecords:
         each written to a temporary name first and renamed: a reader never sees half a file."""
         path = Path(path)
         for suffix, array in ((".data.npy", self._data), (".ends.npy", self._ends)):
-            final = path.with_name(path.name + suffix)
-            tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")  # ranks of several nodes may share a folder
-            with open(tmp, "wb") as f:
-                np.save(f, array)
-            tmp.replace(final)
+            atomic_write(path.with_name(path.name + suffix), lambda f, a=array: np.save(f, a))
 
     @classmethod
     def load(cls, path: str | Path, mmap: bool = True) -> SerializedRecords:
@@ -126,13 +141,8 @@ class SplitIndex:
                 pass  # unreadable or from other code: computed again below
         value = compute()
         if path is not None:
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            try:
-                with open(tmp, "wb") as f:
-                    pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL)
-                tmp.replace(path)
-            except OSError:
-                tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a read-only cache: computed again next time
+                atomic_pickle(path, value)
         return value
 
     def replay(self, logger: logging.Logger) -> None:

@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from maskrcnn_coco.data.index import SerializedRecords, SplitIndex
+from maskrcnn_coco.data.index import SerializedRecords, SplitIndex, atomic_pickle
 from maskrcnn_coco.utils import dist
 
 log = logging.getLogger(__name__)
@@ -128,10 +128,10 @@ class IndexCache:
             for old in self.folder.glob("memo-*.pkl"):  # analyses of the index this one replaces
                 old.unlink()
             split.records.save(self.folder / RECORDS)
-            _atomic_pickle(self.folder / GROUND_TRUTH, split.coco)  # COCO with its indexes: no createIndex on load
+            atomic_pickle(self.folder / GROUND_TRUTH, split.coco)  # COCO with its indexes: no createIndex on load
             meta = {"fingerprint": self.fingerprint(), "ids": split.ids,
                     "sizes": split.sizes, "categories": split.categories, "lines": split.lines}
-            _atomic_pickle(self.folder / META, meta)
+            atomic_pickle(self.folder / META, meta)
             split.folder = self.folder
         except OSError as err:
             log.warning("Could not write the index of %s to %s (%s); set data.index_cache to a writable folder, "
@@ -171,13 +171,6 @@ def _writable(folder: Path) -> bool:
     except OSError:
         return False
     return True
-
-
-def _atomic_pickle(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
-    tmp.replace(path)
 
 
 def _load_ground_truth(path: Path) -> Any:
