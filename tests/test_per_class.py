@@ -17,6 +17,7 @@ from maskrcnn_coco.evaluation.per_class import (
     CONFUSION_KEY,
     class_metric_names,
     confusion_matrix,
+    match_images,
     save_confusion,
 )
 from maskrcnn_coco.tracking.scalars import epoch_scalars
@@ -108,6 +109,23 @@ def test_confusion_matrix_rows_truth_columns_predicted(tmp_path):
     ]
     assert cm["params"] == {"iou_threshold": 0.5, "score_threshold": 0.5}
     assert confusion_matrix(coco, results, [1], score_threshold=0.2)["matrix"][2] == [0, 1, 0, 0]
+
+
+def test_match_images_is_the_rule_both_the_matrix_and_the_error_list_read(tmp_path):
+    from maskrcnn_coco.cli.evaluate import image_errors
+
+    coco = small_coco(tmp_path)
+    results = [det(1, [0, 0, 20, 20]), det(3, [41, 0, 20, 20]), det(2, [0, 0, 21, 21], 0.8),
+               det(2, [0, 50, 20, 20], 0.3), det(1, [60, 60, 30, 30]), det(99, [0, 0, 20, 20])]
+    (match,) = match_images(coco, results, [1])
+    # By decreasing score; the unknown category, the low score and the crowd detection are left out.
+    assert [(d["category_id"], g and g["category_id"]) for d, g in match.pairs] == [(1, 1), (3, 2), (2, None)]
+    assert [g["category_id"] for g in match.missed] == [3]
+    (errors,) = image_errors(coco, results, [1])
+    assert errors["errors"] == 3 and [e["name"] for e in errors["false_positives"]] == ["b"]
+    assert [(e["name"], e["annotated"]) for e in errors["wrong_class"]] == [("c", "b")]
+    assert [e["name"] for e in errors["missed"]] == ["c"]
+    assert image_errors(coco, [det(1, [0, 0, 20, 20]), det(2, [41, 0, 20, 20]), det(3, [0, 50, 20, 20])], [1]) == []  # healthy
 
 
 def test_confusion_files(tmp_path):

@@ -66,7 +66,7 @@ from maskrcnn_coco.engine.checkpoint import display_path
 from maskrcnn_coco.engine.evaluate import EvalObserver, evaluate
 from maskrcnn_coco.engine.visualize import draw_prediction
 from maskrcnn_coco.engine.writers import format_class_aps, format_epoch_summary
-from maskrcnn_coco.evaluation.per_class import CONFUSION_KEY, save_confusion
+from maskrcnn_coco.evaluation.per_class import CONFUSION_KEY, match_images, save_confusion
 from maskrcnn_coco.inference import RUN_CONFIG, WeightsFile, build_for_weights, read_weights
 from maskrcnn_coco.tracking.scalars import (
     IOU_TYPES,
@@ -222,47 +222,26 @@ def eval_mapping(weights: WeightsFile, dataset: Any, annotations: Path) -> Categ
 
 def image_errors(coco_gt: Any, results: Sequence[Mapping[str, Any]], image_ids: Sequence[int], *,
                  iou_threshold: float = IOU_THRESHOLD, score_threshold: float = SCORE_THRESHOLD) -> list[dict[str, Any]]:
-    """Per image with any, its errors under the confusion matrix's matching (detections of score >=
-    ``score_threshold`` by decreasing score, each to the unmatched ground-truth box of any class with
-    the highest IoU >= ``iou_threshold``; crowd regions ignore detections): ``false_positives`` (matched
-    nothing), ``wrong_class`` (matched an object of another class) and ``missed`` (objects no detection
-    matched), annotation ids named. Most errors first, then by image id."""
+    """Per image with any, its errors under the confusion matrix's matching (``per_class.match_images``):
+    ``false_positives`` (matched nothing), ``wrong_class`` (matched an object of another class) and
+    ``missed`` (objects no detection matched), annotation ids named. Most errors first, then by image id."""
     coco_gt = usable_ground_truth(coco_gt)
     names = {cid: str(cat.get("name", cid)) for cid, cat in coco_gt.cats.items()}
-    by_image: dict[int, list[Mapping[str, Any]]] = {}
-    for r in results:
-        if r.get("score", 1.0) >= score_threshold and r["category_id"] in names:
-            by_image.setdefault(int(r["image_id"]), []).append(r)
     out = []
-    for image_id in sorted({int(i) for i in image_ids}):
-        anns = [a for a in coco_gt.imgToAnns.get(image_id, []) if a["category_id"] in names]
-        crowd = [a for a in anns if a.get("iscrowd", 0)]
-        gts = [a for a in anns if not a.get("iscrowd", 0)]
-        dets = sorted(by_image.get(image_id, []), key=lambda r: -r["score"])
-        ious = (np.asarray(mask_utils.iou([d["bbox"] for d in dets], [g["bbox"] for g in gts], [0] * len(gts)))
-                if dets and gts else np.zeros((len(dets), len(gts))))
-        on_crowd = (np.asarray(mask_utils.iou([d["bbox"] for d in dets], [c["bbox"] for c in crowd], [1] * len(crowd))).max(axis=1)
-                    >= iou_threshold if dets and crowd else np.zeros(len(dets), dtype=bool))
-        matched = [False] * len(gts)
+    for match in match_images(coco_gt, results, image_ids, iou_threshold=iou_threshold, score_threshold=score_threshold):
         false_positives, wrong_class = [], []
-        for d, det in enumerate(dets):
-            best, best_iou = -1, iou_threshold
-            for g in range(len(gts)):
-                if not matched[g] and ious[d, g] >= best_iou:
-                    best, best_iou = g, ious[d, g]
+        for det, gt in match.pairs:
             found = {"category_id": det["category_id"], "name": names[det["category_id"]], "score": det["score"], "bbox": det["bbox"]}
-            if best >= 0:
-                matched[best] = True
-                gt = gts[best]
-                if gt["category_id"] != det["category_id"]:
-                    wrong_class.append({**found, "annotation_id": gt["id"], "annotated": names[gt["category_id"]]})
-            elif not on_crowd[d]:
+            if gt is None:
                 false_positives.append(found)
+            elif gt["category_id"] != det["category_id"]:
+                wrong_class.append({**found, "annotation_id": gt["id"], "annotated": names[gt["category_id"]]})
         missed = [{"annotation_id": g["id"], "category_id": g["category_id"], "name": names[g["category_id"]], "bbox": g["bbox"]}
-                  for g, hit in zip(gts, matched) if not hit]
+                  for g in match.missed]
         if false_positives or wrong_class or missed:
-            image = coco_gt.imgs.get(image_id, {})
-            out.append({"image_id": image_id, "file_name": image.get("file_name"), "errors": len(false_positives) + len(wrong_class) + len(missed),
+            image = coco_gt.imgs.get(match.image_id, {})
+            out.append({"image_id": match.image_id, "file_name": image.get("file_name"),
+                        "errors": len(false_positives) + len(wrong_class) + len(missed),
                         "false_positives": false_positives, "wrong_class": wrong_class, "missed": missed})
     return sorted(out, key=lambda e: (-e["errors"], e["image_id"]))
 

@@ -19,7 +19,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +35,6 @@ from maskrcnn_coco.utils.fonts import plot_fonts, plot_labels
 CONFUSION_KEY = "confusion"
 BACKGROUND = "background"
 MISSED = "missed"
-
-
-# One name's key (``tracking.scalars.class_key``) under its old name, which engine/writers.py,
-# engine/visualize.py and scripts/fault_bank.py still import.
 
 
 def class_metric_names(coco_gt: Any) -> dict[int, str]:
@@ -66,6 +63,51 @@ def classes_with_ground_truth(coco_gt: Any, image_ids: Sequence[int]) -> set[int
     return {a["category_id"] for a in coco_gt.anns.values() if a["image_id"] in wanted and not a.get("iscrowd", 0)}
 
 
+@dataclass
+class ImageMatch:
+    """One image's detections matched to its ground truth (``match_images``)."""
+
+    image_id: int
+    pairs: list[tuple[Mapping[str, Any], Mapping[str, Any] | None]]  # (detection, matched object or None: a false positive)
+    missed: list[Mapping[str, Any]]  # objects no detection matched
+
+
+def match_images(coco_gt: Any, results: Sequence[Mapping[str, Any]], image_ids: Sequence[int], *,
+                 iou_threshold: float = 0.5, score_threshold: float = 0.5) -> Iterator[ImageMatch]:
+    """The one matching rule of the confusion matrix and the evaluate command's error list: per image
+    (in id order), detections of score >= ``score_threshold`` of a known category, by decreasing score,
+    each to the unmatched non-crowd object of any class with the highest box IoU >= ``iou_threshold``
+    (one-to-one, greedy). A detection that matches nothing but covers a crowd region by that IoU is
+    left out, as COCOeval ignores it. ``coco_gt`` is used as given (callers pass ``usable_ground_truth``)."""
+    known = set(coco_gt.cats)
+    by_image: dict[int, list[Mapping[str, Any]]] = {}
+    for r in results:
+        if r.get("score", 1.0) >= score_threshold and r["category_id"] in known:
+            by_image.setdefault(int(r["image_id"]), []).append(r)
+    for image_id in sorted({int(i) for i in image_ids}):
+        anns = [a for a in coco_gt.imgToAnns.get(image_id, []) if a["category_id"] in known]
+        crowd = [a for a in anns if a.get("iscrowd", 0)]
+        gts = [a for a in anns if not a.get("iscrowd", 0)]
+        dets = sorted(by_image.get(image_id, []), key=lambda r: -r["score"])
+        ious = (np.asarray(mask_utils.iou([d["bbox"] for d in dets], [g["bbox"] for g in gts], [0] * len(gts)))
+                if dets and gts else np.zeros((len(dets), len(gts))))
+        on_crowd = (np.asarray(mask_utils.iou([d["bbox"] for d in dets], [c["bbox"] for c in crowd], [1] * len(crowd))).max(axis=1)
+                    >= iou_threshold if dets and crowd else np.zeros(len(dets), dtype=bool))
+        matched = [False] * len(gts)
+        pairs: list[tuple[Mapping[str, Any], Mapping[str, Any] | None]] = []
+        for d, det in enumerate(dets):
+            best, best_iou = -1, iou_threshold
+            for g in range(len(gts)):
+                if not matched[g] and ious[d, g] >= best_iou:
+                    best, best_iou = g, ious[d, g]
+            if best >= 0:
+                matched[best] = True
+                pairs.append((det, gts[best]))
+            elif not on_crowd[d]:
+                pairs.append((det, None))
+        yield ImageMatch(image_id, pairs, [g for g, hit in zip(gts, matched) if not hit])
+
+
 def confusion_matrix(
     coco_gt: Any,
     results: Sequence[Mapping[str, Any]],
@@ -74,8 +116,8 @@ def confusion_matrix(
     iou_threshold: float = 0.5,
     score_threshold: float = 0.5,
 ) -> dict[str, Any]:
-    """Ground truth (rows, + ``background``) x predicted class (columns, + ``missed``) of matched boxes,
-    scored against the same ground truth as COCOeval (``usable_ground_truth``)."""
+    """Ground truth (rows, + ``background``) x predicted class (columns, + ``missed``) of matched boxes
+    (``match_images``), scored against the same ground truth as COCOeval (``usable_ground_truth``)."""
     coco_gt = usable_ground_truth(coco_gt)
     cat_ids = sorted(coco_gt.cats)
     names = [str(coco_gt.cats[c].get("name", c)) for c in cat_ids]
@@ -83,35 +125,12 @@ def confusion_matrix(
     metric_names = class_metric_names(coco_gt)
     k = len(cat_ids)
     matrix = np.zeros((k + 1, k + 1), dtype=np.int64)
-    by_image: dict[int, list[Mapping[str, Any]]] = {}
-    for r in results:
-        if r.get("score", 1.0) >= score_threshold and r["category_id"] in index:
-            by_image.setdefault(int(r["image_id"]), []).append(r)
-    for image_id in sorted({int(i) for i in image_ids}):
-        gts = [a for a in coco_gt.imgToAnns.get(image_id, []) if a["category_id"] in index]
-        crowd = [a for a in gts if a.get("iscrowd", 0)]
-        gts = [a for a in gts if not a.get("iscrowd", 0)]
-        dets = sorted(by_image.get(image_id, []), key=lambda r: -r["score"])
-        matched = [False] * len(gts)
-        if dets and gts:
-            ious = np.asarray(mask_utils.iou([d["bbox"] for d in dets], [g["bbox"] for g in gts], [0] * len(gts)))
-        else:
-            ious = np.zeros((len(dets), len(gts)))
-        crowd_iou = (np.asarray(mask_utils.iou([d["bbox"] for d in dets], [c["bbox"] for c in crowd], [1] * len(crowd)))
-                     if dets and crowd else np.zeros((len(dets), 0)))
-        for d, det in enumerate(dets):
-            best, best_iou = -1, iou_threshold
-            for g in range(len(gts)):
-                if not matched[g] and ious[d, g] >= best_iou:
-                    best, best_iou = g, ious[d, g]
-            if best >= 0:
-                matched[best] = True
-                matrix[index[gts[best]["category_id"]], index[det["category_id"]]] += 1
-            elif not (crowd_iou.shape[1] and crowd_iou[d].max() >= iou_threshold):
-                matrix[k, index[det["category_id"]]] += 1  # a false positive
-        for g, gt in enumerate(gts):
-            if not matched[g]:
-                matrix[index[gt["category_id"]], k] += 1  # missed
+    for match in match_images(coco_gt, results, image_ids, iou_threshold=iou_threshold, score_threshold=score_threshold):
+        for det, gt in match.pairs:
+            row = k if gt is None else index[gt["category_id"]]  # k: background, a false positive
+            matrix[row, index[det["category_id"]]] += 1
+        for gt in match.missed:
+            matrix[index[gt["category_id"]], k] += 1
     return {
         "ground_truth": [*names, BACKGROUND],
         "predicted": [*names, MISSED],
