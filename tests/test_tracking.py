@@ -384,6 +384,14 @@ def test_layout_puts_iteration_tags_in_their_own_category():
     assert compare_pair("mAP/segm_AP") is None and compare_pair("iter/loss_mask") is None
 
 
+def test_layout_charts_how_many_val_images_each_evaluation_used():
+    from maskrcnn_coco.tracking.layout import custom_scalars_layout
+
+    layout = custom_scalars_layout(["mAP/segm_AP", "eval/images", "eval/val_images"])
+    assert layout["COCO AP"]["val images evaluated"] == ["Multiline", ["eval/images$", "eval/val_images$"]]
+    assert "val images evaluated" not in custom_scalars_layout(["mAP/segm_AP"])["COCO AP"]  # nothing logged, no chart
+
+
 def custom_scalars_layout_of(acc):
     from tensorboard.plugins.custom_scalar import layout_pb2
 

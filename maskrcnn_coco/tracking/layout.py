@@ -26,7 +26,8 @@ The layout (``custom_scalars_layout(tags)``) has these categories:
 * ``Losses (train vs val)``: per component, train and validation on one chart (``loss/train_<c>`` +
   ``loss/val_<c>``), and ``total`` (``loss/train_total`` + ``loss/val``);
 * ``Optimisation``: every learning-rate group on one chart (``lr/.*``), every grad-norm group on another;
-* ``COCO AP``: segm and bbox AP on one chart, and AP50 on another;
+* ``COCO AP``: segm and bbox AP on one chart, AP50 on another, and how many val images each
+  evaluation used (``eval/images`` beside ``eval/val_images``: fewer on ``eval.subset``'s epochs);
 * ``Iterations``: the ``iter/`` window means (step = global iteration): losses, lr groups, grad-norm
   sets, time per iteration, memory.
 
@@ -104,6 +105,9 @@ def layout_spec() -> dict[str, dict[str, list[str]]]:
         "COCO AP": {
             "AP (segm, bbox)": [_exact("mAP/segm_AP"), _exact("mAP/bbox_AP")],
             "AP50 (segm, bbox)": [_exact("mAP/segm_AP50"), _exact("mAP/bbox_AP50")],
+            # eval.subset: the AP above was measured on eval/images of eval/val_images; a step up to
+            # the full set explains a jump in the two charts above.
+            "val images evaluated": [_exact("eval/images"), _exact("eval/val_images")],
         },
         "Iterations (window means, step = iteration)": {
             "losses": [it + r"loss_.*"],
