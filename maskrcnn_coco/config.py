@@ -236,6 +236,8 @@ class ModelConfig:
     rpn_post_nms_top_n_test: int = 1000
     rpn_batch_size_per_image: int = 256
     box_batch_size_per_image: int = 512
+    # At most this share of the sampled RoIs are positives (the mask head trains on these alone).
+    box_positive_fraction: float = field(default=0.25, metadata=rule(lambda v: 0 < v <= 1, "in (0, 1], e.g. 0.25"))
     box_detections_per_img: int = 100
     box_score_thresh: float = 0.05
     # RoIAlign of the RoI heads: auto = one sparse matrix product per pooler when training on CPU

@@ -164,6 +164,7 @@ BAD_VALUES = [
     ("train.max_loss_factor=1", "train.max_loss_factor=1.0: must be above 1 (or null)"),
     ("train.amp=fp32", "train.amp=fp32: must be auto or one of off, bf16, fp16"),
     ("train.grad_norm_every=0", "train.grad_norm_every=0: must be at least 1"),
+    ("model.box_positive_fraction=0", "model.box_positive_fraction=0.0: must be in (0, 1], e.g. 0.25"),
 ]
 
 

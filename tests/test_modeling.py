@@ -33,6 +33,13 @@ def test_small_model_trains_and_predicts_for_the_datasets_classes():
     assert set(out) == {"boxes", "labels", "scores", "masks"}
 
 
+def test_the_roi_sampler_takes_the_configured_size_and_positive_share():
+    sampler = build_model(tiny_model_cfg(box_batch_size_per_image=96, box_positive_fraction=0.125), 3).roi_heads.fg_bg_sampler
+    assert (sampler.batch_size_per_image, sampler.positive_fraction) == (96, 0.125)
+    r50 = build_model(r50_cfg(), 3).roi_heads.fg_bg_sampler
+    assert (r50.batch_size_per_image, r50.positive_fraction) == (512, 0.25)  # torchvision's defaults
+
+
 def test_bad_small_model_configs_are_named():
     with pytest.raises(ConfigError, match="anchor_sizes has 2 sizes but the FPN has 3 levels"):
         build_model(tiny_model_cfg(anchor_sizes=[16, 32]), 3)

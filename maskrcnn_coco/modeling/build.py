@@ -147,6 +147,7 @@ def _common_kwargs(cfg: ModelConfig) -> dict[str, Any]:
         "rpn_post_nms_top_n_test": cfg.rpn_post_nms_top_n_test,
         "rpn_batch_size_per_image": cfg.rpn_batch_size_per_image,
         "box_batch_size_per_image": cfg.box_batch_size_per_image,
+        "box_positive_fraction": cfg.box_positive_fraction,
         "box_detections_per_img": cfg.box_detections_per_img,
         "box_score_thresh": cfg.box_score_thresh,
     }
