@@ -142,3 +142,76 @@ def test_task_swept_keys_outside_a_multirun_is_empty():
     from maskrcnn_coco.analysis.sweep import task_swept_keys
 
     assert task_swept_keys() == []
+
+
+def fake_seed_sweep(sweep_dir, finals, settings=("",), lag_job=None):
+    """Jobs ``<n>_seed=<s>`` (times each setting): segm AP rising linearly to ``finals[seed]``, train
+    total 2/epoch; ``lag_job`` (setting, seed)'s train total 30 % higher from epoch 2 on."""
+    n = 0
+    for setting in settings:
+        for seed, final in finals.items():
+            job = sweep_dir / f"{n}_{setting}seed={seed}"
+            n += 1
+            (job / ".hydra").mkdir(parents=True)
+            overrides = ["epochs=3", *([setting.rstrip(",")] if setting else []), f"seed={seed}"]
+            (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+            records = []
+            for epoch in (1, 2, 3):
+                lag = 1.3 if (setting, seed) == lag_job and epoch >= 2 else 1.0
+                records.append(json.dumps({"epoch": epoch, "loss/train_total": 2 / epoch * lag,
+                                           "mAP/segm_AP": final * epoch / 3}))
+            (job / "metrics.jsonl").write_text("\n".join(records) + "\n")
+    return sweep_dir
+
+
+def test_seed_report_names_the_seed_that_trails_and_the_epoch_it_fell_behind(tmp_path):
+    """The fault of the default recipe on seed 2 (0.790 against 0.890 and 0.903, train total behind
+    from epoch 2): one line naming the seed, the numbers and the epoch."""
+    from maskrcnn_coco.analysis.sweep import write_sweep_summary
+
+    fake_seed_sweep(tmp_path, {0: 0.890, 1: 0.903, 2: 0.790}, lag_job=("", 2))
+    seeds = write_sweep_summary(tmp_path).split("## Seeds\n\n")[1].splitlines()
+    assert seeds[0] == ("- seeds 0, 1, 2: final mAP/segm_AP 0: 0.8900, 1: 0.9030, 2: 0.7900 "
+                        "(mean 0.8610, range 0.1130 = 13.1% of the mean)")
+    assert seeds[1].startswith("- seed=2 trails its siblings: mAP/segm_AP 0.7900 against their median 0.8965 "
+                               "(11.9% worse, more than 5%); its loss/train_total fell behind at epoch 2 "
+                               "(1.300 against 1.000)")
+    assert len(seeds) == 2
+    assert "## Seeds" in (tmp_path / "sweep_summary.md").read_text()
+
+
+def test_seed_report_of_a_healthy_recipe_has_its_spread_and_no_trailing_seed(tmp_path):
+    from maskrcnn_coco.analysis.sweep import collect_jobs, seed_report
+
+    rows = collect_jobs(fake_seed_sweep(tmp_path, {0: 0.887, 1: 0.888, 2: 0.870}))
+    assert seed_report(rows) == ["seeds 0, 1, 2: final mAP/segm_AP 0: 0.8870, 1: 0.8880, 2: 0.8700 "
+                                 "(mean 0.8817, range 0.0180 = 2.0% of the mean)"]
+
+
+def test_seed_report_groups_by_setting_and_compares_losses_the_right_way_round(tmp_path):
+    """A head-lr x seed sweep: one spread line per multiplier; for a loss objective the trailing seed
+    is the one with the higher value. Jobs without a seed override give no report."""
+    from maskrcnn_coco.analysis.sweep import collect_jobs, seed_report
+
+    rows = collect_jobs(fake_seed_sweep(tmp_path, {0: 0.5, 1: 0.51, 2: 0.52},
+                                        settings=("optimizer.head_lr_multiplier=1,", "optimizer.head_lr_multiplier=10,"),
+                                        lag_job=("optimizer.head_lr_multiplier=10,", 1)))
+    lines = seed_report(rows)
+    assert [line.split(":")[0] for line in lines] == [
+        "seeds 0, 1, 2 of optimizer.head_lr_multiplier=1", "seeds 0, 1, 2 of optimizer.head_lr_multiplier=10"]
+    losses = seed_report(rows, "loss/train_total")
+    assert len(losses) == 3 and losses[2].startswith(
+        "seed=1 trails its siblings: loss/train_total 0.8667 against their median 0.6667 (30.0% worse")
+    assert seed_report(collect_jobs(fake_sweep(tmp_path / "lr"))) == []
+
+
+def test_seed_report_of_two_seeds_says_when_they_disagree_and_marks_an_unfinished_job(tmp_path):
+    from maskrcnn_coco.analysis.sweep import collect_jobs, seed_report
+
+    fake_seed_sweep(tmp_path, {0: 0.9, 1: 0.7})
+    history = tmp_path / "1_seed=1" / "metrics.jsonl"
+    history.write_text("\n".join(history.read_text().splitlines()[:2]) + "\n")  # stopped after epoch 2
+    lines = seed_report(collect_jobs(tmp_path))
+    assert lines == ["seeds 0, 1: final mAP/segm_AP 0: 0.9000, 1: 0.4667 (epoch 2 of 3) "
+                     "(mean 0.6833, range 0.4333 = 63.4% of the mean)",
+                     "seeds 0 and 1 differ by more than 5% in mAP/segm_AP: compare settings over 3 seeds or more"]

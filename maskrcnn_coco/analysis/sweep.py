@@ -8,7 +8,11 @@
   metric); the CSV's columns are scalar tags, the markdown's the same without ``loss/``/``loss_``;
 * ``sweep_summary.png``: one panel per loss component and one for the totals, train solid and val
   dashed, one colour per job (a head lr that overfits shows as a val curve rising above its train
-  curve, not only as a higher total), and one panel for the objective metric.
+  curve, not only as a higher total), and one panel for the objective metric;
+* a "Seeds" section (``seed_report``) when jobs differ only in ``seed``: each setting's spread over
+  its seeds, and any seed that trails its siblings, with the epoch its training loss fell behind (a
+  recipe that reaches 0.90 on two seeds and 0.79 on the third is unstable, not broken, and no
+  per-run rule can see that).
 """
 
 from __future__ import annotations
@@ -30,7 +34,14 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from maskrcnn_coco.analysis.history import best_epoch, last_value, read_history, record_metric
-from maskrcnn_coco.tracking.scalars import DEFAULT_OBJECTIVE, LOSS_COMPONENTS, TRAIN_TOTAL, VAL_TOTAL, loss_tag
+from maskrcnn_coco.tracking.scalars import (
+    DEFAULT_OBJECTIVE,
+    LOSS_COMPONENTS,
+    TRAIN_TOTAL,
+    VAL_TOTAL,
+    loss_tag,
+    lower_is_better,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +147,101 @@ def collect_jobs(sweep_dir: Path, metric: str = DEFAULT_OBJECTIVE) -> list[dict[
     return rows
 
 
+# A seed trails its siblings when its final objective is worse than their median by more than this
+# share of it: a healthy recipe's seeds lie within a few percent (README "Seeds and spread").
+SEED_GAP = 0.05
+# The epoch a trailing seed fell behind: its train total above its siblings' median by this share.
+LAG_GAP = 0.10
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def seed_groups(rows: Sequence[Mapping[str, Any]]) -> list[list[Mapping[str, Any]]]:
+    """Jobs that share every override but ``seed`` (two seeds or more), in job order."""
+    groups: dict[tuple[str, ...], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        overrides = row["override_list"]
+        if any(_override_key(o) == "seed" for o in overrides):
+            rest = tuple(sorted(o for o in overrides if _override_key(o) != "seed"))
+            groups.setdefault(rest, []).append(row)
+    return [g for g in groups.values() if len({_seed(r) for r in g}) > 1]
+
+
+def _seed(row: Mapping[str, Any]) -> str:
+    return next(o.split("=", 1)[1] for o in row["override_list"] if _override_key(o) == "seed")
+
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _shortfall(value: float, reference: float, lower_better: bool) -> float:
+    """How much worse ``value`` is than ``reference``, as a share of it (negative: better)."""
+    if reference == 0:
+        return 0.0
+    return (value - reference) / abs(reference) * (1 if lower_better else -1)
+
+
+def _lag_epoch(row: Mapping[str, Any], siblings: Sequence[Mapping[str, Any]]) -> tuple[int, float, float] | None:
+    """(epoch, its train total, the siblings' median) at the first epoch the job's train total is
+    ``LAG_GAP`` above its siblings' median; None when it never is."""
+    for record in row["history"]:
+        value = record_metric(record, TRAIN_TOTAL)
+        others = [v for s in siblings for r in s["history"]
+                  if r["epoch"] == record["epoch"] and (v := record_metric(r, TRAIN_TOTAL)) is not None]
+        if value is not None and others and _shortfall(value, _median(others), True) > LAG_GAP:
+            return record["epoch"], value, _median(others)
+    return None
+
+
+def seed_report(rows: Sequence[Mapping[str, Any]], metric: str = DEFAULT_OBJECTIVE) -> list[str]:
+    """One line per setting run with several seeds (its final ``metric`` per seed, mean and range),
+    then one line per seed that trails its siblings' median by more than ``SEED_GAP``."""
+    lower = lower_is_better(metric)
+    lines = []
+    for group in seed_groups(rows):
+        values = {_seed(r): last_value(r["history"], metric) for r in group}
+        scored = {k: v for k, v in values.items() if v is not None}
+        if len(scored) < 2:
+            continue
+        mean = sum(scored.values()) / len(scored)
+        spread = max(scored.values()) - min(scored.values())
+        setting = " ".join(o for o in group[0]["varied"].split() if _override_key(o) != "seed")
+        last = max(r["epochs"] for r in group)
+        # An unfinished job's value is from an earlier epoch than its siblings': say so.
+        per_seed = ", ".join(
+            f"{_seed(r)}: {_fmt(values[_seed(r)])}" + (f" (epoch {r['epochs']} of {last})" if r["epochs"] < last else "")
+            for r in group)
+        lines.append(f"seeds {', '.join(values)}{f' of {setting}' if setting else ''}: final {metric} {per_seed} "
+                     f"(mean {mean:.4f}, range {spread:.4f} = {spread / abs(mean) if mean else 0:.1%} of the mean)")
+        if len(scored) == 2:
+            (a, va), (b, vb) = scored.items()
+            if abs(_shortfall(va, vb, lower)) > SEED_GAP and abs(_shortfall(vb, va, lower)) > SEED_GAP:
+                lines.append(f"seeds {a} and {b} differ by more than {SEED_GAP:.0%} in {metric}: "
+                             "compare settings over 3 seeds or more")
+            continue
+        for row in group:
+            seed, value = _seed(row), values[_seed(row)]
+            siblings = [r for r in group if r is not row and values[_seed(r)] is not None]
+            if value is None:
+                continue
+            reference = _median([values[_seed(r)] for r in siblings])
+            gap = _shortfall(value, reference, lower)
+            if gap <= SEED_GAP:
+                continue
+            line = (f"seed={seed} trails its siblings: {metric} {value:.4f} against their median "
+                    f"{reference:.4f} ({gap:.1%} worse, more than {SEED_GAP:.0%})")
+            lag = _lag_epoch(row, siblings)
+            if lag:
+                line += f"; its {TRAIN_TOTAL} fell behind at epoch {lag[0]} ({lag[1]:.3f} against {lag[2]:.3f})"
+            lines.append(line + ". The recipe is seed-sensitive: quote its spread, not one seed")
+    return lines
+
+
 def _job_order(name: str) -> tuple[int, str]:
     head = name.split("_", 1)[0]
     return (int(head), name) if head.isdigit() else (10**9, name)
@@ -220,7 +326,8 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path: Path, metric: str = DEFA
 
 
 def write_sweep_summary(sweep_dir: str | Path, metric: str = DEFAULT_OBJECTIVE) -> str:
-    """Write ``sweep_summary.{csv,md,png}`` into ``sweep_dir``; return the markdown table."""
+    """Write ``sweep_summary.{csv,md,png}`` into ``sweep_dir``; return the markdown (the table, then
+    the seed report when jobs differ only in ``seed``)."""
     sweep_dir = Path(sweep_dir)
     rows = collect_jobs(sweep_dir, metric)
     if not rows:
@@ -230,6 +337,9 @@ def write_sweep_summary(sweep_dir: str | Path, metric: str = DEFAULT_OBJECTIVE) 
         writer.writeheader()
         writer.writerows(rows)
     table = summary_markdown(rows, metric)
+    seeds = seed_report(rows, metric)
+    if seeds:
+        table += "\n\n## Seeds\n\n" + "\n".join(f"- {line}" for line in seeds)
     (sweep_dir / "sweep_summary.md").write_text(f"# Sweep {sweep_dir.name}\n\n{table}\n")
     plot_sweep(rows, sweep_dir / "sweep_summary.png", metric)
     return table
