@@ -307,7 +307,7 @@ class OptimizerConfig:
 class SchedulerConfig:
     # constant | multistep | cosine (after the linear warmup)
     name: str = "multistep"
-    warmup_iters: int = field(default=100, metadata=at_least(0, "0 or more"))
+    warmup_iters: int = field(default=250, metadata=at_least(0, "0 or more"))
     warmup_factor: float = 0.001
     # multistep: epochs (fractions allowed) at which lr is multiplied by gamma.
     milestones: List[float] = field(default_factory=list)

@@ -47,7 +47,8 @@ RUNS: dict[str, tuple[fb.Fault, tuple[str, ...]]] = {
     # Fine-tuning (the common real start): losses start far below chance; run after healthy_s0.
     "healthy_pretrained": (fb.Fault("healthy", 0), ("seed=7", "model.weights={out}/healthy_s0/checkpoints/last.pth")),
     "tiny_data": (fb.Fault("tiny_data", 32, overrides=("data.max_train_images={strength:.0f}", "epochs=20",
-                                                        "scheduler.milestones=[15,18]")), ()),
+                                                        # 160 iterations: the default 250-iteration warmup would outlast them
+                                                        "scheduler.warmup_iters=100", "scheduler.milestones=[15,18]")), ()),
 }
 
 

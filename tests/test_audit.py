@@ -236,9 +236,9 @@ def test_the_shipped_optimizers_are_within_the_usual_ranges(tiny_model, choice):
     assert report.warnings == []  # not even an info
     line = next(line for line in report.format().splitlines() if line.startswith("Optimizer:"))
     if choice == "sgd":
-        assert line == "Optimizer: SGD lr 0.02 (batch 4), weight decay 1e-4, momentum 0.9, warmup 100 it: within the usual ranges"
+        assert line == "Optimizer: SGD lr 0.02 (batch 4), weight decay 1e-4, momentum 0.9, warmup 250 it: within the usual ranges"
     else:
-        assert line == ("Optimizer: AdamW lr 1e-4 (batch 4), weight decay 0.05, betas (0.9, 0.999), warmup 100 it: "
+        assert line == ("Optimizer: AdamW lr 1e-4 (batch 4), weight decay 0.05, betas (0.9, 0.999), warmup 250 it: "
                         "within the usual ranges")
     assert report.to_json()["optimizer"]["total_batch"] == 4
 
