@@ -215,3 +215,23 @@ def test_seed_report_of_two_seeds_says_when_they_disagree_and_marks_an_unfinishe
     assert lines == ["seeds 0, 1: final mAP/segm_AP 0: 0.9000, 1: 0.4667 (epoch 2 of 3) "
                      "(mean 0.6833, range 0.4333 = 63.4% of the mean)",
                      "seeds 0 and 1 differ by more than 5% in mAP/segm_AP: compare settings over 3 seeds or more"]
+
+
+def test_the_multirun_end_callback_prints_the_seed_report(tmp_path, caplog):
+    import logging
+
+    from omegaconf import OmegaConf
+
+    from maskrcnn_coco.analysis.sweep import SweepSummaryCallback
+
+    fake_seed_sweep(tmp_path, {0: 0.890, 1: 0.903, 2: 0.790}, lag_job=("", 2))
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}, "objective": {"metric": "mAP/segm_AP"}})
+    with caplog.at_level(logging.INFO, logger="maskrcnn_coco.analysis.sweep"):
+        SweepSummaryCallback().on_multirun_end(config)
+    assert "## Seeds" in caplog.text and "- seed=2 trails its siblings: mAP/segm_AP 0.7900" in caplog.text
+    # An objective no job logged gives no seed report rather than a line of dashes.
+    config.objective.metric = "mAP/segm_AP75"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="maskrcnn_coco.analysis.sweep"):
+        SweepSummaryCallback().on_multirun_end(config)
+    assert "Sweep summary" in caplog.text and "## Seeds" not in caplog.text
