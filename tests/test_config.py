@@ -244,3 +244,23 @@ def test_config_keys_and_amp_resolution():
             with pytest.raises(ConfigError):
                 validate_config(compose("config", overrides=bad))
     assert 0 <= resolve_num_workers("auto") <= 8 and resolve_num_workers(3) == 3
+
+
+@pytest.mark.parametrize("native, device, expected", [
+    (True, "cpu", "train.amp=auto: bf16 (this CPU computes in bf16 natively)"),
+    (False, "cpu", "train.amp=auto: off, fp32 (this CPU has no native bf16, AVX512-BF16 or AMX, and emulated bf16"),
+    (False, "cuda", "train.amp=auto: off, fp32 (no mode is chosen automatically on this device: set train.amp=bf16 or fp16)"),
+])
+def test_amp_auto_says_why_it_chose_its_mode(monkeypatch, caplog, native, device, expected):
+    """A run on a CPU without native bf16 takes several times the README's bf16 time: the start says why."""
+    import logging
+
+    from omegaconf import OmegaConf
+
+    from maskrcnn_coco.cli import experiment
+
+    monkeypatch.setattr(experiment, "cpu_has_bf16", lambda: native)
+    with caplog.at_level(logging.INFO, logger=experiment.log.name):
+        mode = experiment.resolve_amp(OmegaConf.create({"train": {"amp": "auto"}}), torch.device(device))
+    assert mode == ("bf16" if native and device == "cpu" else "off")
+    assert caplog.messages == [m for m in caplog.messages if m.startswith(expected)] and len(caplog.messages) == 1
