@@ -235,3 +235,13 @@ def test_the_multirun_end_callback_prints_the_seed_report(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="maskrcnn_coco.analysis.sweep"):
         SweepSummaryCallback().on_multirun_end(config)
     assert "Sweep summary" in caplog.text and "## Seeds" not in caplog.text
+
+
+def test_seed_report_does_not_flag_near_zero_ap_of_an_untrained_smoke_sweep(tmp_path):
+    """AP 0.0000 against 0.0003 is 100 % worse and means nothing: AP needs a 0.02 gap as well."""
+    from maskrcnn_coco.analysis.sweep import collect_jobs, seed_report
+
+    lines = seed_report(collect_jobs(fake_seed_sweep(tmp_path, {0: 0.0, 1: 0.0003, 2: 0.0006})))
+    assert len(lines) == 1 and lines[0].startswith("seeds 0, 1, 2: final mAP/segm_AP 0: 0.0000, 1: 0.0003, 2: 0.0006")
+    assert seed_report(collect_jobs(fake_seed_sweep(tmp_path / "two", {0: 0.0, 1: 0.01}))) == [
+        "seeds 0, 1: final mAP/segm_AP 0: 0.0000, 1: 0.0100 (mean 0.0050, range 0.0100 = 200.0% of the mean)"]

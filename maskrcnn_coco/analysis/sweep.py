@@ -150,6 +150,9 @@ def collect_jobs(sweep_dir: Path, metric: str = DEFAULT_OBJECTIVE) -> list[dict[
 # A seed trails its siblings when its final objective is worse than their median by more than this
 # share of it: a healthy recipe's seeds lie within a few percent (README "Seeds and spread").
 SEED_GAP = 0.05
+# ... and, for AP (0-1), by at least this much: at AP 0.0003 against 0.0000 (an untrained smoke
+# sweep) the share is 100 % and means nothing.
+SEED_MIN_AP_GAP = 0.02
 # The epoch a trailing seed fell behind: its train total above its siblings' median by this share.
 LAG_GAP = 0.10
 
@@ -186,6 +189,13 @@ def _shortfall(value: float, reference: float, lower_better: bool) -> float:
     return (value - reference) / abs(reference) * (1 if lower_better else -1)
 
 
+def _worse(value: float, reference: float, lower_better: bool) -> bool:
+    """``value`` worse than ``reference`` by more than ``SEED_GAP`` of it (and ``SEED_MIN_AP_GAP`` for AP)."""
+    if _shortfall(value, reference, lower_better) <= SEED_GAP:
+        return False
+    return lower_better or reference - value >= SEED_MIN_AP_GAP
+
+
 def _lag_epoch(row: Mapping[str, Any], siblings: Sequence[Mapping[str, Any]]) -> tuple[int, float, float] | None:
     """(epoch, its train total, the siblings' median) at the first epoch the job's train total is
     ``LAG_GAP`` above its siblings' median; None when it never is."""
@@ -220,7 +230,7 @@ def seed_report(rows: Sequence[Mapping[str, Any]], metric: str = DEFAULT_OBJECTI
                      f"(mean {mean:.4f}, range {spread:.4f} = {spread / abs(mean) if mean else 0:.1%} of the mean)")
         if len(scored) == 2:
             (a, va), (b, vb) = scored.items()
-            if abs(_shortfall(va, vb, lower)) > SEED_GAP and abs(_shortfall(vb, va, lower)) > SEED_GAP:
+            if _worse(va, vb, lower) or _worse(vb, va, lower):
                 lines.append(f"seeds {a} and {b} differ by more than {SEED_GAP:.0%} in {metric}: "
                              "compare settings over 3 seeds or more")
             continue
@@ -230,9 +240,9 @@ def seed_report(rows: Sequence[Mapping[str, Any]], metric: str = DEFAULT_OBJECTI
             if value is None:
                 continue
             reference = _median([values[_seed(r)] for r in siblings])
-            gap = _shortfall(value, reference, lower)
-            if gap <= SEED_GAP:
+            if not _worse(value, reference, lower):
                 continue
+            gap = _shortfall(value, reference, lower)
             line = (f"seed={seed} trails its siblings: {metric} {value:.4f} against their median "
                     f"{reference:.4f} ({gap:.1%} worse, more than {SEED_GAP:.0%})")
             lag = _lag_epoch(row, siblings)
