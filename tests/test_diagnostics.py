@@ -403,6 +403,12 @@ def test_the_summary_ranks_warnings_by_strength_or_says_no_findings():
     lines = format_summary(found, epochs=4).splitlines()
     assert lines[0].endswith("2 warnings, 1 other")
     assert [line.split("]")[1].split()[0] for line in lines[1:]] == ["metric_disparity", "stalled", "rare_class"]
+    # The last epoch each finding held: "stalled" (epoch 3) no longer held at epoch 4; the start's info is never marked.
+    lines = format_summary(found, epochs=4, last_found={("stalled", ("loss_mask",), None): 3,
+                                                        ("metric_disparity", ("loss_mask",), None): 4}).splitlines()
+    assert lines[0].endswith("2 warnings, 1 other; 1 of the warnings no longer held at epoch 4")
+    assert lines[2].startswith("  2. [warning] stalled (loss_mask; epoch 3; no longer found at epoch 4): weak")
+    assert "no longer" not in lines[1] + lines[3]
 
 
 # ------------------------------------ the fault bank's measured runs (scripts/fault_bank.py, #20)

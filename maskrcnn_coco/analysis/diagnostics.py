@@ -1157,17 +1157,35 @@ def rank_findings(findings: Sequence[Mapping[str, Any]]) -> list[Mapping[str, An
                                            f.get("epoch") if isinstance(f.get("epoch"), int) else 0))
 
 
-def format_summary(findings: Sequence[Mapping[str, Any]], *, epochs: int, checks: int = len(CHECKS)) -> str:
+def finding_key(finding: Mapping[str, Any]) -> tuple[Any, ...]:
+    """``Diagnosis.key`` of a finding read back as JSON (``Diagnosis.to_json``)."""
+    if finding.get("kind") in SPIKE_KINDS:
+        return (finding.get("kind"), finding.get("subject"), finding.get("epoch"))
+    return (finding.get("kind"), tuple(finding.get("components") or ()), finding.get("subject"))
+
+
+def format_summary(findings: Sequence[Mapping[str, Any]], *, epochs: int, checks: int = len(CHECKS),
+                   last_found: Mapping[tuple[Any, ...], int] | None = None) -> str:
     """The run's closing "Diagnosis summary" block from its findings (``Diagnosis.to_json`` objects):
-    warnings first, then by strength (how far past its threshold), or "no findings"."""
+    warnings first, then by strength (how far past its threshold), or "no findings". ``last_found``:
+    the last epoch each monitor finding (by ``Diagnosis.key``) still held; one that no longer held at
+    the last epoch says so (a class confused at epoch 2 and fine at the end is history, not a fault)."""
     head = f"Diagnosis summary ({checks} checks over {epochs} epoch{'s' if epochs != 1 else ''}; {DOC}):"
     if not findings:
         return f"{head} no findings."
     ranked = rank_findings(findings)
     warnings = sum(f.get("severity") == "warning" for f in ranked)
-    lines = [f"{head} {warnings} warning{'s' if warnings != 1 else ''}, {len(ranked) - warnings} other"]
-    for i, f in enumerate(ranked, 1):
+    last_found = last_found or {}
+    cleared = {i for i, f in enumerate(ranked) if f.get("epoch") and last_found.get(finding_key(f), epochs) < epochs}
+    gone = sum(ranked[i].get("severity") == "warning" for i in cleared)
+    lines = [f"{head} {warnings} warning{'s' if warnings != 1 else ''}, {len(ranked) - warnings} other"
+             + (f"; {gone} of the warnings no longer held at epoch {epochs}" if gone else "")]
+    for i, f in enumerate(ranked):
         where = "start" if not f.get("epoch") else f"epoch {f['epoch']}"
+        if i in cleared:
+            last = last_found[finding_key(f)]
+            later = f"{last + 1}" if last + 1 == epochs else f"{last + 1}-{epochs}"
+            where += f"; no longer found at epoch{'s' if last + 1 < epochs else ''} {later}"
         about = ", ".join(f.get("components") or []) or (f.get("subject") or "")
-        lines.append(f"  {i}. [{f.get('severity')}] {f.get('kind')} ({about}; {where}): {f.get('message', '')}")
+        lines.append(f"  {i + 1}. [{f.get('severity')}] {f.get('kind')} ({about}; {where}): {f.get('message', '')}")
     return "\n".join(lines)

@@ -186,6 +186,8 @@ class DiagnosticsWriter(Hook):
         self.train_images = train_images
         self.start = [d for d in start if not muted(d, self.config.ignore)]
         self.reported: set[tuple[Any, ...]] = set()
+        # The last epoch each monitor finding held (by key): the summary says which no longer hold.
+        self.last_found: dict[tuple[Any, ...], int] = {}
         self.confusions: list[Mapping[str, Any]] = []
         # (epoch, the label check's summary: engine/label_check.py) per evaluation.
         self.agreements: list[tuple[int, Mapping[str, Any]]] = []
@@ -216,13 +218,16 @@ class DiagnosticsWriter(Hook):
         self.reported.update(d.key for d in self.start)
 
     def state_dict(self) -> dict[str, Any]:
-        """What was reported (so a resumed run does not say it again) and the recent confusion matrices."""
+        """What was reported (so a resumed run does not say it again), the last epoch each finding held and
+        the recent confusion matrices."""
         return {"reported": sorted(self.reported, key=repr), "confusions": list(self.confusions),
+                "last_found": [[list(k), e] for k, e in self.last_found.items()],
                 "agreements": [list(a) for a in self.agreements]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.reported = {_as_key(k) for k in state.get("reported") or []}
         self.confusions = list(state.get("confusions") or [])
+        self.last_found = {_as_key(k): int(e) for k, e in state.get("last_found") or []}  # none in older checkpoints
         self.agreements = [(int(e), dict(c)) for e, c in state.get("agreements") or []
                            if isinstance(c, Mapping)]  # a checkpoint of an older layout carries none
 
@@ -253,13 +258,14 @@ class DiagnosticsWriter(Hook):
         per_image = latest.get("per_image")
         if per_image and per_image.get("epoch") == result.epoch:
             found = [cite_images(d, per_image) for d in found]
+        self.last_found.update((d.key, result.epoch) for d in found)
         self._report(found)
 
     def after_fit(self, state: TrainingState) -> None:
         """The "Diagnosis summary" block: every finding of the run (``diagnostics.jsonl``, across resumes)
         ranked by severity and evidence, or "no findings" with the number of checks."""
         found = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()] if self.path.is_file() else []
-        text = format_summary(found, epochs=state.epoch, checks=len(CHECKS))
+        text = format_summary(found, epochs=state.epoch, checks=len(CHECKS), last_found=self.last_found)
         log.info("%s", text)
         if self.tracker is not None:
             log_text(self.tracker, "diagnostics/summary", "```\n" + text + "\n```", state.epoch)
