@@ -301,3 +301,26 @@ def test_tensorboard_server_serves_the_values_read_scalars_returns(runs, tmp_pat
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
+
+
+def test_inspect_marks_a_finding_that_no_longer_held_as_the_runs_summary_does(tmp_path):
+    """diagnostics_last_found.json (written by the diagnostics hook every epoch) read back: the
+    transient is marked, the finding that held to the end is not, and a run without the file
+    (older than it) marks nothing."""
+    from maskrcnn_coco.analysis.inspect import format_diagnostics, load_run
+
+    def finding(kind, epoch):
+        return {"epoch": epoch, "kind": kind, "severity": "warning", "components": ["loss_classifier"],
+                "subject": "triangle", "message": kind, "cause": "c", "strength": 1.0}
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "loss/train_total": 1.0 / e}) + "\n" for e in range(1, 6)))
+    (run / DIAGNOSTICS_FILE).write_text(json.dumps(finding("confused_class", 2)) + "\n" + json.dumps(finding("lagging_class", 2)) + "\n")
+    old = "\n".join(format_diagnostics(load_run(run)))
+    assert "no longer" not in old
+    (run / "diagnostics_last_found.json").write_text(json.dumps({"epoch": 5, "last_found": [
+        [["confused_class", ["loss_classifier"], "triangle"], 2], [["lagging_class", ["loss_classifier"], "triangle"], 5]]}))
+    lines = format_diagnostics(load_run(run))
+    assert "    epoch 2 · confused_class · no longer found at epochs 3-5 · loss_classifier · triangle" in lines
+    assert "    epoch 2 · lagging_class · loss_classifier · triangle" in lines

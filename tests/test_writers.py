@@ -212,6 +212,10 @@ def test_the_summary_says_which_findings_no_longer_held_at_the_end(tmp_path, cap
     assert [line.split(": ")[0] for line in lines[1:]] == [
         "  1. [warning] confused_class (loss_classifier; epoch 2; no longer found at epochs 3-5)",
         "  2. [warning] lagging_class (loss_classifier; epoch 2)"]
+    # The run folder keeps the epochs too, for inspect_runs (tests/test_inspect_runs.py reads them back).
+    saved = json.loads((tmp_path / "diagnostics_last_found.json").read_text())
+    assert saved["epoch"] == 5 and sorted(saved["last_found"]) == [
+        [["confused_class", ["loss_classifier"], "triangle"], 2], [["lagging_class", ["loss_classifier"], "triangle"], 5]]
     # An older checkpoint has no epochs: nothing is marked rather than everything.
     old = writers.DiagnosticsWriter(tmp_path)
     old.load_state_dict({k: v for k, v in writer.state_dict().items() if k != "last_found"})

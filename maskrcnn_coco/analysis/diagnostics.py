@@ -33,6 +33,9 @@ from maskrcnn_coco.tracking.scalars import loss_tag, map_tag, on_full_val_set
 DOC = "docs/LOSS_BREAKDOWN.md"
 # One JSON object per finding, in the run folder (written by ``engine.writers.DiagnosticsWriter``).
 DIAGNOSTICS_FILE = "diagnostics.jsonl"
+# The last epoch each monitor finding still held, rewritten every epoch (diagnostics.jsonl keeps only
+# the first): what the closing summary and ``inspect_runs`` mark as "no longer found".
+LAST_FOUND_FILE = "diagnostics_last_found.json"
 
 # Which config key trains each component (what a warning tells you to change).
 WEIGHT_KEY = "loss.weights.{}"
@@ -1164,6 +1167,15 @@ def finding_key(finding: Mapping[str, Any]) -> tuple[Any, ...]:
     return (finding.get("kind"), tuple(finding.get("components") or ()), finding.get("subject"))
 
 
+def no_longer_found(finding: Mapping[str, Any], last_found: Mapping[tuple[Any, ...], int], epochs: int) -> str | None:
+    """"no longer found at epochs a-b" for a monitor finding (epoch >= 1) whose last epoch in
+    ``last_found`` is before ``epochs``; None when it held to the end or nothing is known."""
+    last = last_found.get(finding_key(finding)) if finding.get("epoch") else None
+    if last is None or last >= epochs:
+        return None
+    return f"no longer found at epoch {epochs}" if last + 1 == epochs else f"no longer found at epochs {last + 1}-{epochs}"
+
+
 def format_summary(findings: Sequence[Mapping[str, Any]], *, epochs: int, checks: int = len(CHECKS),
                    last_found: Mapping[tuple[Any, ...], int] | None = None) -> str:
     """The run's closing "Diagnosis summary" block from its findings (``Diagnosis.to_json`` objects):
@@ -1176,16 +1188,12 @@ def format_summary(findings: Sequence[Mapping[str, Any]], *, epochs: int, checks
     ranked = rank_findings(findings)
     warnings = sum(f.get("severity") == "warning" for f in ranked)
     last_found = last_found or {}
-    cleared = {i for i, f in enumerate(ranked) if f.get("epoch") and last_found.get(finding_key(f), epochs) < epochs}
-    gone = sum(ranked[i].get("severity") == "warning" for i in cleared)
+    notes = [no_longer_found(f, last_found, epochs) for f in ranked]
+    gone = sum(bool(n) and f.get("severity") == "warning" for f, n in zip(ranked, notes))
     lines = [f"{head} {warnings} warning{'s' if warnings != 1 else ''}, {len(ranked) - warnings} other"
              + (f"; {gone} of the warnings no longer held at epoch {epochs}" if gone else "")]
-    for i, f in enumerate(ranked):
-        where = "start" if not f.get("epoch") else f"epoch {f['epoch']}"
-        if i in cleared:
-            last = last_found[finding_key(f)]
-            later = f"{last + 1}" if last + 1 == epochs else f"{last + 1}-{epochs}"
-            where += f"; no longer found at epoch{'s' if last + 1 < epochs else ''} {later}"
+    for i, (f, note) in enumerate(zip(ranked, notes), 1):
+        where = ("start" if not f.get("epoch") else f"epoch {f['epoch']}") + (f"; {note}" if note else "")
         about = ", ".join(f.get("components") or []) or (f.get("subject") or "")
-        lines.append(f"  {i + 1}. [{f.get('severity')}] {f.get('kind')} ({about}; {where}): {f.get('message', '')}")
+        lines.append(f"  {i}. [{f.get('severity')}] {f.get('kind')} ({about}; {where}): {f.get('message', '')}")
     return "\n".join(lines)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from maskrcnn_coco.analysis.diagnostics import DIAGNOSTICS_FILE, rank_findings
+from maskrcnn_coco.analysis.diagnostics import DIAGNOSTICS_FILE, LAST_FOUND_FILE, no_longer_found, rank_findings
 from maskrcnn_coco.analysis.history import HISTORY_FILE, read_history
 from maskrcnn_coco.analysis.runs import read_scalars
 from maskrcnn_coco.config import DiagnosticsConfig
@@ -133,6 +133,9 @@ class Run:
     skipped_diagnostics: int = 0
     epochs: tuple[int, int] | None = None
     class_names: dict[str, str] = field(default_factory=dict)
+    # The last epoch each finding held and the epoch checked up to (``LAST_FOUND_FILE``; empty/None without it).
+    last_found: dict[tuple[Any, ...], int] = field(default_factory=dict)
+    checked_epoch: int | None = None
 
 
 def history_scalars(history: Iterable[Mapping[str, Any]]) -> dict[str, Points]:
@@ -167,6 +170,20 @@ def read_diagnostics(run_dir: str | Path) -> tuple[list[dict[str, Any]] | None, 
     return findings, skipped
 
 
+def read_last_found(run_dir: str | Path) -> tuple[dict[tuple[Any, ...], int], int | None]:
+    """``LAST_FOUND_FILE`` read back: ({finding key: last epoch it held}, the epoch checked up to);
+    ({}, None) without the file (runs before it existed) or when it cannot be read."""
+    try:
+        payload = json.loads((Path(run_dir) / LAST_FOUND_FILE).read_text())
+        return {_as_key(k): int(e) for k, e in payload["last_found"]}, int(payload["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}, None
+
+
+def _as_key(value: Any) -> Any:
+    return tuple(_as_key(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
 def load_run(path: str | Path, name: str | None = None) -> Run:
     """A run folder's scalars (its event files through ``read_scalars``; ``metrics.jsonl`` when it
     has no event file) and diagnostics."""
@@ -181,7 +198,8 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
     diagnostics, skipped = read_diagnostics(path)
     steps = [step for points in scalars.values() for step, _ in points]
     epochs = (min(steps), max(steps)) if steps else None
-    return Run(name or path.name, path, scalars, source, diagnostics, skipped, epochs, read_class_names(path))
+    return Run(name or path.name, path, scalars, source, diagnostics, skipped, epochs, read_class_names(path),
+               *read_last_found(path))
 
 
 def load_runs(paths: Sequence[str | Path]) -> list[Run]:
@@ -353,10 +371,11 @@ def _compact(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def format_diagnostic(record: Mapping[str, Any]) -> list[str]:
+def format_diagnostic(record: Mapping[str, Any], note: str | None = None) -> list[str]:
     """One finding (``Diagnosis.to_json``: a line of ``diagnostics.jsonl``) in two or three lines;
     tolerant of missing and unknown keys (``components`` as a list, or ``component`` as one name).
-    A finding of ``severity`` ``info`` is marked so; a probe finding (``batch``, no epoch) names its batch."""
+    A finding of ``severity`` ``info`` is marked so; a probe finding (``batch``, no epoch) names its batch;
+    ``note``: e.g. "no longer found at epochs 3-5" (``no_longer_found``)."""
     components = record.get("components", record.get("component"))
     if isinstance(components, (list, tuple)):
         components = ", ".join(map(str, components))
@@ -365,6 +384,8 @@ def format_diagnostic(record: Mapping[str, Any]) -> list[str]:
     head = [when, str(record.get("kind", "?"))]
     if record.get("severity") == "info":
         head.append("info")
+    if note:
+        head.append(note)
     head += [str(x) for x in (components, record.get("subject")) if x]
     key = record.get("config_key")
     if key:
@@ -389,7 +410,8 @@ def format_diagnostics(run: Run) -> list[str]:
     n = len(run.diagnostics)
     lines = [f"  diagnostics: {n} finding{'s' if n != 1 else ''}{skipped}, warnings first, strongest first"]
     for record in rank_findings(run.diagnostics):
-        lines += format_diagnostic(record)
+        note = no_longer_found(record, run.last_found, run.checked_epoch) if run.checked_epoch else None
+        lines += format_diagnostic(record, note)
     return lines
 
 

@@ -19,6 +19,7 @@ from maskrcnn_coco.analysis.audit import producer_rows
 from maskrcnn_coco.analysis.diagnostics import (
     CHECKS,
     DIAGNOSTICS_FILE,
+    LAST_FOUND_FILE,
     Diagnosis,
     RunContext,
     class_aps,
@@ -31,6 +32,7 @@ from maskrcnn_coco.analysis.diagnostics import (
 from maskrcnn_coco.analysis.history import HISTORY_FILE
 from maskrcnn_coco.config import DiagnosticsConfig, VisConfig
 from maskrcnn_coco.data.coco import class_instance_counts
+from maskrcnn_coco.data.index import atomic_write
 from maskrcnn_coco.engine.checkpoint import CHECKPOINT_DIR, Checkpointer, display_path
 from maskrcnn_coco.engine.hooks import EpochResult, Hook
 from maskrcnn_coco.engine.iteration_log import LATEST_KEY as LOSSES_KEY
@@ -260,6 +262,8 @@ class DiagnosticsWriter(Hook):
             found = [cite_images(d, per_image) for d in found]
         self.last_found.update((d.key, result.epoch) for d in found)
         self._report(found)
+        payload = {"epoch": result.epoch, "last_found": [[k, e] for k, e in self.last_found.items()]}  # tuples as lists
+        atomic_write(self.path.with_name(LAST_FOUND_FILE), lambda f: f.write(json.dumps(payload).encode()))
 
     def after_fit(self, state: TrainingState) -> None:
         """The "Diagnosis summary" block: every finding of the run (``diagnostics.jsonl``, across resumes)
