@@ -318,7 +318,7 @@ def test_mlflow_keeps_both_axes_images_text_and_the_run_folders_files(tmp_path, 
     run_dir = tmp_path / "maskrcnn" / "run1"
     for name in ("confusion_epoch_001.png", "confusion_epoch_002.png", "diagnostics.jsonl", "label_check_epoch_002.json",
                  "per_image_losses_epoch_002.json", "vis/epoch_002/image_7.png", "vis/predictions_epoch_002.png",
-                 "checkpoints/last.pth", ".hydra/config.yaml"):
+                 "checkpoints/last.pth", ".hydra/config.yaml", "diagnostics_last_found.json"):
         (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
         (run_dir / name).write_bytes(b"x")
     tracker = MLflowTracker(run_dir, store_dir=tmp_path)
@@ -341,6 +341,7 @@ def test_mlflow_keeps_both_axes_images_text_and_the_run_folders_files(tmp_path, 
     artifacts = set(walk())
     assert {"confusion_epoch_001.png", "confusion_epoch_002.png", "diagnostics.jsonl", "label_check_epoch_002.json",
             "per_image_losses_epoch_002.json", "vis/epoch_002/image_7.png", "vis/predictions_epoch_002.png",
-            ".hydra/config.yaml", "text/provenance_0.md", "text/diagnostics/summary_5.md"} <= artifacts
+            ".hydra/config.yaml", "text/provenance_0.md", "text/diagnostics/summary_5.md",
+            "diagnostics_last_found.json"} <= artifacts
     assert any(a.startswith("images/") and "predictions" in a and a.endswith(".png") for a in artifacts)
     assert not any("checkpoint" in a or a.endswith(".pth") for a in artifacts)

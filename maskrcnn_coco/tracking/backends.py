@@ -54,7 +54,8 @@ EVENT_FILE_GLOB = "events.out.tfevents.*"
 # The run folder's files the MLflow and W&B backends upload at close (globs, relative to the run
 # folder; those that exist; a folder goes with its contents). Never checkpoints.
 RUN_SUMMARY_FILES = ("metrics.jsonl", "metrics.csv", "hparams.json", "provenance.json", ".hydra/config.yaml",
-                     ".hydra/overrides.yaml", "train.log", "diagnostics.jsonl", "label_check_epoch_*.json",
+                     ".hydra/overrides.yaml", "train.log", "diagnostics.jsonl", "diagnostics_last_found.json",
+                     "label_check_epoch_*.json",
                      "per_image_losses_epoch_*.json")
 RUN_IMAGE_FILES = ("confusion_epoch_*.png", "vis")  # confusion matrices, the prediction images (engine.visualize)
 

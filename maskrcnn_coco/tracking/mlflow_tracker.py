@@ -12,7 +12,7 @@ One MLflow run per run folder, in the experiment ``experiment_name``:
   the run page's image panel with a step slider (files under the artifacts' ``images/``);
 * text (``log_text``: diagnostics, provenance): ``text/<tag>_<step>.md`` artifacts;
 * artifacts at close: the run folder's files (``RUN_SUMMARY_FILES``: ``metrics.jsonl``,
-  ``.hydra/*.yaml``, ``train.log``, ``diagnostics.jsonl``, the label-check and per-image JSONs; and
+  ``.hydra/*.yaml``, ``train.log``, ``diagnostics.jsonl`` (and ``diagnostics_last_found.json``), the label-check and per-image JSONs; and
   ``RUN_IMAGE_FILES``: the confusion-matrix PNGs and the ``vis/`` folder of prediction images), never
   checkpoints; the run ends FINISHED, or FAILED when training raised.
 
