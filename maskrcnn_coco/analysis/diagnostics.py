@@ -1160,6 +1160,11 @@ def rank_findings(findings: Sequence[Mapping[str, Any]]) -> list[Mapping[str, An
                                            f.get("epoch") if isinstance(f.get("epoch"), int) else 0))
 
 
+def as_key(value: Any) -> Any:
+    """A ``Diagnosis.key`` read back from JSON (lists inside it as tuples again)."""
+    return tuple(as_key(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
 def finding_key(finding: Mapping[str, Any]) -> tuple[Any, ...]:
     """``Diagnosis.key`` of a finding read back as JSON (``Diagnosis.to_json``)."""
     if finding.get("kind") in SPIKE_KINDS:

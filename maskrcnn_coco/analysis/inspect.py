@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from maskrcnn_coco.analysis.diagnostics import DIAGNOSTICS_FILE, LAST_FOUND_FILE, no_longer_found, rank_findings
+from maskrcnn_coco.analysis.diagnostics import DIAGNOSTICS_FILE, LAST_FOUND_FILE, as_key, no_longer_found, rank_findings
 from maskrcnn_coco.analysis.history import HISTORY_FILE, read_history
 from maskrcnn_coco.analysis.runs import read_scalars
 from maskrcnn_coco.config import DiagnosticsConfig
@@ -175,13 +175,9 @@ def read_last_found(run_dir: str | Path) -> tuple[dict[tuple[Any, ...], int], in
     ({}, None) without the file (runs before it existed) or when it cannot be read."""
     try:
         payload = json.loads((Path(run_dir) / LAST_FOUND_FILE).read_text())
-        return {_as_key(k): int(e) for k, e in payload["last_found"]}, int(payload["epoch"])
+        return {as_key(k): int(e) for k, e in payload["last_found"]}, int(payload["epoch"])
     except (OSError, ValueError, KeyError, TypeError):
         return {}, None
-
-
-def _as_key(value: Any) -> Any:
-    return tuple(_as_key(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def load_run(path: str | Path, name: str | None = None) -> Run:

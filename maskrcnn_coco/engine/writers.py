@@ -22,6 +22,7 @@ from maskrcnn_coco.analysis.diagnostics import (
     LAST_FOUND_FILE,
     Diagnosis,
     RunContext,
+    as_key,
     class_aps,
     diagnose,
     format_summary,
@@ -227,9 +228,9 @@ class DiagnosticsWriter(Hook):
                 "agreements": [list(a) for a in self.agreements]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.reported = {_as_key(k) for k in state.get("reported") or []}
+        self.reported = {as_key(k) for k in state.get("reported") or []}
         self.confusions = list(state.get("confusions") or [])
-        self.last_found = {_as_key(k): int(e) for k, e in state.get("last_found") or []}  # none in older checkpoints
+        self.last_found = {as_key(k): int(e) for k, e in state.get("last_found") or []}  # none in older checkpoints
         self.agreements = [(int(e), dict(c)) for e, c in state.get("agreements") or []
                            if isinstance(c, Mapping)]  # a checkpoint of an older layout carries none
 
@@ -313,10 +314,6 @@ def cite_images(finding: Diagnosis, per_image: Mapping[str, Any], limit: int = 1
     shown = ", ".join(str(i) for i in ids[:limit]) + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
     return dataclasses.replace(finding, image_ids=tuple(ids[:limit]),
                                message=f"{finding.message} Annotations to check: images {shown}{where}.")
-
-
-def _as_key(value: Any) -> Any:
-    return tuple(_as_key(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 class ConfusionWriter(Hook):
