@@ -103,9 +103,7 @@ class Diagnosis:
     def key(self) -> tuple[Any, ...]:
         """Identity for reporting a finding once per run; a spike once per epoch and subject (the
         components a spike names vary from one iteration to the next)."""
-        if self.kind in SPIKE_KINDS:
-            return (self.kind, self.subject, self.epoch)
-        return (self.kind, self.components, self.subject)
+        return finding_key({"kind": self.kind, "components": self.components, "subject": self.subject, "epoch": self.epoch})
 
     def text(self) -> str:
         cause = f" Likely cause: {self.cause}." if self.cause else ""
@@ -1166,7 +1164,7 @@ def as_key(value: Any) -> Any:
 
 
 def finding_key(finding: Mapping[str, Any]) -> tuple[Any, ...]:
-    """``Diagnosis.key`` of a finding read back as JSON (``Diagnosis.to_json``)."""
+    """A finding's identity (``Diagnosis.key``), from its JSON (``Diagnosis.to_json``)."""
     if finding.get("kind") in SPIKE_KINDS:
         return (finding.get("kind"), finding.get("subject"), finding.get("epoch"))
     return (finding.get("kind"), tuple(finding.get("components") or ()), finding.get("subject"))

@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import re
+import statistics
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -67,6 +68,11 @@ MAX_DIRNAME = 120
 SWEPT_KEYS_ENV = "MASKRCNN_COCO_SWEPT_KEYS"
 
 
+def override_key(override: str) -> str:
+    """The config key a Hydra override sets (``+model.x=1`` -> ``model.x``)."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def swept_keys(argv: Sequence[str], sweeper_params: Mapping[str, Any] | None) -> set[str]:
     """Keys a multirun varies: sweep-syntax overrides on the command line plus the sweeper's params."""
     keys = set(sweeper_params or {})
@@ -100,7 +106,7 @@ def job_dirname(task_overrides: Sequence[str], sweeper_params: Mapping[str, Any]
     when a sweep also fixes many other keys; the swept values are what tells the jobs apart.
     """
     keys = swept_keys(sys.argv[1:], sweeper_params)
-    parts = [o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") in keys]
+    parts = [o for o in task_overrides if override_key(o) in keys]
     name = re.sub(r"[/\\\s]", "_", ",".join(parts)) or "job"
     if len(name) > MAX_DIRNAME:
         name = f"{name[:MAX_DIRNAME - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
@@ -157,29 +163,19 @@ SEED_MIN_AP_GAP = 0.02
 LAG_GAP = 0.10
 
 
-def _override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
 def seed_groups(rows: Sequence[Mapping[str, Any]]) -> list[list[Mapping[str, Any]]]:
     """Jobs that share every override but ``seed`` (two seeds or more), in job order."""
     groups: dict[tuple[str, ...], list[Mapping[str, Any]]] = {}
     for row in rows:
         overrides = row["override_list"]
-        if any(_override_key(o) == "seed" for o in overrides):
-            rest = tuple(sorted(o for o in overrides if _override_key(o) != "seed"))
+        if any(override_key(o) == "seed" for o in overrides):
+            rest = tuple(sorted(o for o in overrides if override_key(o) != "seed"))
             groups.setdefault(rest, []).append(row)
     return [g for g in groups.values() if len({_seed(r) for r in g}) > 1]
 
 
 def _seed(row: Mapping[str, Any]) -> str:
-    return next(o.split("=", 1)[1] for o in row["override_list"] if _override_key(o) == "seed")
-
-
-def _median(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    return next(o.split("=", 1)[1] for o in row["override_list"] if override_key(o) == "seed")
 
 
 def _shortfall(value: float, reference: float, lower_better: bool) -> float:
@@ -203,8 +199,8 @@ def _lag_epoch(row: Mapping[str, Any], siblings: Sequence[Mapping[str, Any]]) ->
         value = record_metric(record, TRAIN_TOTAL)
         others = [v for s in siblings for r in s["history"]
                   if r["epoch"] == record["epoch"] and (v := record_metric(r, TRAIN_TOTAL)) is not None]
-        if value is not None and others and _shortfall(value, _median(others), True) > LAG_GAP:
-            return record["epoch"], value, _median(others)
+        if value is not None and others and _shortfall(value, statistics.median(others), True) > LAG_GAP:
+            return record["epoch"], value, statistics.median(others)
     return None
 
 
@@ -220,7 +216,7 @@ def seed_report(rows: Sequence[Mapping[str, Any]], metric: str = DEFAULT_OBJECTI
             continue
         mean = sum(scored.values()) / len(scored)
         spread = max(scored.values()) - min(scored.values())
-        setting = " ".join(o for o in group[0]["varied"].split() if _override_key(o) != "seed")
+        setting = " ".join(o for o in group[0]["varied"].split() if override_key(o) != "seed")
         last = max(r["epochs"] for r in group)
         # An unfinished job's value is from an earlier epoch than its siblings': say so.
         per_seed = ", ".join(
@@ -239,7 +235,7 @@ def seed_report(rows: Sequence[Mapping[str, Any]], metric: str = DEFAULT_OBJECTI
             siblings = [r for r in group if r is not row and values[_seed(r)] is not None]
             if value is None:
                 continue
-            reference = _median([values[_seed(r)] for r in siblings])
+            reference = statistics.median([values[_seed(r)] for r in siblings])
             if not _worse(value, reference, lower):
                 continue
             gap = _shortfall(value, reference, lower)

@@ -54,6 +54,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pycocotools import mask as mask_utils
 
 from maskrcnn_coco.analysis.diagnostics import json_safe
+from maskrcnn_coco.analysis.sweep import override_key
 from maskrcnn_coco.cli.args import parse_with_overrides
 from maskrcnn_coco.cli.check_dataset import check_data_config
 from maskrcnn_coco.cli.experiment import resolve_device
@@ -128,11 +129,6 @@ def error_line(err: BaseException) -> str:
 
 
 # ------------------------------------------------------------------------------------ config
-def override_key(override: str) -> str:
-    """The config key a Hydra override sets (``+model.x=1`` -> ``model.x``)."""
-    return override.split("=", 1)[0].lstrip("+~")
-
-
 def run_primary(run_dir: Path, groups: Mapping[str, str]) -> dict[str, Any]:
     """A primary config of the run's saved ``.hydra/config.yaml``: each conf/ group section typed by
     its schema (``GROUP_SCHEMAS``), except the groups an override chooses (``groups``: group ->

@@ -220,11 +220,15 @@ class DiagnosticsWriter(Hook):
         self._append(self.start)  # this start's audit (a resumed run audits again)
         self.reported.update(d.key for d in self.start)
 
+    def _last_found_rows(self) -> list[list[Any]]:
+        """``last_found`` as JSON-ready rows ``[key, epoch]`` (``as_key`` turns a key back)."""
+        return [[list(k), e] for k, e in self.last_found.items()]
+
     def state_dict(self) -> dict[str, Any]:
         """What was reported (so a resumed run does not say it again), the last epoch each finding held and
         the recent confusion matrices."""
         return {"reported": sorted(self.reported, key=repr), "confusions": list(self.confusions),
-                "last_found": [[list(k), e] for k, e in self.last_found.items()],
+                "last_found": self._last_found_rows(),
                 "agreements": [list(a) for a in self.agreements]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -263,7 +267,7 @@ class DiagnosticsWriter(Hook):
             found = [cite_images(d, per_image) for d in found]
         self.last_found.update((d.key, result.epoch) for d in found)
         self._report(found)
-        payload = {"epoch": result.epoch, "last_found": [[k, e] for k, e in self.last_found.items()]}  # tuples as lists
+        payload = {"epoch": result.epoch, "last_found": self._last_found_rows()}
         atomic_write(self.path.with_name(LAST_FOUND_FILE), lambda f: f.write(json.dumps(payload).encode()))
 
     def after_fit(self, state: TrainingState) -> None:
